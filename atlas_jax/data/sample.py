@@ -1,0 +1,27 @@
+"""One training / evaluation example, as produced by the synthetic suite or imported from JSONL."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from PIL import Image
+
+
+@dataclasses.dataclass
+class Sample:
+    """images: PIL images shown before the question, in order.
+    question: the user's text (untrusted: it never becomes special tokens).
+    response: the assistant trajectory, with functional tokens, ending in `\\boxed{answer}`.
+    answer: the verifiable answer (the content of the box).
+    task: the task family name (e.g. 'shape_count'); '' for user data.
+    response_answer_only: the trajectory without functional tokens or reasoning, for baselines.
+    uid: a stable identifier (split/task/seed/index) used in error messages.
+    """
+
+    images: list[Image.Image]
+    question: str
+    response: str
+    answer: str
+    task: str = ""
+    response_answer_only: str = ""
+    uid: str = ""

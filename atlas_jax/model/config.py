@@ -1,0 +1,270 @@
+"""Model configuration: the Qwen2.5-VL family plus the functional-token visual operations.
+
+The dataclasses are frozen (hashable), so a config can be a static argument of a jitted
+function. `ModelConfig.from_hf_dict` reads both layouts of a Hugging Face `config.json`: the
+released Qwen2.5-VL checkpoints (text fields at the top level, `rope_scaling`) and the nested
+layout `transformers>=5` writes (`text_config`, `rope_parameters`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class ConfigError(ValueError):
+    """A configuration field holds a value the model cannot use."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """The ViT tower: patch 14, temporal patch 2, 2D rotary, window attention, 2x2 merger."""
+
+    depth: int = 32
+    hidden_size: int = 1280
+    intermediate_size: int = 3420
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112
+    out_hidden_size: int = 3584
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    hidden_act: str = "silu"
+    rope_theta: float = 10000.0
+    tokens_per_second: int = 2
+    rms_norm_eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened patch: channels * temporal_patch * patch * patch."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def merge_unit(self) -> int:
+        return self.spatial_merge_size**2
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """The Qwen2 decoder: GQA, RMSNorm, SwiGLU, M-RoPE."""
+
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_layers: int = 28
+    num_heads: int = 28
+    num_kv_heads: int = 4
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    mrope_section: tuple[int, ...] = (16, 24, 24)
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 128000
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class VisualOpConfig:
+    """Functional-token visual operations (this project's step beyond the paper).
+
+    mode: 'module' adds one gated cross-attention module per functional token; 'vocab' is the
+      paper exactly (the tokens are plain vocabulary rows, no module).
+    token_ids: the vocabulary id of each operation's functional token, in operation order.
+    layer: the decoder layer after which the operations write into the residual stream.
+    num_heads / head_dim: of each operation's cross-attention over the merged image tokens.
+    """
+
+    mode: str = "module"
+    token_ids: tuple[int, ...] = ()
+    layer: int = 0
+    num_heads: int = 4
+    head_dim: int = 64
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode == "module" and len(self.token_ids) > 0
+
+    @property
+    def num_ops(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vision: VisionConfig = VisionConfig()
+    text: TextConfig = TextConfig()
+    visual_ops: VisualOpConfig = VisualOpConfig(mode="vocab")
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: bool = False  # rematerialise decoder and vision blocks in the backward pass
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    def validate(self) -> None:
+        t, v, ops = self.text, self.vision, self.visual_ops
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r}: expected one of {sorted(DTYPES)}")
+        if t.hidden_size % t.num_heads:
+            raise ConfigError(f"text.hidden_size={t.hidden_size} must be divisible by text.num_heads={t.num_heads}")
+        if t.num_heads % t.num_kv_heads:
+            raise ConfigError(f"text.num_heads={t.num_heads} must be a multiple of text.num_kv_heads={t.num_kv_heads}")
+        if 2 * sum(t.mrope_section) != t.head_dim:
+            raise ConfigError(
+                f"text.mrope_section={t.mrope_section} must sum to head_dim/2={t.head_dim // 2}"
+            )
+        if v.hidden_size % v.num_heads or v.head_dim % 4:
+            raise ConfigError(
+                f"vision.hidden_size={v.hidden_size} / num_heads={v.num_heads} must give a head_dim divisible by 4"
+            )
+        if v.out_hidden_size != t.hidden_size:
+            raise ConfigError(
+                f"vision.out_hidden_size={v.out_hidden_size} must equal text.hidden_size={t.hidden_size}"
+            )
+        if any(not 0 <= i < v.depth for i in v.fullatt_block_indexes):
+            raise ConfigError(f"vision.fullatt_block_indexes={v.fullatt_block_indexes} out of range [0, {v.depth})")
+        if ops.mode not in ("module", "vocab"):
+            raise ConfigError(f"visual_ops.mode={ops.mode!r}: expected 'module' or 'vocab'")
+        if ops.mode == "module" and not 0 <= ops.layer < t.num_layers:
+            raise ConfigError(f"visual_ops.layer={ops.layer} out of range [0, {t.num_layers})")
+        if len(set(ops.token_ids)) != len(ops.token_ids):
+            raise ConfigError(f"visual_ops.token_ids={ops.token_ids} has duplicates")
+        if any(not 0 <= i < t.vocab_size for i in ops.token_ids):
+            raise ConfigError(f"visual_ops.token_ids={ops.token_ids} outside the vocabulary [0, {t.vocab_size})")
+
+    def replace(self, **kw) -> ModelConfig:
+        return dataclasses.replace(self, **kw)
+
+    # ------------------------------------------------------------------ HF config.json
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides) -> ModelConfig:
+        """Builds a config from a Hugging Face Qwen2.5-VL `config.json` dict."""
+        if d.get("model_type") != "qwen2_5_vl":
+            raise ConfigError(
+                f"{source}: model_type={d.get('model_type')!r}, expected 'qwen2_5_vl' (a Qwen2.5-VL checkpoint)"
+            )
+        td = dict(d.get("text_config") or {})
+        for k, val in d.items():  # released checkpoints keep text fields at the top level
+            if k not in ("text_config", "vision_config"):
+                td.setdefault(k, val)
+        vd = dict(d.get("vision_config") or {})
+        rope = td.get("rope_parameters") or td.get("rope_scaling") or {}
+        if td.get("use_sliding_window"):
+            raise ConfigError(f"{source}: use_sliding_window=true is not supported (Qwen2.5-VL does not use it)")
+
+        def need(dct, key, where):
+            if key not in dct:
+                raise ConfigError(f"{source}: missing field {where}{key}")
+            return dct[key]
+
+        text = TextConfig(
+            vocab_size=need(td, "vocab_size", ""),
+            hidden_size=need(td, "hidden_size", ""),
+            intermediate_size=need(td, "intermediate_size", ""),
+            num_layers=need(td, "num_hidden_layers", ""),
+            num_heads=need(td, "num_attention_heads", ""),
+            num_kv_heads=td.get("num_key_value_heads") or td["num_attention_heads"],
+            rms_norm_eps=td.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", td.get("rope_theta", 1000000.0))),
+            mrope_section=tuple(need(rope, "mrope_section", "rope_scaling.")),
+            hidden_act=td.get("hidden_act", "silu"),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", td.get("tie_word_embeddings", False))),
+            max_position_embeddings=td.get("max_position_embeddings", 128000),
+        )
+        vrope = vd.get("rope_parameters") or {}
+        vision = VisionConfig(
+            depth=need(vd, "depth", "vision_config."),
+            hidden_size=need(vd, "hidden_size", "vision_config."),
+            intermediate_size=need(vd, "intermediate_size", "vision_config."),
+            num_heads=need(vd, "num_heads", "vision_config."),
+            in_channels=vd.get("in_channels", vd.get("in_chans", 3)),
+            patch_size=vd.get("patch_size", 14),
+            temporal_patch_size=vd.get("temporal_patch_size", 2),
+            spatial_merge_size=vd.get("spatial_merge_size", 2),
+            window_size=vd.get("window_size", 112),
+            out_hidden_size=vd.get("out_hidden_size", text.hidden_size),
+            fullatt_block_indexes=tuple(vd.get("fullatt_block_indexes", (7, 15, 23, 31))),
+            hidden_act=vd.get("hidden_act", "silu"),
+            rope_theta=float(vrope.get("rope_theta", 10000.0)),
+            tokens_per_second=vd.get("tokens_per_second", 2),
+        )
+        kw = dict(
+            vision=vision,
+            text=text,
+            image_token_id=d.get("image_token_id", 151655),
+            video_token_id=d.get("video_token_id", 151656),
+            vision_start_token_id=d.get("vision_start_token_id", 151652),
+            vision_end_token_id=d.get("vision_end_token_id", 151653),
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The released-checkpoint `config.json` layout, which every `transformers` version reads."""
+        t, v = self.text, self.vision
+        return {
+            "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+            "model_type": "qwen2_5_vl",
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_layers,
+            "num_attention_heads": t.num_heads,
+            "num_key_value_heads": t.num_kv_heads,
+            "rms_norm_eps": t.rms_norm_eps,
+            "rope_theta": t.rope_theta,
+            "rope_scaling": {"type": "mrope", "mrope_section": list(t.mrope_section)},
+            "hidden_act": t.hidden_act,
+            "tie_word_embeddings": t.tie_word_embeddings,
+            "max_position_embeddings": t.max_position_embeddings,
+            "use_sliding_window": False,
+            "attention_dropout": 0.0,
+            "image_token_id": self.image_token_id,
+            "video_token_id": self.video_token_id,
+            "vision_start_token_id": self.vision_start_token_id,
+            "vision_end_token_id": self.vision_end_token_id,
+            "torch_dtype": self.param_dtype,
+            "vision_config": {
+                "model_type": "qwen2_5_vl",
+                "depth": v.depth,
+                "hidden_size": v.hidden_size,
+                "intermediate_size": v.intermediate_size,
+                "num_heads": v.num_heads,
+                "in_chans": v.in_channels,
+                "in_channels": v.in_channels,
+                "patch_size": v.patch_size,
+                "temporal_patch_size": v.temporal_patch_size,
+                "spatial_merge_size": v.spatial_merge_size,
+                "window_size": v.window_size,
+                "out_hidden_size": v.out_hidden_size,
+                "fullatt_block_indexes": list(v.fullatt_block_indexes),
+                "hidden_act": v.hidden_act,
+                "tokens_per_second": v.tokens_per_second,
+            },
+        }

@@ -1,0 +1,143 @@
+"""Building blocks shared by the vision tower, the decoder and the visual-operation modules.
+
+Every parameter is an `nnx.Param` whose `axes` metadata holds one logical axis name per
+dimension; `atlas_jax.sharding` maps those names onto the mesh with one rules table.
+
+Logical axis names: 'vocab', 'embed' (model width), 'mlp' (SwiGLU hidden), 'heads',
+'kv_heads', 'head_dim', 'qkv' (the fused q/k/v axis of the ViT), 'patch' (a flattened pixel
+patch), 'ops' (the functional-token operation axis), 'norm' (a normalisation scale).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
+def param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Axes, dtype) -> nnx.Param:
+    """A parameter initialised by `init(key, shape, dtype)` and tagged with logical axis names."""
+    if len(axes) != len(shape):
+        raise ValueError(f"axes {axes} do not match shape {tuple(shape)}")
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), axes=tuple(axes))
+
+
+class Dense(nnx.Module):
+    """y = x . W (+ b), contracting the trailing `len(in_shape)` dims of x with W's leading dims.
+
+    kernel: [*in_shape, *out_shape]; bias: [*out_shape]. Computation runs in `dtype`.
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int],
+        axes: Axes,
+        *,
+        use_bias: bool,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        kernel_init=nnx.initializers.normal(0.02),
+    ):
+        in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+        self.n_in = len(in_shape)
+        self.dtype = dtype
+        self.kernel = param(rngs, kernel_init, in_shape + out_shape, axes, param_dtype)
+        self.bias = (
+            param(rngs, nnx.initializers.zeros, out_shape, axes[self.n_in :], param_dtype) if use_bias else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...].astype(self.dtype)
+        y = jnp.tensordot(x.astype(self.dtype), kernel, axes=self.n_in)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32, as `transformers`' Qwen2 RMSNorm: scale * (x / rms(x)).
+
+    The normalised value is cast back to the input dtype before the scale, matching the
+    reference rounding in bfloat16.
+    """
+
+    def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        self.eps = eps
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), ("norm",), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(dtype) * normed.astype(dtype)
+
+
+class SwiGLU(nnx.Module):
+    """down(act(gate(x)) * up(x)); `use_bias` for the ViT's MLP, none for the decoder's."""
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        *,
+        act: str,
+        use_bias: bool,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+    ):
+        if act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={act!r}: expected one of {sorted(ACTIVATIONS)}")
+        self.act = ACTIVATIONS[act]
+        kw = dict(use_bias=use_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.gate_proj = Dense((dim,), (hidden,), ("embed", "mlp"), **kw)
+        self.up_proj = Dense((dim,), (hidden,), ("embed", "mlp"), **kw)
+        self.down_proj = Dense((hidden,), (dim,), ("mlp", "embed"), **kw)
+
+    def __call__(self, x_bd: jax.Array) -> jax.Array:
+        return self.down_proj(self.act(self.gate_proj(x_bd)) * self.up_proj(x_bd))
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    """[x1, x2] -> [-x2, x1] over the last axis (the rotary convention of the reference)."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x * cos + rotate_half(x) * sin, computed in float32 and cast back to x's dtype.
+
+    x: [..., H, Dh]; cos, sin: broadcastable to x without the head axis, i.e. [..., Dh].
+    """
+    x32 = x.astype(jnp.float32)
+    cos, sin = cos[..., None, :].astype(jnp.float32), sin[..., None, :].astype(jnp.float32)
+    return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
+
+
+def masked_softmax_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
+) -> jax.Array:
+    """Multi-head attention with grouped key/value heads and an explicit boolean mask.
+
+    q: [B, T, K, G, Dh] (K key/value heads, G query heads per key head); k, v: [B, S, K, Dh];
+    mask: bool, broadcastable to [B, K, G, T, S]. Softmax in float32. Rows with no allowed key
+    (padding queries) produce zeros rather than NaN. Returns [B, T, K, G, Dh].
+    """
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jnp.where(mask, probs, 0.0).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v)
