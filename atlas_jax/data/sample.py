@@ -25,3 +25,11 @@ class Sample:
     task: str = ""
     response_answer_only: str = ""
     uid: str = ""
+
+
+class BadRecordError(ValueError):
+    """A data record that cannot be used. The message names the source, the record and the field."""
+
+    def __init__(self, source: str, record: str | int, field: str, problem: str):
+        self.source, self.record, self.field, self.problem = source, record, field, problem
+        super().__init__(f"{source}, record {record}, field {field!r}: {problem}")
