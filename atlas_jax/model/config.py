@@ -85,6 +85,8 @@ class VisualOpConfig:
     token_ids: the vocabulary id of each operation's functional token, in operation order.
     layer: the decoder layer after which the operations write into the residual stream.
     num_heads / head_dim: of each operation's cross-attention over the merged image tokens.
+    max_positions: functional positions processed per sample (the first ones; a static cap
+      that keeps the cost independent of the sequence length).
     """
 
     mode: str = "module"
@@ -92,6 +94,7 @@ class VisualOpConfig:
     layer: int = 0
     num_heads: int = 4
     head_dim: int = 64
+    max_positions: int = 16
 
     @property
     def enabled(self) -> bool:

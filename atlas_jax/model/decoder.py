@@ -1,0 +1,102 @@
+"""The Qwen2 decoder layer (GQA self-attention with M-RoPE, SwiGLU) and its key/value cache.
+
+Einsum letters: B batch, T query positions, S key positions (cache slots), D model width,
+H query heads, K key/value heads, G query heads per key/value head (H = K * G), E head dim.
+
+The cache is a pure pytree (`LayerCache` per layer) passed in and returned, so the jitted
+sampler owns it and can donate it. Slots are filled left to right for the whole batch at once
+(prompts are left-padded); `key_mask` marks slots holding real tokens.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from atlas_jax.model.config import TextConfig
+from atlas_jax.model.layers import Dense, RMSNorm, SwiGLU, apply_rotary, masked_softmax_attention
+
+
+class LayerCache(NamedTuple):
+    """k, v: [B, S, K, E] for one decoder layer."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+class AttentionMask(NamedTuple):
+    """Which keys each query may see, built once per forward and shared by all layers.
+
+    query_slot: int32[T] slot index of each query (its causal limit);
+    key_mask: bool[B, S] real (non-padding) keys; index: int32 slot where the T new tokens are
+    written (0 without a cache).
+    """
+
+    query_slot: jax.Array
+    key_mask: jax.Array
+    index: jax.Array
+
+    def dense(self) -> jax.Array:
+        """bool[B, 1, 1, T, S], broadcastable to the attention logits [B, K, G, T, S]."""
+        s = jnp.arange(self.key_mask.shape[1])
+        causal = s[None, :] <= self.query_slot[:, None]  # [T, S]
+        return (causal[None] & self.key_mask[:, None, :])[:, None, None]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        D, H, K, E = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.num_groups = H // K
+        self.q_proj = Dense((D,), (H, E), ("embed", "heads", "head_dim"), use_bias=True, **kw)
+        self.k_proj = Dense((D,), (K, E), ("embed", "kv_heads", "head_dim"), use_bias=True, **kw)
+        self.v_proj = Dense((D,), (K, E), ("embed", "kv_heads", "head_dim"), use_bias=True, **kw)
+        self.o_proj = Dense((H, E), (D,), ("heads", "head_dim", "embed"), use_bias=False, **kw)
+        self.scale = E**-0.5
+
+    def __call__(
+        self,
+        x_btd: jax.Array,
+        cos_bte: jax.Array,
+        sin_bte: jax.Array,
+        mask: AttentionMask,
+        cache: LayerCache | None,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        B, T, _ = x_btd.shape
+        q_bthe = apply_rotary(self.q_proj(x_btd), cos_bte, sin_bte)
+        k_btke = apply_rotary(self.k_proj(x_btd), cos_bte, sin_bte)
+        v_btke = self.v_proj(x_btd)
+        if cache is not None:
+            zero = jnp.zeros((), jnp.int32)
+            at = (zero, mask.index, zero, zero)
+            k_bske = jax.lax.dynamic_update_slice(cache.k, k_btke.astype(cache.k.dtype), at)
+            v_bske = jax.lax.dynamic_update_slice(cache.v, v_btke.astype(cache.v.dtype), at)
+            cache = LayerCache(k_bske, v_bske)
+        else:
+            k_bske, v_bske = k_btke, v_btke
+        K = k_bske.shape[2]
+        q_btkge = q_bthe.reshape(B, T, K, self.num_groups, -1)
+        out_btkge = masked_softmax_attention(
+            q_btkge, k_bske.astype(q_btkge.dtype), v_bske.astype(q_btkge.dtype), mask.dense(), self.scale
+        )
+        return self.o_proj(out_btkge.reshape(B, T, K * self.num_groups, -1)), cache
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        kw = dict(rngs=rngs, param_dtype=param_dtype)
+        self.input_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
+        self.attn = Attention(cfg, dtype=dtype, **kw)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
+        self.mlp = SwiGLU(
+            cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act, use_bias=False, dtype=dtype, **kw
+        )
+
+    def __call__(self, x_btd, cos_bte, sin_bte, mask: AttentionMask, cache: LayerCache | None):
+        h_btd, cache = self.attn(self.input_norm(x_btd), cos_bte, sin_bte, mask, cache)
+        x_btd = x_btd + h_btd
+        x_btd = x_btd + self.mlp(self.post_attn_norm(x_btd))
+        return x_btd, cache

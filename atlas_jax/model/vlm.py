@@ -1,0 +1,171 @@
+"""The vision-language model: ViT tower -> merged image tokens -> Qwen2 decoder -> vocabulary.
+
+Einsum letters: B batch, T tokens, S cache slots, D model width, V vocabulary, P merged image
+tokens, C flattened pixel patch, E head dim.
+
+One forward serves training (no cache), prefill (a fresh cache: the prompt, its images and
+the visual-operation memory are written) and decoding (a cache holding the prompt; new tokens
+only, no images). The cache is a pure pytree passed in and returned.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from atlas_jax.model.config import ModelConfig
+from atlas_jax.model.decoder import AttentionMask, DecoderLayer, LayerCache
+from atlas_jax.model.layers import Dense, RMSNorm, param
+from atlas_jax.model.rope import mrope_cos_sin
+from atlas_jax.model.vision import VisionTower
+from atlas_jax.model.visual_ops import ImageMemory, VisualOps
+
+
+class Cache(NamedTuple):
+    """layers: per decoder layer k, v [B, S, K, E]; key_mask: bool[B, S] slots holding real
+    tokens; index: int32 next slot to write; memory: the visual-operation image memory
+    (None in 'vocab' mode)."""
+
+    layers: tuple[LayerCache, ...]
+    key_mask: jax.Array
+    index: jax.Array
+    memory: ImageMemory | None
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+        self.dtype = dtype
+        self.embedding = param(rngs, nnx.initializers.normal(0.02), (vocab, dim), ("vocab", "embed"), param_dtype)
+
+    def __call__(self, ids_bt: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids_bt, axis=0).astype(self.dtype)
+
+    def attend(self, x_btd: jax.Array) -> jax.Array:
+        """Tied output head: x . embedding^T."""
+        return jnp.einsum("btd,vd->btv", x_btd, self.embedding[...].astype(self.dtype))
+
+
+def _run_layer(layer, x, cos, sin, mask, cache):
+    return layer(x, cos, sin, mask, cache)
+
+
+class VLM(nnx.Module):
+    """Qwen2.5-VL with functional-token visual operations.
+
+    Parameter tree: `vision` (VisionTower), `embed.embedding` [V, D], `layers[i]`
+    (DecoderLayer), `final_norm`, `lm_head` (None when tied), `visual_ops` (None in 'vocab' mode).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        t = cfg.text
+        dt, pd = cfg.compute_dtype, cfg.weight_dtype
+        self.vision = VisionTower(cfg.vision, rngs=rngs, dtype=dt, param_dtype=pd, remat=cfg.remat)
+        self.embed = Embed(t.vocab_size, t.hidden_size, rngs=rngs, dtype=dt, param_dtype=pd)
+        self.layers = nnx.List(
+            [DecoderLayer(t, rngs=rngs, dtype=dt, param_dtype=pd) for _ in range(t.num_layers)]
+        )
+        self.final_norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, rngs=rngs, param_dtype=pd)
+        self.lm_head = (
+            None
+            if t.tie_word_embeddings
+            else Dense((t.hidden_size,), (t.vocab_size,), ("embed", "vocab"), use_bias=False, rngs=rngs, dtype=dt, param_dtype=pd)
+        )
+        self.visual_ops = VisualOps(cfg, rngs=rngs) if cfg.visual_ops.enabled else None
+
+    # ------------------------------------------------------------------ pieces
+    def image_features(self, pixel_values_bpc: jax.Array, vision: dict[str, jax.Array]) -> jax.Array:
+        """float[B, P, D]: merged image tokens of each sample, in order of appearance."""
+        return self.vision(pixel_values_bpc, vision)
+
+    def init_cache(self, batch: int, length: int, dtype=None) -> Cache:
+        """An empty cache of `length` slots (prompt + generated tokens)."""
+        t = self.cfg.text
+        dtype = dtype or self.cfg.compute_dtype
+        shape = (batch, length, t.num_kv_heads, t.head_dim)
+        layers = tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(t.num_layers))
+        return Cache(layers, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32), None)
+
+    def _image_memory(self, img_bpd, ids_bt, vision, index) -> ImageMemory:
+        B, P = img_bpd.shape[:2]
+        is_image = ids_bt == self.cfg.image_token_id
+        # Slot of the k-th image token of each sample (image tokens are merged units in order).
+        slot_bp = jnp.argsort(~is_image, axis=1, stable=True)[:, :P].astype(jnp.int32) + index
+        valid_bp = vision["unit_valid"] & (jnp.arange(P)[None] < is_image.sum(axis=1, keepdims=True))
+        return self.visual_ops.image_memory(img_bpd, valid_bp, slot_bp)
+
+    def _empty_memory(self, batch: int) -> ImageMemory:
+        o = self.cfg.visual_ops
+        z = jnp.zeros((batch, 0, o.num_ops, o.num_heads, o.head_dim), self.cfg.compute_dtype)
+        return ImageMemory(z, z, jnp.zeros((batch, 0), bool), jnp.zeros((batch, 0), jnp.int32))
+
+    # ------------------------------------------------------------------ forward
+    def __call__(
+        self,
+        input_ids_bt: jax.Array,
+        positions_3bt: jax.Array,
+        attention_mask_bt: jax.Array,
+        *,
+        pixel_values: jax.Array | None = None,
+        vision: dict[str, jax.Array] | None = None,
+        cache: Cache | None = None,
+        return_hidden: bool = False,
+    ) -> tuple[jax.Array, Cache | None, dict]:
+        """Logits float32[B, T, V] for every position, the updated cache, and aux outputs.
+
+        input_ids_bt: int32[B, T]; positions_3bt: int32[3, B, T] M-RoPE ids;
+        attention_mask_bt: bool[B, T] (False = padding); pixel_values: float[B, Pp, C] with
+        `vision` the layout arrays from `vision_layout.batch_vision_layout` (both None for
+        text-only batches and for decode steps). aux: 'ops' (visual-op attention, see
+        `VisualOps.__call__`), 'hidden' (final normed hidden states, if asked).
+        """
+        cfg = self.cfg
+        B, T = input_ids_bt.shape
+        x_btd = self.embed(input_ids_bt)
+        img_bpd = None
+        if pixel_values is not None:
+            img_bpd = self.image_features(pixel_values, vision).astype(x_btd.dtype)
+            is_image = input_ids_bt == cfg.image_token_id
+            idx_bt = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, img_bpd.shape[1] - 1)
+            gathered_btd = jnp.take_along_axis(img_bpd, idx_bt[..., None], axis=1)
+            x_btd = jnp.where(is_image[..., None], gathered_btd, x_btd)
+
+        index = cache.index if cache is not None else jnp.zeros((), jnp.int32)
+        if cache is None:
+            key_mask = attention_mask_bt
+        else:
+            key_mask = jax.lax.dynamic_update_slice(cache.key_mask, attention_mask_bt, (0, index))
+        mask = AttentionMask(index + jnp.arange(T, dtype=jnp.int32), key_mask, index)
+
+        memory = None
+        if self.visual_ops is not None:
+            if cache is not None and cache.memory is not None:
+                memory = cache.memory
+            elif img_bpd is not None:
+                memory = self._image_memory(img_bpd, input_ids_bt, vision, index)
+            else:
+                memory = self._empty_memory(B)
+
+        t = cfg.text
+        cos, sin = mrope_cos_sin(positions_3bt, t.head_dim, t.rope_theta, t.mrope_section)
+        layer_fn = nnx.remat(_run_layer) if cfg.remat else _run_layer
+        aux = {}
+        new_layers = []
+        for i, layer in enumerate(self.layers):
+            layer_cache = cache.layers[i] if cache is not None else None
+            x_btd, layer_cache = layer_fn(layer, x_btd, cos, sin, mask, layer_cache)
+            new_layers.append(layer_cache)
+            if self.visual_ops is not None and i == cfg.visual_ops.layer:
+                x_btd, aux["ops"] = self.visual_ops(x_btd, input_ids_bt, mask.query_slot, memory)
+
+        h_btd = self.final_norm(x_btd)
+        logits = self.embed.attend(h_btd) if self.lm_head is None else self.lm_head(h_btd)
+        if return_hidden:
+            aux["hidden"] = h_btd
+        new_cache = None
+        if cache is not None:
+            new_cache = Cache(tuple(new_layers), key_mask, index + T, memory)
+        return logits.astype(jnp.float32), new_cache, aux
