@@ -1,0 +1,218 @@
+"""The Qwen2.5-VL vision tower: patch embedding, windowed ViT blocks with 2D rotary, 2x2 merger.
+
+Numerically the `transformers` `Qwen2_5_VisionTransformerPretrainedModel`, rearranged for fixed
+shapes: every sample holds a row of P patches (its images' patches in processor order, then
+zero padding) and the data-dependent structure (window permutation, rotary positions, frame and
+window boundaries) arrives as the integer tables of `vision_layout.py`. HF's variable-length
+`cu_seqlens` attention becomes dense attention with a block-diagonal mask from segment ids.
+
+Einsum letters: B batch, P patches per sample, U merged units (P // M), M patches per unit
+(spatial_merge_size**2), C flattened patch (patch_dim), D width, H heads, E head dim,
+F rotary frequencies per axis (E // 4), O output width (the LLM width).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from atlas_jax.model.config import VisionConfig
+from atlas_jax.model.layers import Dense, RMSNorm, SwiGLU, apply_rotary, masked_softmax_attention
+
+LAYOUT_KEYS = ("window_index", "rope_hw", "full_segments", "window_segments", "unit_valid")
+
+
+class VisionAttention(nnx.Module):
+    """Fused-qkv multi-head self-attention restricted to equal, positive segment ids."""
+
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        D, H, E = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+        kw = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.qkv = Dense((D,), (3, H, E), ("embed", "qkv", "heads", "head_dim"), **kw)
+        self.proj = Dense((H, E), (D,), ("heads", "head_dim", "embed"), **kw)
+        self.scale = E**-0.5
+
+    def __call__(self, x_bpd, cos_bpe, sin_bpe, seg_bp):
+        qkv_bp3he = self.qkv(x_bpd)
+        q_bphe = apply_rotary(qkv_bp3he[:, :, 0], cos_bpe, sin_bpe)
+        k_bphe = apply_rotary(qkv_bp3he[:, :, 1], cos_bpe, sin_bpe)
+        v_bphe = qkv_bp3he[:, :, 2]
+        # Query i sees key j iff both lie in the same frame/window; padding (0) sees nothing.
+        mask_bpp = (seg_bp[:, :, None] == seg_bp[:, None, :]) & (seg_bp[:, :, None] > 0)
+        out_bph1e = masked_softmax_attention(
+            q_bphe[:, :, :, None], k_bphe, v_bphe, mask_bpp[:, None, None], self.scale
+        )
+        return self.proj(out_bph1e[:, :, :, 0])
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        kw = dict(rngs=rngs, param_dtype=param_dtype)
+        self.norm1 = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
+        self.attn = VisionAttention(cfg, dtype=dtype, **kw)
+        self.norm2 = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
+        self.mlp = SwiGLU(
+            cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act, use_bias=True, dtype=dtype, **kw
+        )
+
+    def __call__(self, x_bpd, cos_bpe, sin_bpe, seg_bp):
+        x_bpd = x_bpd + self.attn(self.norm1(x_bpd), cos_bpe, sin_bpe, seg_bp)
+        return x_bpd + self.mlp(self.norm2(x_bpd))
+
+
+class PatchMerger(nnx.Module):
+    """RMSNorm each patch, concatenate a unit's M patches, then Linear-GELU-Linear to O."""
+
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        D4 = cfg.hidden_size * cfg.merge_unit
+        kw = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.ln_q = RMSNorm(cfg.hidden_size, eps=1e-6, rngs=rngs, param_dtype=param_dtype)
+        self.fc1 = Dense((D4,), (D4,), ("embed", "mlp"), **kw)
+        self.fc2 = Dense((D4,), (cfg.out_hidden_size,), ("mlp", "embed"), **kw)
+        self.merge_unit = cfg.merge_unit
+
+    def __call__(self, x_bpd):
+        B, P, D = x_bpd.shape
+        x_bu_md = self.ln_q(x_bpd).reshape(B, P // self.merge_unit, self.merge_unit * D)
+        # torch nn.GELU() is the exact (erf) form.
+        return self.fc2(jax.nn.gelu(self.fc1(x_bu_md), approximate=False))
+
+
+def _unit_gather(x_bp_, index_bu):
+    """Reorders whole units (M consecutive patches) of x[B, P, ...] by index[B, U]."""
+    B, P = x_bp_.shape[:2]
+    U = index_bu.shape[1]
+    x_bum_ = x_bp_.reshape(B, U, P // U, *x_bp_.shape[2:])
+    idx = index_bu.reshape(B, U, *([1] * (x_bum_.ndim - 2)))
+    return jnp.take_along_axis(x_bum_, idx, axis=1).reshape(x_bp_.shape)
+
+
+class VisionTower(nnx.Module):
+    """Pixels of padded patch rows -> merged image tokens for the decoder.
+
+    __call__(pixel_values float[B, P, C], layout from `batch_vision_layout` (as arrays))
+      -> float[B, U, O] in HF (input) order; rows of padding units are 0.
+    """
+
+    def __init__(
+        self,
+        cfg: VisionConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        remat: bool = False,
+    ):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.remat = remat
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.patch_embed = Dense((cfg.patch_dim,), (cfg.hidden_size,), ("patch", "embed"), use_bias=False, **kw)
+        self.blocks = nnx.List([VisionBlock(cfg, **kw) for _ in range(cfg.depth)])
+        self.merger = PatchMerger(cfg, **kw)
+
+    def rotary(self, rope_hw_bp2):
+        """cos, sin float32[B, P, E]: HF's axial layout [h-freqs, w-freqs] repeated twice."""
+        half = self.cfg.head_dim // 2
+        inv_freq_f = 1.0 / (self.cfg.rope_theta ** (jnp.arange(0, half, 2, dtype=jnp.float32) / half))
+        freqs_bp2f = rope_hw_bp2.astype(jnp.float32)[..., None] * inv_freq_f
+        freqs_bpe2 = freqs_bp2f.reshape(*freqs_bp2f.shape[:2], -1)  # [h-freqs, w-freqs]
+        emb_bpe = jnp.concatenate([freqs_bpe2, freqs_bpe2], axis=-1)
+        return jnp.cos(emb_bpe), jnp.sin(emb_bpe)
+
+    def __call__(self, pixel_values_bpc: jax.Array, layout: Mapping[str, jax.Array]) -> jax.Array:
+        cfg = self.cfg
+        B, P, C = pixel_values_bpc.shape
+        if C != cfg.patch_dim or P % cfg.merge_unit:
+            raise ValueError(
+                f"pixel_values shape {pixel_values_bpc.shape}: expected [B, P, {cfg.patch_dim}] with P a "
+                f"multiple of merge_unit={cfg.merge_unit}"
+            )
+        missing = [k for k in LAYOUT_KEYS if k not in layout]
+        if missing:
+            raise KeyError(f"vision layout lacks {missing}; build it with vision_layout.batch_vision_layout")
+        window_index_bu = layout["window_index"].astype(jnp.int32)
+
+        # Everything runs in window order (units of one window contiguous), as in HF.
+        x_bpd = _unit_gather(self.patch_embed(pixel_values_bpc), window_index_bu)
+        cos_bpe, sin_bpe = self.rotary(layout["rope_hw"])
+        cos_bpe, sin_bpe = _unit_gather(cos_bpe, window_index_bu), _unit_gather(sin_bpe, window_index_bu)
+        full_bp, window_bp = layout["full_segments"], layout["window_segments"]
+
+        def run_block(block, x_bpd, seg_bp):
+            return block(x_bpd, cos_bpe, sin_bpe, seg_bp)
+
+        if self.remat:
+            run_block = nnx.remat(run_block)
+        for i, block in enumerate(self.blocks):
+            seg_bp = full_bp if i in cfg.fullatt_block_indexes else window_bp
+            x_bpd = run_block(block, x_bpd, seg_bp)
+
+        y_buo = self.merger(x_bpd)
+        # Back to HF (input) order: row u of the output is window-order row inverse[u].
+        inverse_bu = jnp.argsort(window_index_bu, axis=1)
+        y_buo = jnp.take_along_axis(y_buo, inverse_bu[:, :, None], axis=1)
+        return jnp.where(layout["unit_valid"][:, :, None], y_buo, 0).astype(self.dtype)
+
+
+# ----------------------------------------------------------------------------- HF weights
+def hf_vision_params(state_dict: Mapping[str, np.ndarray], cfg: VisionConfig, prefix: str = "") -> dict:
+    """HF `Qwen2_5_VisionTransformerPretrainedModel` tensors -> {NNX param path: numpy array}.
+
+    Pure numpy, so a loader can place each array straight into a sharded target. `prefix` is
+    prepended to every HF name (e.g. "model.visual." or "visual."). Raises KeyError naming a
+    missing tensor and ValueError naming a tensor whose shape differs from `cfg`.
+    """
+    D, H, E, C = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.patch_dim
+
+    def get(name, shape):
+        key = prefix + name
+        if key not in state_dict:
+            raise KeyError(f"vision weights: missing tensor {key!r}")
+        a = np.asarray(state_dict[key])
+        if tuple(a.shape) != tuple(shape):
+            raise ValueError(f"vision weights: tensor {key!r} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+        return a
+
+    I = cfg.intermediate_size
+    D4, O = D * cfg.merge_unit, cfg.out_hidden_size
+    conv = (D, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+    # Conv3d weight order (c, t, h, w) equals the processor's flatten order of a patch.
+    out = {("patch_embed", "kernel"): get("patch_embed.proj.weight", conv).reshape(D, C).T}
+    for i in range(cfg.depth):
+        b = f"blocks.{i}."
+        p = ("blocks", i)
+        out[p + ("norm1", "scale")] = get(b + "norm1.weight", (D,))
+        out[p + ("norm2", "scale")] = get(b + "norm2.weight", (D,))
+        out[p + ("attn", "qkv", "kernel")] = get(b + "attn.qkv.weight", (3 * D, D)).T.reshape(D, 3, H, E)
+        out[p + ("attn", "qkv", "bias")] = get(b + "attn.qkv.bias", (3 * D,)).reshape(3, H, E)
+        out[p + ("attn", "proj", "kernel")] = get(b + "attn.proj.weight", (D, D)).T.reshape(H, E, D)
+        out[p + ("attn", "proj", "bias")] = get(b + "attn.proj.bias", (D,))
+        for name, shape in (("gate_proj", (I, D)), ("up_proj", (I, D)), ("down_proj", (D, I))):
+            out[p + ("mlp", name, "kernel")] = get(b + f"mlp.{name}.weight", shape).T
+            out[p + ("mlp", name, "bias")] = get(b + f"mlp.{name}.bias", shape[:1])
+    out[("merger", "ln_q", "scale")] = get("merger.ln_q.weight", (D,))
+    out[("merger", "fc1", "kernel")] = get("merger.mlp.0.weight", (D4, D4)).T
+    out[("merger", "fc1", "bias")] = get("merger.mlp.0.bias", (D4,))
+    out[("merger", "fc2", "kernel")] = get("merger.mlp.2.weight", (O, D4)).T
+    out[("merger", "fc2", "bias")] = get("merger.mlp.2.bias", (O,))
+    return out
+
+
+def load_hf_vision_weights(tower: VisionTower, state_dict: Mapping[str, np.ndarray], prefix: str = "") -> None:
+    """Copies HF vision weights into `tower` in place, keeping each parameter's dtype and sharding."""
+    arrays = hf_vision_params(state_dict, tower.cfg, prefix)
+    params = dict(nnx.to_flat_state(nnx.state(tower, nnx.Param)))
+    missing = sorted(set(params) - set(arrays), key=str)
+    if missing:
+        raise KeyError(f"vision weights: no HF tensor maps to tower parameters {missing}")
+    for path, value in arrays.items():
+        var = params[path]
+        old = var[...]
+        new = jnp.asarray(value, dtype=old.dtype)
+        sharding = getattr(old, "sharding", None)
+        var[...] = jax.device_put(new, sharding) if sharding is not None else new
