@@ -1,0 +1,54 @@
+"""`arrow_chain` (<|Arrow|>): follow a chain of arrows from a start node, name the node it ends at.
+
+Held-out layout: the number of arrows on the followed chain.
+train {1, 2, 3}, validation {4}, test {5}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from atlas_jax.data.synthetic import canvas, glyphs
+from atlas_jax.data.synthetic.family import Drawn, boxed, pick, scale_of
+from atlas_jax.data.synthetic.graph_layout import draw_graph, layout_graph
+
+CHAIN_LENGTHS = {"train": (1, 2, 3), "validation": (4,), "test": (5,)}
+# Letters that cannot be confused with digits or each other at 5x7.
+LETTERS = "ABCDEFGHJKLMNPRSTUVWXYZ"
+
+
+@dataclasses.dataclass(frozen=True)
+class Difficulty:
+    """num_nodes: nodes drawn (chain + distractors); distractor_prob: chance a distractor node has an arrow."""
+
+    num_nodes: int = 8
+    distractor_prob: float = 0.7
+    radius: float = 7.0
+
+
+def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Drawn:
+    s = scale_of(size)
+    length = int(rng.choice(CHAIN_LENGTHS[split]))
+    radius = d.radius * s
+    centers, edges, chain = layout_graph(rng, size, d.num_nodes, length, radius, d.distractor_prob)
+    names = [str(c) for c in rng.choice(list(LETTERS), size=d.num_nodes, replace=False)]
+    image, draw = canvas.new_canvas(size)
+    draw_graph(draw, centers, edges, radius, s)
+    for (x, y), name in zip(centers, names):
+        draw.ellipse((round(x - radius), round(y - radius), round(x + radius), round(y + radius)),
+                     fill=canvas.WHITE, outline=canvas.BLACK, width=max(1, round(s)))
+        glyphs.draw_text_centered(draw, (x, y), name, canvas.BLACK, scale=max(1, round(s)))
+
+    start, end = names[chain[0]], names[chain[-1]]
+    path = " -> ".join(names[k] for k in chain)
+    question = pick(rng, (f"Start at node {start} and follow the arrows. At which node does the chain end?",
+                          f"Beginning at {start}, keep following the outgoing arrow. Which node do you reach last?"))
+    intent = pick(rng, (f"To find where the chain ends, I trace the arrows from node {start}.",
+                        f"I mark the direction of each arrow along the path that starts at {start}."))
+    response = f"{intent} <|Arrow|> Following {path}, node {end} has no outgoing arrow, so the chain ends at {end}. {boxed(end)}"
+    scene = {"nodes": {n: [float(x), float(y)] for n, (x, y) in zip(names, centers)},
+             "edges": [[names[u], names[v]] for u, v in edges], "start": start, "chain_length": length,
+             "radius": radius}
+    return Drawn(image, question, response, end, scene)

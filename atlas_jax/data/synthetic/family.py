@@ -1,0 +1,51 @@
+"""What every task family returns, and the small phrasing helpers their trajectories share."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclasses.dataclass
+class Drawn:
+    """One generated example before it becomes a `Sample`.
+
+    scene: the JSON-like description the image was drawn from (positions in pixels, colours,
+    graph edges, ...); tests re-derive the answer from it (or from the pixels) independently.
+    """
+
+    image: Image.Image
+    question: str
+    response: str
+    answer: str
+    scene: dict[str, Any]
+
+
+def pick(rng: np.random.Generator, options: Sequence[str]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def join_words(items: Sequence[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    items = list(items)
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def boxed(answer: str) -> str:
+    return "\\boxed{" + answer + "}"
+
+
+def scale_of(image_size: int) -> float:
+    """Layouts are designed at 112 px and scaled linearly."""
+    return image_size / 112.0

@@ -1,0 +1,121 @@
+"""The task registry and the index-addressable generation API.
+
+`generate(task, split, index, seed)` is a pure function of its arguments: the RNG is seeded from
+(seed, split, task, index) alone, so sample i never depends on samples 0..i-1 and data can be made
+in parallel shards or resumed anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from atlas_jax.data.sample import Sample
+from atlas_jax.data.synthetic import arrow_chain, canvas, line_side, shape_count
+from atlas_jax.data.synthetic.family import SPLITS, Drawn
+
+DEFAULT_IMAGE_SIZE = 112
+_SPLIT_CODE = {name: k for k, name in enumerate(SPLITS)}
+_PLACEMENT_ATTEMPTS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """build(rng, split, difficulty, image_size) -> Drawn; ops: functional-token names the
+    trajectory uses, in order; held_out: what differs between train and validation/test."""
+
+    name: str
+    build: Callable[[np.random.Generator, str, Any, int], Drawn]
+    ops: tuple[str, ...]
+    difficulty: Any
+    held_out: str
+
+
+def _spec(name: str, module, ops: tuple[str, ...]) -> TaskSpec:
+    held_out = (module.__doc__ or "").split("Held-out layout:", 1)[-1].strip()
+    return TaskSpec(name, module.build, ops, module.Difficulty(), held_out)
+
+
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        _spec("shape_count", shape_count, ("shape",)),
+        _spec("arrow_chain", arrow_chain, ("arrow",)),
+        _spec("line_side", line_side, ("line",)),
+    )
+}
+
+
+def task_names() -> list[str]:
+    return list(TASKS)
+
+
+def _difficulty(spec: TaskSpec, difficulty) -> Any:
+    if difficulty is None:
+        return spec.difficulty
+    if isinstance(difficulty, type(spec.difficulty)):
+        return difficulty
+    if isinstance(difficulty, dict):
+        known = {f.name for f in dataclasses.fields(spec.difficulty)}
+        unknown = sorted(set(difficulty) - known)
+        if unknown:
+            raise ValueError(f"difficulty for task {spec.name!r} has unknown fields {unknown}; expected some of {sorted(known)}")
+        return dataclasses.replace(spec.difficulty, **difficulty)
+    raise TypeError(f"difficulty for task {spec.name!r} must be None, a dict or "
+                    f"{type(spec.difficulty).__module__}.Difficulty; got {type(difficulty).__name__}")
+
+
+def _check(task: str, split: str, index: int, image_size: int) -> None:
+    if task not in TASKS:
+        raise ValueError(f"task {task!r} is unknown; expected one of {task_names()}")
+    if split not in _SPLIT_CODE:
+        raise ValueError(f"split {split!r} is unknown; expected one of {list(SPLITS)}")
+    if not isinstance(index, (int, np.integer)) or index < 0:
+        raise ValueError(f"index must be a non-negative integer; got {index!r}")
+    if image_size % 28 or image_size < 84:
+        raise ValueError(f"image_size must be a multiple of 28 (two 14-px patches) and >= 84; got {image_size}")
+
+
+def generate_with_scene(task: str, split: str, index: int, seed: int = 0, difficulty=None,
+                        image_size: int | None = None) -> tuple[Sample, dict[str, Any]]:
+    """Like `generate`, plus the scene dict the image was drawn from (for independent checks)."""
+    image_size = DEFAULT_IMAGE_SIZE if image_size is None else int(image_size)
+    _check(task, split, index, image_size)
+    spec = TASKS[task]
+    diff = _difficulty(spec, difficulty)
+    last_error = None
+    for attempt in range(_PLACEMENT_ATTEMPTS):
+        # crc32, not hash(): Python salts str hashes per process.
+        rng = np.random.default_rng([int(seed), _SPLIT_CODE[split], zlib.crc32(task.encode()), int(index), attempt])
+        try:
+            drawn = spec.build(rng, split, diff, image_size)
+            break
+        except canvas.PlacementError as e:
+            last_error = e
+    else:
+        raise canvas.PlacementError(f"task {task!r}, {split}/{index}, difficulty {diff}: {last_error}")
+    sample = Sample(images=[drawn.image], question=drawn.question, response=drawn.response, answer=drawn.answer,
+                    task=task, response_answer_only="\\boxed{" + drawn.answer + "}",
+                    uid=f"{split}/{task}/seed={seed}/i={index}")
+    scene = dict(drawn.scene, image_size=image_size, split=split)
+    return sample, scene
+
+
+def generate(task: str, split: str, index: int, seed: int = 0, difficulty=None, image_size: int | None = None) -> Sample:
+    """Sample `index` of `task` in `split`; identical arguments give byte-identical images and text."""
+    return generate_with_scene(task, split, index, seed, difficulty, image_size)[0]
+
+
+def generate_split(split: str, num_per_task: int, seed: int = 0, tasks: Sequence[str] | None = None,
+                   image_size: int | None = None) -> Iterator[Sample]:
+    """num_per_task samples of every task, interleaved (index-major) so any prefix covers all tasks."""
+    names = task_names() if tasks is None else list(tasks)
+    for name in names:
+        if name not in TASKS:
+            raise ValueError(f"task {name!r} is unknown; expected one of {task_names()}")
+    for index in range(num_per_task):
+        for name in names:
+            yield generate(name, split, index, seed, image_size=image_size)
