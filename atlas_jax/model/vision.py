@@ -216,3 +216,29 @@ def load_hf_vision_weights(tower: VisionTower, state_dict: Mapping[str, np.ndarr
         new = jnp.asarray(value, dtype=old.dtype)
         sharding = getattr(old, "sharding", None)
         var[...] = jax.device_put(new, sharding) if sharding is not None else new
+
+
+def hf_vision_state_dict(tower: VisionTower, prefix: str = "") -> dict[str, np.ndarray]:
+    """The inverse of `hf_vision_params`: tower parameters -> HF names and layouts (numpy, on host)."""
+    cfg = tower.cfg
+    D, H, E = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+    conv = (D, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+    params = {path: np.asarray(jax.device_get(v[...])) for path, v in nnx.to_flat_state(nnx.state(tower, nnx.Param))}
+    out = {"patch_embed.proj.weight": params[("patch_embed", "kernel")].T.reshape(conv)}
+    for i in range(cfg.depth):
+        b, p = f"blocks.{i}.", ("blocks", i)
+        out[b + "norm1.weight"] = params[p + ("norm1", "scale")]
+        out[b + "norm2.weight"] = params[p + ("norm2", "scale")]
+        out[b + "attn.qkv.weight"] = params[p + ("attn", "qkv", "kernel")].reshape(D, 3 * D).T
+        out[b + "attn.qkv.bias"] = params[p + ("attn", "qkv", "bias")].reshape(3 * D)
+        out[b + "attn.proj.weight"] = params[p + ("attn", "proj", "kernel")].reshape(D, D).T
+        out[b + "attn.proj.bias"] = params[p + ("attn", "proj", "bias")]
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            out[b + f"mlp.{name}.weight"] = params[p + ("mlp", name, "kernel")].T
+            out[b + f"mlp.{name}.bias"] = params[p + ("mlp", name, "bias")]
+    out["merger.ln_q.weight"] = params[("merger", "ln_q", "scale")]
+    out["merger.mlp.0.weight"] = params[("merger", "fc1", "kernel")].T
+    out["merger.mlp.0.bias"] = params[("merger", "fc1", "bias")]
+    out["merger.mlp.2.weight"] = params[("merger", "fc2", "kernel")].T
+    out["merger.mlp.2.bias"] = params[("merger", "fc2", "bias")]
+    return {prefix + k: np.ascontiguousarray(v) for k, v in out.items()}
