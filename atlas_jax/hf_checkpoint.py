@@ -1,0 +1,299 @@
+"""Hugging Face Qwen2.5-VL checkpoints: load straight into a sharded model, and export back.
+
+`from_hf(dir)` reads `config.json` and the safetensors weights (one file, or shards listed in
+`model.safetensors.index.json`) and places every parameter directly in its shards: the model is
+built abstractly (`nnx.eval_shape`), each tensor is read from a memory map and handed to
+`jax.make_array_from_callback`, so no device ever holds an unsharded copy of the model.
+
+`to_hf(model, dir)` writes the released-checkpoint layout that every `transformers` version
+loads; the functional-token rows live inside the embedding / head tables, and the
+visual-operation modules go to a separate `atlas_visual_ops.safetensors` that `transformers`
+ignores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from atlas_jax import sharding as shd
+from atlas_jax.model.config import ConfigError, ModelConfig
+from atlas_jax.model.visual_ops import VisualOps
+from atlas_jax.model.vlm import VLM
+from atlas_jax.safetensors_io import SafetensorsError, SafetensorsFile, save_file
+
+VISUAL_OPS_FILE = "atlas_visual_ops.safetensors"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "tf_model.h5", "flax_model.msgpack")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One parameter: its HF name, HF shape, and the two layout transforms."""
+
+    hf_name: str
+    hf_shape: tuple[int, ...]
+    to_jax: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def _linear(hf_name, in_shape, out_shape) -> Entry:
+    """torch Linear weight [out, in] <-> kernel [*in_shape, *out_shape]."""
+    n_in, n_out = int(np.prod(in_shape)), int(np.prod(out_shape))
+    return Entry(
+        hf_name,
+        (n_out, n_in),
+        lambda w: w.T.reshape(tuple(in_shape) + tuple(out_shape)),
+        lambda k: k.reshape(n_in, n_out).T,
+    )
+
+
+def _vector(hf_name, shape) -> Entry:
+    n = int(np.prod(shape))
+    return Entry(hf_name, (n,), lambda b: b.reshape(shape), lambda b: b.reshape(n))
+
+
+def _same(hf_name, shape) -> Entry:
+    return Entry(hf_name, tuple(shape), lambda x: x, lambda x: x)
+
+
+def param_entries(cfg: ModelConfig) -> dict[tuple, Entry]:
+    """NNX parameter path -> HF tensor, for every parameter of the base model."""
+    t, v = cfg.text, cfg.vision
+    D, H, K, E, F = t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim, t.intermediate_size
+    Dv, Hv, Ev, Fv = v.hidden_size, v.num_heads, v.head_dim, v.intermediate_size
+    out: dict[tuple, Entry] = {}
+    out[("embed", "embedding")] = _same("model.embed_tokens.weight", (t.vocab_size, D))
+    out[("final_norm", "scale")] = _vector("model.norm.weight", (D,))
+    if not t.tie_word_embeddings:
+        out[("lm_head", "kernel")] = _linear("lm_head.weight", (D,), (t.vocab_size,))
+    for i in range(t.num_layers):
+        p, h = ("layers", i), f"model.layers.{i}."
+        out[p + ("input_norm", "scale")] = _vector(h + "input_layernorm.weight", (D,))
+        out[p + ("post_attn_norm", "scale")] = _vector(h + "post_attention_layernorm.weight", (D,))
+        for name, heads in (("q_proj", H), ("k_proj", K), ("v_proj", K)):
+            out[p + ("attn", name, "kernel")] = _linear(h + f"self_attn.{name}.weight", (D,), (heads, E))
+            out[p + ("attn", name, "bias")] = _vector(h + f"self_attn.{name}.bias", (heads, E))
+        out[p + ("attn", "o_proj", "kernel")] = _linear(h + "self_attn.o_proj.weight", (H, E), (D,))
+        for name, (i_, o_) in (("gate_proj", (D, F)), ("up_proj", (D, F)), ("down_proj", (F, D))):
+            out[p + ("mlp", name, "kernel")] = _linear(h + f"mlp.{name}.weight", (i_,), (o_,))
+    C = v.patch_dim
+    patch_shape = (Dv, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    out[("vision", "patch_embed", "kernel")] = Entry(
+        "visual.patch_embed.proj.weight",
+        patch_shape,
+        lambda w: w.reshape(Dv, C).T,
+        lambda k: k.T.reshape(patch_shape),
+    )
+    for i in range(v.depth):
+        p, h = ("vision", "blocks", i), f"visual.blocks.{i}."
+        out[p + ("norm1", "scale")] = _vector(h + "norm1.weight", (Dv,))
+        out[p + ("norm2", "scale")] = _vector(h + "norm2.weight", (Dv,))
+        out[p + ("attn", "qkv", "kernel")] = _linear(h + "attn.qkv.weight", (Dv,), (3, Hv, Ev))
+        out[p + ("attn", "qkv", "bias")] = _vector(h + "attn.qkv.bias", (3, Hv, Ev))
+        out[p + ("attn", "proj", "kernel")] = _linear(h + "attn.proj.weight", (Hv, Ev), (Dv,))
+        out[p + ("attn", "proj", "bias")] = _vector(h + "attn.proj.bias", (Dv,))
+        for name, (i_, o_) in (("gate_proj", (Dv, Fv)), ("up_proj", (Dv, Fv)), ("down_proj", (Fv, Dv))):
+            out[p + ("mlp", name, "kernel")] = _linear(h + f"mlp.{name}.weight", (i_,), (o_,))
+            out[p + ("mlp", name, "bias")] = _vector(h + f"mlp.{name}.bias", (o_,))
+    M = Dv * v.merge_unit
+    out[("vision", "merger", "ln_q", "scale")] = _vector("visual.merger.ln_q.weight", (Dv,))
+    out[("vision", "merger", "fc1", "kernel")] = _linear("visual.merger.mlp.0.weight", (M,), (M,))
+    out[("vision", "merger", "fc1", "bias")] = _vector("visual.merger.mlp.0.bias", (M,))
+    out[("vision", "merger", "fc2", "kernel")] = _linear("visual.merger.mlp.2.weight", (M,), (D,))
+    out[("vision", "merger", "fc2", "bias")] = _vector("visual.merger.mlp.2.bias", (D,))
+    return out
+
+
+def _canonical(name: str) -> str:
+    """transformers>=4.52 in-memory names -> the released checkpoint names."""
+    for new, old in (("model.language_model.", "model."), ("model.visual.", "visual."), ("language_model.model.", "model.")):
+        if name.startswith(new):
+            return old + name[len(new) :]
+    return name
+
+
+# ---------------------------------------------------------------------- reading
+def read_config(path: str, **overrides) -> ModelConfig:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: checkpoint directory does not exist")
+    if not os.path.exists(cfg_path):
+        raise CheckpointError(f"{cfg_path}: missing (a Hugging Face checkpoint directory needs config.json)")
+    try:
+        with open(cfg_path) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from e
+    try:
+        return ModelConfig.from_hf_dict(d, source=cfg_path, **overrides)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
+
+
+def open_weights(path: str) -> dict[str, tuple[SafetensorsFile, str]]:
+    """Canonical tensor name -> (file, name in file), over a single file or a sharded index."""
+    single, index = os.path.join(path, WEIGHTS_FILE), os.path.join(path, INDEX_FILE)
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid shard index (expected a 'weight_map' object): {e}") from e
+        files: dict[str, SafetensorsFile] = {}
+        out = {}
+        for name, fname in weight_map.items():
+            fpath = os.path.join(path, fname)
+            if fname not in files:
+                if not os.path.exists(fpath):
+                    raise CheckpointError(f"{index}: incomplete shard index: shard {fname} (for {name}) is missing")
+                files[fname] = _open(fpath)
+            if name not in files[fname]:
+                raise CheckpointError(f"{index}: incomplete shard index: {name} is not in shard {fname}")
+            out[_canonical(name)] = (files[fname], name)
+        return out
+    if os.path.exists(single):
+        f = _open(single)
+        return {_canonical(n): (f, n) for n in f}
+    pickles = [p for p in PICKLE_FILES if os.path.exists(os.path.join(path, p))]
+    if pickles:
+        raise CheckpointError(
+            f"{path}: only a pickle-based checkpoint ({', '.join(pickles)}) was found; it is never unpickled. "
+            "Convert it to safetensors first (e.g. load it yourself in a trusted environment and save_pretrained "
+            "with safe_serialization=True)."
+        )
+    raise CheckpointError(f"{path}: no {WEIGHTS_FILE} or {INDEX_FILE} found")
+
+
+def _open(path: str) -> SafetensorsFile:
+    try:
+        return SafetensorsFile(path)
+    except SafetensorsError as e:
+        raise CheckpointError(str(e)) from e
+
+
+def _read(weights, entry: Entry, want_shape, want_dtype) -> np.ndarray:
+    if entry.hf_name not in weights:
+        raise CheckpointError(f"checkpoint is missing tensor {entry.hf_name}")
+    f, name = weights[entry.hf_name]
+    shape, dtype = f.info(name)
+    if shape != entry.hf_shape:
+        raise CheckpointError(f"{f.path}: tensor {name} has shape {shape}, expected {entry.hf_shape} from config.json")
+    if not np.issubdtype(dtype, np.floating) and dtype.name != "bfloat16":
+        raise CheckpointError(f"{f.path}: tensor {name} has dtype {dtype}, expected a floating-point dtype")
+    arr = entry.to_jax(np.asarray(f[name]))
+    assert arr.shape == tuple(want_shape), (entry.hf_name, arr.shape, want_shape)
+    return arr.astype(want_dtype)
+
+
+def load_into(model_abstract: VLM, path: str, mesh, rules=shd.RULES) -> VLM:
+    """Fills an abstract (eval_shape) model from the checkpoint, sharded on `mesh`."""
+    cfg = model_abstract.cfg
+    weights = open_weights(path)
+    graphdef, abstract = nnx.split(model_abstract)
+    shardings = shd.state_shardings(abstract, mesh, rules)
+    entries = param_entries(cfg)
+    ops_file = os.path.join(path, VISUAL_OPS_FILE)
+    ops_weights = _open(ops_file) if os.path.exists(ops_file) and cfg.visual_ops.enabled else None
+
+    flat_sh = dict(nnx.to_flat_state(shardings))
+    leaves = []
+    for path_, var in nnx.to_flat_state(abstract):
+        sharding = flat_sh[path_].get_value() if isinstance(flat_sh[path_], nnx.Variable) else flat_sh[path_]
+        if path_[0] == "visual_ops":
+            if ops_weights is None:
+                leaves.append((path_, None))  # initialised fresh below (gates at zero)
+                continue
+            key = "visual_ops." + ".".join(map(str, path_[1:]))
+            if key not in ops_weights:
+                raise CheckpointError(f"{ops_file}: missing tensor {key}")
+            if tuple(ops_weights.info(key)[0]) != tuple(var.shape):
+                raise CheckpointError(
+                    f"{ops_file}: tensor {key} has shape {ops_weights.info(key)[0]}, expected {tuple(var.shape)} "
+                    "(is visual_ops configured like the run that saved it?)"
+                )
+            arr = np.asarray(ops_weights[key]).astype(var.dtype)
+        else:
+            if path_ not in entries:
+                raise CheckpointError(f"no Hugging Face name known for parameter {'/'.join(map(str, path_))}")
+            arr = _read(weights, entries[path_], var.shape, var.dtype)
+        leaves.append((path_, jax.make_array_from_callback(arr.shape, sharding, lambda idx, a=arr: a[idx])))
+
+    if any(a is None for _, a in leaves):  # fresh visual-op modules on a base checkpoint
+        fresh = shd.sharded_init(lambda: VisualOps(cfg, rngs=nnx.Rngs(0)), mesh, rules)
+        fresh_flat = dict(nnx.to_flat_state(nnx.state(fresh)))
+        leaves = [(p, a if a is not None else fresh_flat[p[1:]].get_value()) for p, a in leaves]
+
+    state = nnx.from_flat_state([(p, abstract_var.replace(a)) for (p, a), (_, abstract_var) in zip(leaves, nnx.to_flat_state(abstract))])
+    return nnx.merge(graphdef, state)
+
+
+def from_hf(path: str, *, mesh=None, rules=shd.RULES, **overrides) -> VLM:
+    """Loads a Qwen2.5-VL checkpoint directory into a sharded VLM.
+
+    overrides: ModelConfig fields (e.g. visual_ops=VisualOpConfig(...), dtype='bfloat16').
+    """
+    cfg = read_config(path, **overrides)
+    mesh = mesh if mesh is not None else shd.make_mesh((-1, 1, 1))
+    abstract = nnx.eval_shape(lambda: VLM(cfg, rngs=nnx.Rngs(0)))
+    return load_into(abstract, path, mesh, rules)
+
+
+# ---------------------------------------------------------------------- writing
+def _host(x) -> np.ndarray:
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def hf_tensors(model: VLM, dtype=None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(base tensors by HF name, visual-op tensors) as host numpy arrays."""
+    entries = param_entries(model.cfg)
+    base, ops = {}, {}
+    for path_, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        arr = _host(var.get_value())
+        if dtype is not None:
+            arr = arr.astype(dtype)
+        if path_[0] == "visual_ops":
+            ops["visual_ops." + ".".join(map(str, path_[1:]))] = arr
+        else:
+            e = entries[path_]
+            base[e.hf_name] = np.ascontiguousarray(e.to_hf(arr))
+    return base, ops
+
+
+def to_hf(model: VLM, path: str, *, tokenizer=None, dtype=None) -> None:
+    """Writes `model` as a Hugging Face checkpoint directory (config, weights, tokenizer).
+
+    Files are written to temporary names and renamed, so a crash never leaves a half-written
+    checkpoint under the final names. Only process 0 writes.
+    """
+    base, ops = hf_tensors(model, dtype)
+    if jax.process_index() != 0:
+        return
+    os.makedirs(path, exist_ok=True)
+    cfg_dict = model.cfg.to_hf_dict()
+    if dtype is not None:
+        cfg_dict["torch_dtype"] = np.dtype(dtype).name
+    save_file(base, os.path.join(path, WEIGHTS_FILE))
+    if ops:
+        save_file(ops, os.path.join(path, VISUAL_OPS_FILE), metadata={"format": "atlas_jax", "visual_ops": json.dumps(dataclasses.asdict(model.cfg.visual_ops))})
+    tmp = os.path.join(path, "config.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(cfg_dict, f, indent=2)
+    os.replace(tmp, os.path.join(path, "config.json"))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
