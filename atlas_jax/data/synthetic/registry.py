@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from atlas_jax.data.sample import Sample
-from atlas_jax.data.synthetic import arrow_chain, canvas, line_side, shape_count
+from atlas_jax.data.synthetic import (arrow_chain, arrow_label, canvas, label_sum, line_count, line_side, shape_count,
+                                      zoom_count, zoom_read)
 from atlas_jax.data.synthetic.family import SPLITS, Drawn
 
 DEFAULT_IMAGE_SIZE = 112
@@ -45,6 +46,11 @@ TASKS: dict[str, TaskSpec] = {
         _spec("shape_count", shape_count, ("shape",)),
         _spec("arrow_chain", arrow_chain, ("arrow",)),
         _spec("line_side", line_side, ("line",)),
+        _spec("label_sum", label_sum, ("text",)),
+        _spec("zoom_read", zoom_read, ("manip",)),
+        _spec("zoom_count", zoom_count, ("manip", "shape")),
+        _spec("arrow_label", arrow_label, ("arrow", "text")),
+        _spec("line_count", line_count, ("line", "shape")),
     )
 }
 

@@ -1,0 +1,62 @@
+"""`arrow_label` (<|Arrow|> + <|Text|>): nodes carry digits; follow the arrows from the green-ringed
+node and add the digits of every node on the way (start and end included).
+
+Held-out layout: the number of arrows on the followed chain.
+train {1, 2}, validation {3}, test {4}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from atlas_jax.data.synthetic import canvas, glyphs
+from atlas_jax.data.synthetic.family import Drawn, boxed, pick, scale_of
+from atlas_jax.data.synthetic.graph_layout import draw_graph, layout_graph
+
+CHAIN_LENGTHS = {"train": (1, 2), "validation": (3,), "test": (4,)}
+START_RGB = (30, 150, 60)
+
+
+@dataclasses.dataclass(frozen=True)
+class Difficulty:
+    """num_nodes: nodes drawn, at most 9 (labels are the distinct digits 1-9)."""
+
+    num_nodes: int = 7
+    distractor_prob: float = 0.7
+    radius: float = 7.0
+
+
+def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Drawn:
+    if not 2 <= d.num_nodes <= 9:
+        raise ValueError(f"arrow_label Difficulty.num_nodes={d.num_nodes}; expected 2..9 (labels are distinct digits)")
+    s = scale_of(size)
+    length = int(rng.choice(CHAIN_LENGTHS[split]))
+    radius = d.radius * s
+    centers, edges, chain = layout_graph(rng, size, d.num_nodes, length, radius, d.distractor_prob)
+    labels = [int(v) for v in rng.choice(np.arange(1, 10), size=d.num_nodes, replace=False)]
+    image, draw = canvas.new_canvas(size)
+    draw_graph(draw, centers, edges, radius, s)
+    for j, ((x, y), label) in enumerate(zip(centers, labels)):
+        start = j == chain[0]
+        width = max(2, round(2 * s)) if start else max(1, round(s))
+        draw.ellipse((round(x - radius), round(y - radius), round(x + radius), round(y + radius)), fill=canvas.WHITE,
+                     outline=START_RGB if start else canvas.BLACK, width=width)
+        glyphs.draw_text_centered(draw, (x, y), str(label), canvas.BLACK, scale=max(1, round(s)))
+
+    path = [labels[k] for k in chain]
+    total = sum(path)
+    question = pick(rng, ("Start at the node with the green ring and follow the arrows until they stop. "
+                          "What is the sum of the numbers on all nodes you visit, including the first and last?",
+                          "Follow the arrows from the green-ringed node to the end of the chain and add up every "
+                          "number on the way (start and end included). What is the total?"))
+    intent = pick(rng, ("To total the path, I trace the arrows from the green node",
+                        "I follow the direction of each arrow starting from the green node"))
+    response = (f"{intent} <|Arrow|> and write down the number on each node along the way. <|Text|> "
+                f"The path visits {' -> '.join(map(str, path))}, and {' + '.join(map(str, path))} = {total}. "
+                f"{boxed(str(total))}")
+    scene = {"nodes": [{"label": lab, "center": [float(x), float(y)]} for lab, (x, y) in zip(labels, centers)],
+             "edges": [[labels[u], labels[v]] for u, v in edges], "start": labels[chain[0]], "chain_length": length,
+             "radius": radius}
+    return Drawn(image, question, response, str(total), scene)

@@ -1,0 +1,57 @@
+"""`label_sum` (<|Text|>): shapes carry digit labels; add the labels of the shapes of one colour.
+
+Held-out layout: how many labels are added.
+train {2, 3}, validation {4}, test {5}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from atlas_jax.data.synthetic import canvas, glyphs
+from atlas_jax.data.synthetic.family import Drawn, boxed, join_words, pick, scale_of
+
+TERMS = {"train": (2, 3), "validation": (4,), "test": (5,)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Difficulty:
+    """distractors: labelled shapes of other colours; num_colors: colours in play."""
+
+    distractors: int = 3
+    num_colors: int = 3
+
+
+def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Drawn:
+    s = scale_of(size)
+    scale = max(1, round(s))
+    # Half-width that keeps a ring of colour around the glyph, so each shape stays one blob.
+    radius = 7.0 * scale
+    colors = [str(c) for c in rng.choice(list(canvas.PALETTE), size=d.num_colors, replace=False)]
+    target = colors[0]
+    k = int(rng.choice(TERMS[split]))
+    centers = canvas.place_points(rng, k + d.distractors, (radius + 2, radius + 2), (size - radius - 3, size - radius - 3),
+                                  2 * radius + 5 * s, radius=radius)
+    image, draw = canvas.new_canvas(size)
+    objects = []
+    for j, (x, y) in enumerate(centers):
+        color = target if j < k else str(rng.choice(colors[1:]))
+        kind = "circle" if rng.random() < 0.5 else "square"
+        label = int(rng.integers(1, 10))
+        canvas.draw_shape(draw, kind, (x, y), radius, canvas.PALETTE[color])
+        glyphs.draw_text_centered(draw, (x, y), str(label), canvas.WHITE, scale)
+        objects.append({"kind": kind, "color": color, "center": [x, y], "radius": radius, "label": label})
+    order = sorted((o for o in objects if o["color"] == target), key=lambda o: (o["center"][1], o["center"][0]))
+    labels = [o["label"] for o in order]
+    total = sum(labels)
+    question = pick(rng, (f"What is the sum of the numbers written on the {target} shapes?",
+                          f"Add up the numbers on all {target} shapes. What is the total?"))
+    intent = pick(rng, (f"To add the right numbers, I write down the label of every {target} shape.",
+                        f"I note the number on each {target} shape, reading from top to bottom."))
+    response = (f"{intent} <|Text|> The {target} shapes are labelled {join_words([str(v) for v in labels])}, "
+                f"and {' + '.join(str(v) for v in labels)} = {total}. {boxed(str(total))}")
+    scene = {"objects": objects, "target_color": target, "target_rgb": list(canvas.PALETTE[target]),
+             "num_terms": k, "glyph_scale": scale}
+    return Drawn(image, question, response, str(total), scene)

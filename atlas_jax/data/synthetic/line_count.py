@@ -1,0 +1,67 @@
+"""`line_count` (<|Line|> + <|Shape|>): how many dots of one colour lie above the line through A and B?
+
+The line is not drawn. Held-out layout: the number of target dots above the line.
+train {1, 2, 3}, validation {4}, test {5}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from atlas_jax.data.synthetic import canvas, line_layout
+from atlas_jax.data.synthetic.family import Drawn, boxed, pick, plural, scale_of
+
+COUNTS = {"train": (1, 2, 3), "validation": (4,), "test": (5,)}
+DOT_COLORS = ("red", "green", "orange", "purple")  # never navy-like blue: that marks A and B
+
+
+@dataclasses.dataclass(frozen=True)
+class Difficulty:
+    """below: target dots under the line; distractors: dots of other colours; min_line_dist: px at 112."""
+
+    below: int = 2
+    distractors: int = 4
+    min_line_dist: float = 5.0
+    max_angle_deg: float = 30.0
+
+
+def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Drawn:
+    s = scale_of(size)
+    a, b = line_layout.place_line(rng, size, (0.0, d.max_angle_deg))
+    colors = [str(c) for c in rng.choice(DOT_COLORS, size=2, replace=False)]
+    target = colors[0]
+    count = int(rng.choice(COUNTS[split]))
+    r = 2.5 * s
+    taken = [line_layout.label_box(a, s, size), line_layout.label_box(b, s, size)]
+    lo, hi = (r + 2, r + 2), (size - r - 3, size - r - 3)
+
+    def side_ok(want_above):
+        def ok(x, y):
+            far = abs(line_layout.signed_distance((x, y), a, b)) >= d.min_line_dist * s
+            return far and line_layout.is_above((x, y), a, b) == want_above
+        return ok
+
+    above = canvas.place_points(rng, count, lo, hi, 2 * r + 4, taken, r, ok=side_ok(True))
+    below = canvas.place_points(rng, d.below, lo, hi, 2 * r + 4, taken, r, ok=side_ok(False))
+    other = canvas.place_points(rng, d.distractors, lo, hi, 2 * r + 4, taken, r,
+                                ok=lambda x, y: abs(line_layout.signed_distance((x, y), a, b)) >= d.min_line_dist * s)
+    image, draw = canvas.new_canvas(size)
+    line_layout.draw_anchor(draw, a, "A", s, size)
+    line_layout.draw_anchor(draw, b, "B", s, size)
+    dots = []
+    for j, (x, y) in enumerate(above + below + other):
+        color = target if j < count + d.below else colors[1]
+        canvas.draw_shape(draw, "circle", (x, y), r, canvas.PALETTE[color])
+        dots.append({"color": color, "center": [x, y]})
+
+    question = pick(rng, (f"How many {target} dots lie above the straight line through A and B?",
+                          f"Imagine a line through A and B, extended to the image edges. How many {target} dots are above it?"))
+    intent = pick(rng, ("To split the dots by the line, I draw the line through A and B across the whole image",
+                        "I draw an auxiliary line through A and B, extended to both edges"))
+    response = (f"{intent} <|Line|> and outline the region above it. <|Shape|> In the region above the line there "
+                f"{'is' if count == 1 else 'are'} {plural(count, target + ' dot')}. {boxed(str(count))}")
+    scene = {"A": list(a), "B": list(b), "dots": dots, "target_color": target,
+             "target_rgb": list(canvas.PALETTE[target]), "anchor_rgb": list(line_layout.ANCHOR_RGB), "count": count}
+    return Drawn(image, question, response, str(count), scene)
