@@ -1,0 +1,264 @@
+"""The stored form of a Sample (a plain dict of encoded bytes and strings) and its validation.
+
+A *record* is what the TFDS/ArrayRecord datasets and the JSONL import hold:
+
+    images:               list[bytes]  encoded images (PNG for the synthetic suite, the user's
+                                       original file bytes for imported data), in order
+    question, response, answer, task, response_answer_only, uid:   str
+
+Every record is validated when it is decoded, so a bad one is rejected with a `BadRecordError`
+naming the source (file or dataset split), the record and the field, never turned into a silent
+wrong batch. Rules (`validate_sample`):
+
+- all text fields are `str`; `question`, `response` and `answer` are non-empty;
+- `images` is a list of images that open AND fully decode (`Image.open` + `verify()` + `load()`,
+  with `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` left False, so a truncated PNG/JPEG raises instead of
+  decoding partially); at least `min_images` of them (default 1: every question is about an image;
+  pass `min_images=0` for text-only data) and at most `max_images` when given;
+- the question is untrusted text: it may not contain any functional-token string, any Qwen2.5-VL
+  control token (`QWEN_SPECIAL_TOKENS`), nor anything shaped like one (`<|...|>`), because a
+  tokenizer would turn such text into control ids;
+- the response may contain the configured functional tokens but no other control token and no
+  unknown `<|...|>` token (a misspelt functional token would silently become sub-word pieces);
+- the response ends its reasoning in `\\boxed{...}`; the content of the LAST box, stripped of
+  surrounding whitespace, must equal the stripped `answer` (an error by default;
+  `answer_mismatch="warn"` logs a warning instead, for user data graded by another rule);
+- `response_answer_only`, when non-empty, follows the same rules as the response but may not
+  contain functional tokens (it is the baseline trajectory without them).
+
+Over-long samples are checked later, by the input pipeline, once the text is tokenised.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from collections.abc import Mapping, Sequence
+
+from PIL import Image, ImageFile
+
+from atlas_jax.data.sample import BadRecordError, Sample
+from atlas_jax.functional_tokens import token_strings
+
+# All added tokens of the Qwen2.5-VL tokenizer (ids 151643-151664): a superset of
+# `atlas_jax.tokenizer.QWEN_SPECIAL_TOKENS` (not imported: that module pulls in transformers, too
+# heavy for data workers). A stock Qwen tokenizer matches any of them inside text as one id.
+QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+)
+
+TEXT_FIELDS: tuple[str, ...] = ("question", "response", "answer", "task", "response_answer_only", "uid")
+REQUIRED_FIELDS: tuple[str, ...] = ("images", "question", "response", "answer")
+# Fields a record may omit; they default to '' (user data has no task or answer-only variant).
+OPTIONAL_FIELDS: tuple[str, ...] = ("task", "response_answer_only", "uid")
+
+# Anything in the Qwen special-token style, known or not.
+_TOKEN_SHAPED = re.compile(r"<\|[^<>|\s]{1,64}\|>")
+_BOXED = "\\boxed{"
+
+log = logging.getLogger(__name__)
+
+
+def encode_sample(sample: Sample, image_format: str = "PNG") -> dict:
+    """The record for `sample`: images encoded losslessly as `image_format` (PNG by default)."""
+    images = []
+    for image in sample.images:
+        buffer = io.BytesIO()
+        image.save(buffer, format=image_format)
+        images.append(buffer.getvalue())
+    return {
+        "images": images,
+        "question": sample.question,
+        "response": sample.response,
+        "answer": sample.answer,
+        "task": sample.task,
+        "response_answer_only": sample.response_answer_only,
+        "uid": sample.uid,
+    }
+
+
+def decode_image(data: bytes, source: str, index: int | str, field: str = "images") -> Image.Image:
+    """A fully decoded PIL image from encoded bytes; unreadable or truncated data raises.
+
+    `verify()` catches truncated or corrupt PNG chunks (CRC, missing data) that `load()` may
+    accept; `load()` catches truncated JPEG scans. `verify()` leaves the image unusable, hence the
+    second open.
+    """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # Someone turned on partial decoding process-wide; refuse rather than pass grey pixels on.
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; truncated images would decode silently")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise BadRecordError(source, index, field, f"wrong type: expected encoded image bytes, got {type(data).__name__}")
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            probe.verify()
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        raise BadRecordError(source, index, field, f"unreadable or truncated image: {type(e).__name__}: {e}") from e
+    return image
+
+
+def decode_record(
+    record: Mapping,
+    source: str,
+    index: int | str,
+    *,
+    functional_strings: Sequence[str] | None = None,
+    min_images: int = 1,
+    max_images: int | None = None,
+    answer_mismatch: str = "error",
+) -> Sample:
+    """The validated Sample stored in `record`.
+
+    source: where the record came from (a file, 'atlas_synthetic/tiny:train'), for messages.
+    index: the record's position or line number there.
+    Raises BadRecordError naming source, record and field when anything is wrong.
+    """
+    if not isinstance(record, Mapping):
+        raise BadRecordError(source, index, "<record>", f"wrong type: expected a mapping of fields, got {type(record).__name__}")
+    for field in REQUIRED_FIELDS:
+        if field not in record:
+            raise BadRecordError(source, index, field, "missing field: required")
+    for field in TEXT_FIELDS:
+        value = record.get(field, "")
+        if not isinstance(value, str):
+            raise BadRecordError(source, index, field, f"wrong type: expected a string, got {type(value).__name__}")
+    raw_images = record["images"]
+    if not isinstance(raw_images, (list, tuple)):
+        raise BadRecordError(source, index, "images", f"wrong type: expected a list of encoded images, got {type(raw_images).__name__}")
+    images = [decode_image(data, source, index, f"images[{i}]") for i, data in enumerate(raw_images)]
+    sample = Sample(
+        images=images,
+        question=record["question"],
+        response=record["response"],
+        answer=record["answer"],
+        task=record.get("task", ""),
+        response_answer_only=record.get("response_answer_only", ""),
+        uid=record.get("uid", ""),
+    )
+    validate_sample(
+        sample,
+        source,
+        index,
+        functional_strings=functional_strings,
+        min_images=min_images,
+        max_images=max_images,
+        answer_mismatch=answer_mismatch,
+    )
+    return sample
+
+
+def boxed_content(text: str) -> str | None:
+    """The content of the last `\\boxed{...}` in `text` (nested braces allowed); None if absent
+    or unclosed."""
+    start = text.rfind(_BOXED)
+    if start < 0:
+        return None
+    depth, begin = 1, start + len(_BOXED)
+    for pos in range(begin, len(text)):
+        if text[pos] == "{":
+            depth += 1
+        elif text[pos] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[begin:pos]
+    return None
+
+
+def validate_sample(
+    sample: Sample,
+    source: str,
+    index: int | str,
+    *,
+    functional_strings: Sequence[str] | None = None,
+    min_images: int = 1,
+    max_images: int | None = None,
+    answer_mismatch: str = "error",
+) -> None:
+    """Raise BadRecordError if `sample` breaks a rule listed in this module's docstring.
+
+    functional_strings: the functional tokens allowed in responses (default: the five of
+    `atlas_jax.functional_tokens`). answer_mismatch: 'error' | 'warn'.
+    """
+    if answer_mismatch not in ("error", "warn"):
+        raise ValueError(f"answer_mismatch must be 'error' or 'warn', got {answer_mismatch!r}")
+    functional = tuple(token_strings() if functional_strings is None else functional_strings)
+
+    def bad(field: str, problem: str) -> BadRecordError:
+        return BadRecordError(source, index, field, problem)
+
+    for field in TEXT_FIELDS:
+        if not isinstance(getattr(sample, field), str):
+            raise bad(field, f"wrong type: expected a string, got {type(getattr(sample, field)).__name__}")
+    for field in ("question", "response", "answer"):
+        if not getattr(sample, field).strip():
+            raise bad(field, "empty: a non-blank string is required")
+
+    if not isinstance(sample.images, list):
+        raise bad("images", f"wrong type: expected a list of images, got {type(sample.images).__name__}")
+    for i, image in enumerate(sample.images):
+        if not isinstance(image, Image.Image):
+            raise bad(f"images[{i}]", f"wrong type: expected a PIL image, got {type(image).__name__}")
+    if len(sample.images) < min_images:
+        raise bad("images", f"too few images: {len(sample.images)}, at least {min_images} required")
+    if max_images is not None and len(sample.images) > max_images:
+        raise bad("images", f"too many images: {len(sample.images)}, at most {max_images} allowed")
+
+    found = _control_strings(sample.question, known=functional, allowed=())
+    if found:
+        raise bad("question", f"control tokens: {found} found; questions are untrusted text and may contain none")
+
+    trajectories = [("response", functional)]
+    if sample.response_answer_only:
+        trajectories.append(("response_answer_only", ()))
+    for field, allowed in trajectories:
+        text = getattr(sample, field)
+        found = _control_strings(text, known=functional, allowed=allowed)
+        if found:
+            what = f"only the functional tokens {list(allowed)} may appear" if allowed else "none may appear"
+            raise bad(field, f"control tokens: {found} found; {what}")
+        boxed = boxed_content(text)
+        if boxed is None:
+            raise bad(field, "no boxed answer: a closed \\boxed{...} with the final answer is required")
+        if boxed.strip() != sample.answer.strip():
+            problem = f"answer mismatch: boxed {boxed.strip()!r}, field 'answer' {sample.answer.strip()!r}"
+            if answer_mismatch == "error":
+                raise bad(field, problem)
+            log.warning("%s", bad(field, problem))
+
+
+def _control_strings(text: str, known: Sequence[str], allowed: Sequence[str]) -> list[str]:
+    """Control-token strings in `text` other than `allowed`, in order of first appearance: the
+    Qwen specials, the `known` functional tokens, and anything else `<|...|>`-shaped."""
+    hits = {}
+    for token in (*QWEN_SPECIAL_TOKENS, *known):
+        pos = text.find(token)
+        if pos >= 0 and token not in allowed:
+            hits.setdefault(token, pos)
+    for match in _TOKEN_SHAPED.finditer(text):
+        if match.group() not in allowed:
+            hits.setdefault(match.group(), match.start())
+    return sorted(hits, key=hits.get)
