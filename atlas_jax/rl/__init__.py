@@ -1,0 +1,30 @@
+"""Reinforcement learning pieces: the GRPO / LA-GRPO loss math and the reward functions.
+
+Both are pure (jnp functions of arrays; Python functions of strings and token ids) so that the
+compiled update step and the rollout loop are built on top of them and tested alone.
+"""
+
+from atlas_jax.rl.losses import (
+    LOSS_TYPES,
+    SCALE_REWARDS,
+    GRPOLossConfig,
+    aggregate,
+    anchor_term,
+    group_advantages,
+    grpo_loss,
+    per_token_kl,
+    per_token_surrogate,
+)
+from atlas_jax.rl.rewards import (
+    DEFAULT_REWARDS,
+    RewardError,
+    RewardFunction,
+    accuracy_reward,
+    combine,
+    expected_usage_reward,
+    extract_boxed,
+    format_reward,
+    functional_usage_reward,
+    spam_penalty,
+    verbosity_penalty,
+)

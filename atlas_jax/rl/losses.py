@@ -1,0 +1,247 @@
+"""GRPO and LA-GRPO losses: pure jnp functions of arrays, for one compiled update step.
+
+Legend: B = completions in the (global) batch = num_prompts * G, completions of one prompt
+contiguous; G = group size (completions per prompt); T = padded completion length.
+
+The definitions follow TRL's `GRPOTrainer` (token-level importance ratio):
+
+    rho_t   = exp(logp_t - old_logp_t)
+    s_t     = -min(rho_t * A, clip(rho_t, 1 - eps_low, 1 + eps_high) * A)      (per-token surrogate)
+    k3_t    = exp(ref_t - logp_t) - (ref_t - logp_t) - 1                      (KL estimator)
+    l_t     = s_t + beta * k3_t
+
+aggregated by `loss_type` over the completion mask, plus the LA-GRPO anchor: the same s_t
+averaged over the batch's sampled functional-token positions only, weighted by a static alpha.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+# ---------------------------------------------------------------------------- advantages
+
+
+def _unbiased_std(x, axis=None):
+    """torch.std's default (Bessel-corrected, ddof=1); 0 where there is a single element, where
+    torch would return NaN: one sample carries no spread to normalise by."""
+    n = x.size if axis is None else x.shape[axis]
+    if n < 2:
+        return jnp.zeros_like(jnp.mean(x, axis=axis, keepdims=True))
+    centred = x - jnp.mean(x, axis=axis, keepdims=True)
+    return jnp.sqrt(jnp.sum(centred * centred, axis=axis, keepdims=True) / (n - 1))
+
+
+def group_advantages(rewards_b, group_size: int, scale_rewards: str = "group", eps: float = 1e-4) -> jax.Array:
+    """Group-relative advantages A_i = (r_i - mean_group r) / (std + eps).
+
+    rewards_b: float[B], B = num_prompts * group_size, the G completions of one prompt contiguous.
+    scale_rewards: 'group' (std of the completion's group), 'batch' (std of all B rewards, as TRL's
+      'batch') or 'none' (A = r - mean_group, no division, no eps: Dr. GRPO).
+    The std is TRL's: torch.std, i.e. unbiased (ddof=1). A group whose rewards are all equal carries
+    no learning signal and gets advantages of exactly 0 in every mode (plain float32 arithmetic
+    would leave a rounding residue of mean-r, amplified by 1/eps); G=1 gives zeros, never NaN.
+    Returns float32[B].
+    """
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards={scale_rewards!r}; expected one of {SCALE_REWARDS}")
+    r_b = jnp.asarray(rewards_b, jnp.float32)
+    if r_b.ndim != 1:
+        raise ValueError(f"rewards_b has shape {r_b.shape}; expected float[B] (one reward per completion)")
+    if not isinstance(group_size, int) or group_size < 1 or r_b.shape[0] % group_size:
+        raise ValueError(
+            f"group_size={group_size!r} must be a positive int dividing the number of rewards {r_b.shape[0]}"
+        )
+    r_pg = r_b.reshape(-1, group_size)
+    centred_pg = r_pg - jnp.mean(r_pg, axis=1, keepdims=True)
+    if scale_rewards == "group":
+        centred_pg = centred_pg / (_unbiased_std(r_pg, axis=1) + eps)
+    elif scale_rewards == "batch":
+        centred_pg = centred_pg / (_unbiased_std(r_b) + eps)
+    flat_p = (jnp.max(r_pg, axis=1, keepdims=True) == jnp.min(r_pg, axis=1, keepdims=True))
+    return jnp.where(flat_p, 0.0, centred_pg).reshape(-1)
+
+
+# ---------------------------------------------------------------------------- loss config
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOLossConfig:
+    """Static (hashable) loss configuration; pass it as a static argument to jax.jit.
+
+    loss_type: 'grpo' (per-sequence token mean, then mean over sequences), 'bnpo' (token mean over
+      the batch), 'dapo' (token sum / tokens in the global batch, `num_items`), 'dr_grpo'
+      (token sum / (B * max_completion_length)).
+    epsilon_low / epsilon_high: the clip range [1 - epsilon_low, 1 + epsilon_high] (DAPO: 0.2 / 0.28).
+    beta: weight of the k3 KL to the reference policy; 0 means no reference is needed.
+    alpha: LA-GRPO anchor weight; 0 is plain GRPO, bit for bit.
+    max_completion_length: dr_grpo's normaliser; None means the padded length T.
+    """
+
+    loss_type: str = "grpo"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    beta: float = 0.0
+    alpha: float = 0.0
+    max_completion_length: int | None = None
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"GRPOLossConfig.loss_type={self.loss_type!r}; expected one of {LOSS_TYPES}")
+        for name in ("epsilon_low", "epsilon_high", "beta", "alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"GRPOLossConfig.{name}={value!r}; expected a python float >= 0")
+        if self.epsilon_low >= 1:
+            raise ValueError(f"GRPOLossConfig.epsilon_low={self.epsilon_low}; expected < 1 (the ratio floor 1-eps must stay > 0)")
+        mcl = self.max_completion_length
+        if mcl is not None and (isinstance(mcl, bool) or not isinstance(mcl, int) or mcl < 1):
+            raise ValueError(f"GRPOLossConfig.max_completion_length={mcl!r}; expected a positive int or None")
+
+
+# ---------------------------------------------------------------------------- per-token parts
+
+
+def per_token_surrogate(logp_bt, old_logp_bt, advantages_b, mask_bt, epsilon_low: float, epsilon_high: float):
+    """The clipped policy-gradient surrogate per token.
+
+    logp_bt, old_logp_bt: float[B, T] log-probs of the sampled tokens under the current / rollout policy.
+    advantages_b: float[B]. mask_bt: bool|float[B, T] (1 on completion tokens).
+    Returns (s_bt float32[B, T], rho_bt float32[B, T]); both are 0 / 1 at masked-out positions.
+    old_logp and advantages are treated as data (stop_gradient), so passing old = logp for a
+    single inner iteration gives the on-policy gradient.
+    """
+    mask_bt = jnp.asarray(mask_bt).astype(bool)
+    old_bt = jax.lax.stop_gradient(jnp.asarray(old_logp_bt, jnp.float32))
+    adv_b1 = jax.lax.stop_gradient(jnp.asarray(advantages_b, jnp.float32))[:, None]
+    # Select before exp: padded positions may hold -inf / garbage log-probs, and a masked
+    # multiply afterwards would still propagate NaN into the gradient.
+    log_ratio_bt = jnp.where(mask_bt, jnp.asarray(logp_bt, jnp.float32) - old_bt, 0.0)
+    rho_bt = jnp.exp(log_ratio_bt)
+    clipped_bt = jnp.clip(rho_bt, 1.0 - epsilon_low, 1.0 + epsilon_high)
+    s_bt = -jnp.minimum(rho_bt * adv_b1, clipped_bt * adv_b1)
+    return s_bt, rho_bt
+
+
+def per_token_kl(logp_bt, ref_logp_bt, mask_bt):
+    """k3 estimator exp(ref - logp) - (ref - logp) - 1 >= 0: float32[B, T], 0 at masked positions."""
+    mask_bt = jnp.asarray(mask_bt).astype(bool)
+    ref_bt = jax.lax.stop_gradient(jnp.asarray(ref_logp_bt, jnp.float32))
+    delta_bt = jnp.where(mask_bt, ref_bt - jnp.asarray(logp_bt, jnp.float32), 0.0)
+    return jnp.exp(delta_bt) - delta_bt - 1.0
+
+
+def aggregate(per_token_bt, mask_bt, loss_type: str, max_completion_length: int | None = None, num_items=None):
+    """Reduce float[B, T] per-token losses to a scalar exactly as TRL's loss types do.
+
+    num_items (dapo only): completion tokens in the global batch across gradient-accumulation
+    micro-batches; default: this batch's mask sum (inside one jit over the global batch that is
+    already the global count).
+    """
+    m_bt = jnp.asarray(mask_bt).astype(jnp.float32)
+    total_bt = per_token_bt * m_bt
+    if loss_type == "grpo":
+        return jnp.mean(jnp.sum(total_bt, axis=-1) / jnp.maximum(jnp.sum(m_bt, axis=-1), 1.0))
+    if loss_type == "bnpo":
+        return jnp.sum(total_bt) / jnp.maximum(jnp.sum(m_bt), 1.0)
+    if loss_type == "dapo":
+        n = jnp.sum(m_bt) if num_items is None else jnp.asarray(num_items, jnp.float32)
+        return jnp.sum(total_bt) / jnp.maximum(n, 1.0)
+    if loss_type == "dr_grpo":
+        length = per_token_bt.shape[1] if max_completion_length is None else max_completion_length
+        return jnp.sum(total_bt) / (per_token_bt.shape[0] * length)
+    raise ValueError(f"loss_type={loss_type!r}; expected one of {LOSS_TYPES}")
+
+
+def anchor_term(s_bt, mask_bt, functional_bt):
+    """LA-GRPO anchor: mean of s_bt over positions that are completion tokens AND functional,
+    counted over the whole batch; exactly 0 (finite gradient) when there are none. Returns
+    (anchor scalar, number of functional positions float32 scalar)."""
+    f_bt = jnp.asarray(functional_bt).astype(bool) & jnp.asarray(mask_bt).astype(bool)
+    count = jnp.sum(f_bt.astype(jnp.float32))
+    return jnp.sum(jnp.where(f_bt, s_bt, 0.0)) / jnp.maximum(count, 1.0), count
+
+
+# ---------------------------------------------------------------------------- the loss
+
+
+def _check_shapes(logp_bt, old_logp_bt, advantages_b, mask_bt, functional_bt, ref_logp_bt):
+    if jnp.ndim(logp_bt) != 2:
+        raise ValueError(f"logp_bt has shape {jnp.shape(logp_bt)}; expected float[B, T]")
+    bt = jnp.shape(logp_bt)
+    named = {"old_logp_bt": old_logp_bt, "mask_bt": mask_bt, "functional_bt": functional_bt, "ref_logp_bt": ref_logp_bt}
+    for name, x in named.items():
+        if x is not None and jnp.shape(x) != bt:
+            raise ValueError(f"{name} has shape {jnp.shape(x)}; expected {bt} like logp_bt")
+    if jnp.shape(advantages_b) != bt[:1]:
+        raise ValueError(f"advantages_b has shape {jnp.shape(advantages_b)}; expected ({bt[0]},), one per completion")
+
+
+def grpo_loss(
+    logp_bt,
+    old_logp_bt,
+    advantages_b,
+    mask_bt,
+    functional_bt,
+    cfg: GRPOLossConfig,
+    ref_logp_bt=None,
+    num_items=None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """LA-GRPO loss = aggregate(s + beta * k3) + alpha * anchor(s).
+
+    logp_bt: float[B, T] current-policy log-probs of the sampled completion tokens (differentiated).
+    old_logp_bt: float[B, T] rollout-policy log-probs (data). advantages_b: float[B].
+    mask_bt: bool[B, T] completion tokens (no prompt, no padding). functional_bt: bool[B, T] sampled
+    token is a functional token. cfg: static. ref_logp_bt: float[B, T], required when cfg.beta > 0.
+    num_items: optional global completion-token count for 'dapo' under gradient accumulation.
+    Returns (loss float32[], metrics dict of float32[] scalars; no host syncs).
+    """
+    _check_shapes(logp_bt, old_logp_bt, advantages_b, mask_bt, functional_bt, ref_logp_bt)
+    if cfg.beta > 0 and ref_logp_bt is None:
+        raise ValueError(f"GRPOLossConfig.beta={cfg.beta} > 0 needs ref_logp_bt (reference-policy log-probs); got None")
+    mask_bt = jnp.asarray(mask_bt).astype(bool)
+    m_bt = mask_bt.astype(jnp.float32)
+    agg = lambda x_bt: aggregate(x_bt, mask_bt, cfg.loss_type, cfg.max_completion_length, num_items)  # noqa: E731
+
+    s_bt, rho_bt = per_token_surrogate(logp_bt, old_logp_bt, advantages_b, mask_bt, cfg.epsilon_low, cfg.epsilon_high)
+    kl_bt = per_token_kl(logp_bt, ref_logp_bt, mask_bt) if ref_logp_bt is not None else None
+    # The loss is aggregated from the summed per-token loss, as TRL does, so it matches TRL's
+    # rounding; pg_loss / kl_loss are reported separately (aggregation is linear).
+    loss_bt = s_bt + cfg.beta * kl_bt if cfg.beta > 0 else s_bt
+    aggregated = agg(loss_bt)
+    anchor, num_functional = anchor_term(s_bt, mask_bt, functional_bt)
+    # alpha is a static python float: alpha == 0 leaves the graph of plain GRPO untouched.
+    loss = aggregated if cfg.alpha == 0 else aggregated + cfg.alpha * anchor
+
+    tokens = jnp.maximum(jnp.sum(m_bt), 1.0)
+    masked_mean = lambda x_bt: jnp.sum(jnp.where(mask_bt, x_bt, 0.0)) / tokens  # noqa: E731
+    adv_b1 = jnp.asarray(advantages_b, jnp.float32)[:, None]
+    is_low_bt = (rho_bt < 1.0 - cfg.epsilon_low) & (adv_b1 < 0)
+    is_high_bt = (rho_bt > 1.0 + cfg.epsilon_high) & (adv_b1 > 0)
+    adv_b = adv_b1[:, 0]
+    zero = jnp.zeros((), jnp.float32)
+    sg = jax.lax.stop_gradient
+    metrics = {
+        "loss": loss,
+        "pg_loss": agg(s_bt),
+        "kl_loss": cfg.beta * agg(kl_bt) if cfg.beta > 0 else zero,
+        "kl": masked_mean(kl_bt) if kl_bt is not None else zero,
+        "anchor_loss": anchor,
+        "num_functional": num_functional,
+        "functional_per_completion": num_functional / logp_bt.shape[0],
+        "clip_ratio/low_mean": masked_mean(is_low_bt.astype(jnp.float32)),
+        "clip_ratio/high_mean": masked_mean(is_high_bt.astype(jnp.float32)),
+        "clip_ratio/region_mean": masked_mean((is_low_bt | is_high_bt).astype(jnp.float32)),
+        "advantage/mean": jnp.mean(adv_b),
+        "advantage/std": jnp.std(adv_b),
+        "advantage/absmax": jnp.max(jnp.abs(adv_b)),
+        "ratio/mean": masked_mean(rho_bt),
+        "completion_tokens": jnp.sum(m_bt),
+    }
+    return loss, {k: sg(v) for k, v in metrics.items()}

@@ -1,0 +1,285 @@
+"""GRPO / LA-GRPO loss and advantages against an independent PyTorch reference.
+
+The reference below is written in TRL's style (per_token_loss, completion_mask, torch.std) from
+TRL's published GRPOTrainer definitions, and compared with the JAX loss and with its gradient
+w.r.t. the current log-probs (jax.grad vs torch autograd), in float32.
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from atlas_jax.sharding import batch_sharding, make_mesh
+from atlas_jax.rl.losses import GRPOLossConfig, anchor_term, group_advantages, grpo_loss, per_token_surrogate
+
+B, T, G = 8, 12, 4
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- torch reference (TRL style)
+
+
+def torch_advantages(rewards, num_generations, scale_rewards):
+    mean_grouped_rewards = rewards.view(-1, num_generations).mean(dim=1)
+    mean_grouped_rewards = mean_grouped_rewards.repeat_interleave(num_generations, dim=0)
+    if scale_rewards == "group":
+        std_rewards = rewards.view(-1, num_generations).std(dim=1).repeat_interleave(num_generations, dim=0)
+    elif scale_rewards == "batch":
+        std_rewards = rewards.std().expand_as(rewards)
+    advantages = rewards - mean_grouped_rewards
+    if scale_rewards != "none":
+        advantages = advantages / (std_rewards + 1e-4)
+    return advantages
+
+
+def torch_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, completion_mask,
+               functional_mask, loss_type, beta, epsilon_low, epsilon_high, alpha, max_completion_length):
+    coef_1 = torch.exp(per_token_logps - old_per_token_logps)
+    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+    per_token_loss1 = coef_1 * advantages.unsqueeze(1)
+    per_token_loss2 = coef_2 * advantages.unsqueeze(1)
+    surrogate = -torch.min(per_token_loss1, per_token_loss2)
+    per_token_loss = surrogate
+    per_token_kl = None
+    if beta != 0.0:
+        per_token_kl = torch.exp(ref_per_token_logps - per_token_logps) - (ref_per_token_logps - per_token_logps) - 1
+        per_token_loss = per_token_loss + beta * per_token_kl
+    if loss_type == "grpo":
+        loss = ((per_token_loss * completion_mask).sum(-1) / completion_mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token_loss * completion_mask).sum() / completion_mask.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        loss = (per_token_loss * completion_mask).sum() / (per_token_loss.size(0) * max_completion_length)
+    elif loss_type == "dapo":
+        num_items_in_batch = completion_mask.sum()
+        loss = (per_token_loss * completion_mask).sum() / num_items_in_batch.clamp(min=1.0)
+    # LA-GRPO anchor: the surrogate averaged over functional completion tokens of the whole batch.
+    anchor_mask = functional_mask * completion_mask
+    anchor = (surrogate * anchor_mask).sum() / anchor_mask.sum().clamp(min=1.0)
+    if alpha != 0.0:
+        loss = loss + alpha * anchor
+
+    token_count = completion_mask.sum().clamp(min=1.0)
+    adv = advantages.unsqueeze(1)
+    is_low_clipped = (coef_1 < 1 - epsilon_low) & (adv < 0)
+    is_high_clipped = (coef_1 > 1 + epsilon_high) & (adv > 0)
+    is_region_clipped = is_low_clipped | is_high_clipped
+    metrics = {
+        "clip_ratio/low_mean": (is_low_clipped.float() * completion_mask).sum() / token_count,
+        "clip_ratio/high_mean": (is_high_clipped.float() * completion_mask).sum() / token_count,
+        "clip_ratio/region_mean": (is_region_clipped.float() * completion_mask).sum() / token_count,
+        "ratio/mean": (coef_1 * completion_mask).sum() / token_count,
+        "anchor_loss": anchor,
+        "num_functional": anchor_mask.sum(),
+    }
+    if per_token_kl is not None:
+        metrics["kl"] = (per_token_kl * completion_mask).sum() / token_count
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+def make_inputs(seed, clipping):
+    rng = np.random.default_rng(seed)
+    logp = rng.normal(-1.5, 0.8, (B, T)).astype(np.float32)
+    # Far from logp -> many ratios outside [0.8, 1.2]; close -> none.
+    old = (logp + rng.normal(0, 0.6 if clipping else 0.01, (B, T))).astype(np.float32)
+    ref = (logp + rng.normal(0, 0.3, (B, T))).astype(np.float32)
+    lengths = rng.integers(1, T + 1, B)
+    lengths[3] = 0  # a completion with no tokens at all (must not divide by zero)
+    mask = np.arange(T)[None] < lengths[:, None]
+    functional = (rng.random((B, T)) < 0.15) & mask
+    functional[0, 0] = True
+    functional[5, T - 1] = True  # a padded position: never counted
+    rewards = rng.normal(0, 1, B).astype(np.float32)
+    return dict(logp=logp, old=old, ref=ref, mask=mask, functional=functional, rewards=rewards)
+
+
+def jax_value_and_grad(x, adv, cfg, with_ref):
+    def f(lp):
+        return grpo_loss(lp, x["old"], adv, x["mask"], x["functional"], cfg, x["ref"] if with_ref else None)
+
+    return jax.jit(jax.value_and_grad(f, has_aux=True))(jnp.asarray(x["logp"]))
+
+
+def torch_value_and_grad(x, adv, cfg):
+    lp = torch.tensor(x["logp"], requires_grad=True)
+    loss, metrics = torch_loss(
+        lp, torch.tensor(x["old"]), torch.tensor(x["ref"]), torch.tensor(np.asarray(adv)),
+        torch.tensor(x["mask"], dtype=torch.float32), torch.tensor(x["functional"], dtype=torch.float32),
+        cfg.loss_type, cfg.beta, cfg.epsilon_low, cfg.epsilon_high, cfg.alpha, cfg.max_completion_length or T,
+    )
+    loss.backward()
+    return loss.detach().numpy(), lp.grad.numpy(), {k: v.detach().numpy() for k, v in metrics.items()}
+
+
+# ---------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize(
+    "loss_type,beta,clipping,alpha",
+    [(lt, b, c, a) for lt, b, c in itertools.product(("grpo", "bnpo", "dapo", "dr_grpo"), (0.0, 0.04), (True, False))
+     for a in ((0.0, 0.5) if b == 0.04 else (0.0,))],
+)
+def test_loss_and_grad_match_torch_reference(loss_type, beta, clipping, alpha):
+    seed = ("grpo", "bnpo", "dapo", "dr_grpo").index(loss_type) * 10 + int(beta > 0) * 2 + int(clipping)
+    x = make_inputs(seed=seed, clipping=clipping)
+    adv = np.asarray(group_advantages(x["rewards"], G))
+    cfg = GRPOLossConfig(loss_type=loss_type, beta=beta, epsilon_high=0.28, alpha=alpha,
+                         max_completion_length=16 if loss_type == "dr_grpo" else None)
+    (loss, metrics), grad = jax_value_and_grad(x, adv, cfg, with_ref=beta > 0)
+    ref_loss, ref_grad, ref_metrics = torch_value_and_grad(x, adv, cfg)
+
+    np.testing.assert_allclose(loss, ref_loss, **TOL)
+    np.testing.assert_allclose(grad, ref_grad, **TOL)
+    assert np.abs(ref_grad).max() > 1e-3  # the comparison is not between two zero arrays
+    for name, value in ref_metrics.items():
+        np.testing.assert_allclose(metrics[name], value, err_msg=name, **TOL)
+    clip_fraction = float(metrics["clip_ratio/region_mean"])
+    assert (clip_fraction > 0.1) if clipping else (clip_fraction == 0.0)
+    # The reported parts add up to the loss (aggregation is linear).
+    np.testing.assert_allclose(metrics["pg_loss"] + metrics["kl_loss"] + alpha * metrics["anchor_loss"], loss, **TOL)
+
+
+def test_dapo_num_items_for_gradient_accumulation():
+    x = make_inputs(seed=3, clipping=True)
+    adv = group_advantages(x["rewards"], G)
+    cfg = GRPOLossConfig(loss_type="dapo")
+    sum_loss, _ = grpo_loss(x["logp"], x["old"], adv, x["mask"], x["functional"], cfg, num_items=1.0)
+    bnpo, _ = grpo_loss(x["logp"], x["old"], adv, x["mask"], x["functional"], GRPOLossConfig(loss_type="bnpo"))
+    np.testing.assert_allclose(sum_loss / x["mask"].sum(), bnpo, **TOL)
+
+
+# ---------------------------------------------------------------------------- LA-GRPO anchor
+
+
+def test_alpha_zero_is_plain_grpo_bit_for_bit():
+    x = make_inputs(seed=7, clipping=True)
+    adv = group_advantages(x["rewards"], G)
+    no_functional = np.zeros_like(x["functional"])
+    plain = GRPOLossConfig(beta=0.04)
+    (l0, _), g0 = jax_value_and_grad(x, adv, plain, with_ref=True)
+    (l1, _), g1 = jax_value_and_grad({**x, "functional": no_functional}, adv, plain, with_ref=True)
+    # An anchor weight on a batch without functional tokens adds exactly 0 too.
+    (l2, _), g2 = jax_value_and_grad({**x, "functional": no_functional}, adv,
+                                     GRPOLossConfig(beta=0.04, alpha=0.7), with_ref=True)
+    ref_loss, _, _ = torch_value_and_grad(x, adv, plain)
+    assert np.array_equal(l0, l1) and np.array_equal(g0, g1)
+    assert np.array_equal(l0, l2) and np.array_equal(g0, g2)
+    np.testing.assert_allclose(l0, ref_loss, **TOL)
+    # ...and alpha > 0 with functional tokens present does change it.
+    (l3, _), _ = jax_value_and_grad(x, adv, GRPOLossConfig(beta=0.04, alpha=0.7), with_ref=True)
+    assert not np.allclose(l3, l0)
+
+
+def test_anchor_gradient_only_at_functional_positions():
+    x = make_inputs(seed=11, clipping=False)
+    adv = group_advantages(x["rewards"], G)
+
+    def anchor_only(lp):
+        s_bt, _ = per_token_surrogate(lp, x["old"], adv, x["mask"], 0.2, 0.2)
+        return anchor_term(s_bt, x["mask"], x["functional"])[0]
+
+    grad = np.asarray(jax.grad(anchor_only)(jnp.asarray(x["logp"])))
+    at_functional = x["functional"] & x["mask"]
+    assert np.all(grad[~at_functional] == 0.0)
+    assert np.all(grad[at_functional][adv.repeat(T).reshape(B, T)[at_functional] != 0] != 0.0)
+    # d/dlogp of the unclipped anchor is -A * rho / |M_func| at each functional position.
+    rho = np.exp(x["logp"] - x["old"])
+    expected = np.where(at_functional, -np.asarray(adv)[:, None] * rho / at_functional.sum(), 0.0)
+    np.testing.assert_allclose(grad, expected, **TOL)
+
+
+def test_no_functional_tokens_gives_zero_anchor_and_finite_values():
+    x = make_inputs(seed=5, clipping=True)
+    x["functional"] = np.zeros_like(x["functional"])
+    x["logp"][~x["mask"]] = -np.inf  # padded positions may hold anything: they must not leak NaN
+    adv = group_advantages(x["rewards"], G)
+    (loss, metrics), grad = jax_value_and_grad(x, adv, GRPOLossConfig(alpha=1.0, beta=0.04), with_ref=True)
+    assert metrics["anchor_loss"] == 0.0 and metrics["num_functional"] == 0.0
+    assert np.isfinite(loss) and np.all(np.isfinite(grad)) and all(np.isfinite(v) for v in metrics.values())
+    assert np.all(grad[~x["mask"]] == 0.0)
+
+
+def test_functional_counts_exclude_padding():
+    x = make_inputs(seed=2, clipping=False)
+    adv = group_advantages(x["rewards"], G)
+    _, metrics = grpo_loss(x["logp"], x["old"], adv, x["mask"], x["functional"], GRPOLossConfig())
+    expected = (x["functional"] & x["mask"]).sum()
+    assert metrics["num_functional"] == expected
+    np.testing.assert_allclose(metrics["functional_per_completion"], expected / B, **TOL)
+
+
+# ---------------------------------------------------------------------------- advantages
+
+
+@pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
+def test_advantages_match_torch(scale_rewards):
+    rewards = np.random.default_rng(0).normal(0.5, 1.0, 4 * G).astype(np.float32)
+    ours = group_advantages(rewards, G, scale_rewards)
+    ref = torch_advantages(torch.tensor(rewards), G, scale_rewards).numpy()
+    np.testing.assert_allclose(ours, ref, **TOL)
+
+
+def test_all_equal_group_gives_zero_advantages():
+    rewards = np.array([0.1, 0.1, 0.1, 0.1, 1.0, 0.0, 1.0, 0.0, 0.3, 0.3, 0.3, 0.3], np.float32)
+    for scale in ("group", "batch", "none"):
+        adv = np.asarray(group_advantages(rewards, G, scale))
+        assert np.all(np.isfinite(adv))
+        assert np.all(adv[:4] == 0.0) and np.all(adv[8:] == 0.0), scale
+        assert np.all(adv[4:8] != 0.0)
+    adv_1 = group_advantages(np.array([1.0, 2.0, 3.0], np.float32), 1)
+    assert np.array_equal(adv_1, np.zeros(3, np.float32))
+    assert np.array_equal(group_advantages(np.array([2.0], np.float32), 1, "batch"), np.zeros(1, np.float32))
+
+
+# ---------------------------------------------------------------------------- compilation and errors
+
+
+def test_loss_compiles_and_runs_sharded_over_8_devices():
+    x = make_inputs(seed=1, clipping=True)
+    cfg = GRPOLossConfig(loss_type="bnpo", beta=0.04, alpha=0.5)
+    mesh = make_mesh((2, 4, 1))  # batch rows over ('data', 'fsdp'), as the update step shards them
+
+    @jax.jit
+    def step(rewards, logp, old, ref, mask, functional):
+        adv = group_advantages(rewards, G)
+        f = lambda lp: grpo_loss(lp, old, adv, mask, functional, cfg, ref)  # noqa: E731
+        return jax.value_and_grad(f, has_aux=True)(logp)
+
+    args = [jax.device_put(x[k], batch_sharding(mesh, x[k].ndim))
+            for k in ("rewards", "logp", "old", "ref", "mask", "functional")]
+    (loss, metrics), grad = step(*args)
+    (loss_1, _), grad_1 = step(*[np.asarray(a) for a in args])
+    np.testing.assert_allclose(loss, loss_1, **TOL)
+    np.testing.assert_allclose(grad, grad_1, **TOL)
+    assert step._cache_size() == 2  # sharded and unsharded inputs; no retrace per metric
+    lowered = jax.jit(grpo_loss, static_argnames="cfg").lower(
+        x["logp"], x["old"], np.zeros(B, np.float32), x["mask"], x["functional"], cfg=cfg, ref_logp_bt=x["ref"])
+    assert "exp" in lowered.as_text()
+
+
+def test_config_and_input_errors_name_the_field():
+    x = make_inputs(seed=0, clipping=False)
+    adv = np.zeros(B, np.float32)
+    with pytest.raises(ValueError, match="ref_logp_bt"):
+        grpo_loss(x["logp"], x["old"], adv, x["mask"], x["functional"], GRPOLossConfig(beta=0.1))
+    with pytest.raises(ValueError, match="loss_type"):
+        GRPOLossConfig(loss_type="ppo")
+    with pytest.raises(ValueError, match="epsilon_high"):
+        GRPOLossConfig(epsilon_high=-0.1)
+    with pytest.raises(ValueError, match="max_completion_length"):
+        GRPOLossConfig(max_completion_length=0)
+    with pytest.raises(ValueError, match="mask_bt"):
+        grpo_loss(x["logp"], x["old"], adv, x["mask"][:, :-1], x["functional"], GRPOLossConfig())
+    with pytest.raises(ValueError, match="advantages_b"):
+        grpo_loss(x["logp"], x["old"], adv[:-1], x["mask"], x["functional"], GRPOLossConfig())
+    with pytest.raises(ValueError, match="group_size"):
+        group_advantages(np.zeros(6, np.float32), 4)
+    with pytest.raises(ValueError, match="scale_rewards"):
+        group_advantages(np.zeros(8, np.float32), 4, "global")
