@@ -257,7 +257,15 @@ class RecordSource(Sequence):
     def __getitem__(self, index: int) -> dict:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        return _to_record(self._data_source[index])
+        size = len(self)
+        if not -size <= index < size:
+            # IndexError (the sequence protocol), not the ValueError ArrayRecord raises.
+            raise IndexError(f"{self.source}: index {index} out of range for {size} records")
+        return _to_record(self._data_source[index % size])
+
+    def __iter__(self) -> Iterator[dict]:
+        for index in range(len(self)):
+            yield _to_record(self._data_source[index])
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict]:
         return [_to_record(item) for item in self._data_source.__getitems__(list(indices))]
