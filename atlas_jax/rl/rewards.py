@@ -144,10 +144,11 @@ def _parse_choice(s: str) -> str | None:
 
 
 def _is_choice_reference(answer: str) -> bool:
-    """auto mode treats a reference as multiple choice only when it is an upper-case option
-    letter A-J in one of the choice forms (a lower-case 'a' may be a word or a variable)."""
+    """auto mode treats a reference as multiple choice only when its letter is upper-case in one
+    of the choice forms ('B', '(B)', 'B. 12 cm'); a lower-case 'a' may be a word or a variable.
+    An upper-case point or node name ('D') is compared the same way, which is what it needs."""
     letter = _parse_choice(answer)
-    return letter is not None and letter <= "J" and re.search(r"[A-J]", _strip_latex(answer)) is not None
+    return letter is not None and letter in _strip_latex(answer)
 
 
 def _numbers_match(pred: tuple[float, bool], ref: tuple[float, bool], rel_tol: float, abs_tol: float) -> bool:
@@ -165,6 +166,8 @@ def answers_match(predicted: str, answer: str, mode: str = "auto", rel_tol: floa
     rel_tol / abs_tol. 'choice': the same option letter. 'auto': choice when the reference is an
     option letter, numeric when it parses as a number, exact otherwise.
     """
+    if mode not in ("auto", "exact", "numeric", "choice"):
+        raise ValueError(f"mode={mode!r}; expected 'auto', 'exact', 'numeric' or 'choice'")
     if mode == "auto":
         mode = "choice" if _is_choice_reference(answer) else "numeric" if _parse_number(answer) else "exact"
     if mode == "choice":
@@ -179,8 +182,6 @@ def answers_match(predicted: str, answer: str, mode: str = "auto", rel_tol: floa
         if ref is None:
             raise ValueError(f"reference answer {answer!r} is not a number (mode='numeric')")
         return pred is not None and _numbers_match(pred, ref, rel_tol, abs_tol)
-    if mode != "exact":
-        raise ValueError(f"mode={mode!r}; expected 'auto', 'exact', 'numeric' or 'choice'")
     return False
 
 
