@@ -1,0 +1,361 @@
+"""The Grain input pipeline: records -> fixed-shape SFT / RL batches, per host, resumable exactly.
+
+    ds = make_dataset(source, tok, PipelineConfig(...), model_cfg)
+    it = iter(ds)                                  # a PipelineIterator (a grain DatasetIterator)
+    for batch in global_batches(it, mesh): ...     # dicts of global jax.Arrays + host metadata
+    state = pipeline_state(it)                     # bytes; restore(iter(ds), state) resumes exactly
+
+Order of operations (all but the last two are index arithmetic on a `grain.MapDataset`, so the
+iterator state is a handful of integers and resuming is exact):
+  1. per-host shard: process i takes records i, i + n, i + 2n, ... (n = process_count; strided so
+     the shards are disjoint, cover the source, and differ in size by at most one). A shorter
+     shard is topped up with its own first record so every host yields the same number of
+     batches per epoch (a pod must never wait on a host that ran out);
+  2. seeded shuffle, re-seeded every epoch (`grain` derives epoch e's permutation from seed + e);
+  3. repeat for `num_epochs` (None = forever);
+  4. decode + preprocess + encode (`batching.ExampleBuilder`), threads or worker processes;
+  5. skip-and-count bad records (only with `skip_bad_records`), batch and pad (`batching.collate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from absl import logging
+
+from atlas_jax import functional_tokens, sharding
+from atlas_jax import tokenizer as tokenizer_lib
+from atlas_jax.data import batching
+from atlas_jax.data.image_processing import ImageProcessorConfig
+from atlas_jax.data.sample import BadRecordError
+from atlas_jax.model.config import ConfigError, ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """batch_size: GLOBAL batch (each of process_count hosts builds batch_size / process_count).
+    max_length: T, the longest tokenized sample accepted; max_patches: P, patch rows per sample
+    (a multiple of spatial_merge_size**2); max_images: image slots per sample.
+    pad_to_multiple: length buckets; a batch is padded to its longest sample rounded up to this
+      multiple (capped at max_length); 0 = always max_length. Multi-host runs always use
+      max_length, because every host must hand jax the same local shape.
+    format: 'sft' (full trajectories) | 'rl' (left-padded prompts + answers).
+    sft_target: 'trajectory' (with functional tokens) | 'answer_only' (the baseline response).
+    skip_bad_records: False raises BadRecordError naming the record; True skips and counts it.
+    worker_count: 0 = decode in `read_threads` threads of this process; > 0 = worker processes.
+    functional_tokens: names from `atlas_jax.functional_tokens` (None = all five).
+    """
+
+    batch_size: int
+    max_length: int
+    max_patches: int
+    max_images: int = 1
+    image: ImageProcessorConfig = ImageProcessorConfig()
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None
+    skip_bad_records: bool = False
+    worker_count: int = 0
+    read_threads: int = 2
+    read_buffer: int = 16
+    pad_to_multiple: int = 64
+    format: str = "sft"
+    sft_target: str = "trajectory"
+    min_images: int = 1
+    answer_mismatch: str = "error"
+    functional_tokens: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        def need(ok: bool, field: str, expected: str):
+            if not ok:
+                raise ConfigError(f"data.{field}={getattr(self, field)!r}: expected {expected}")
+
+        need(self.batch_size > 0, "batch_size", "a positive global batch size")
+        need(self.max_length > 0, "max_length", "a positive token count")
+        need(self.max_patches > 0 and self.max_patches % self.image.merge_size**2 == 0, "max_patches",
+             f"a positive multiple of merge_size**2={self.image.merge_size**2}")
+        need(self.max_images >= 0, "max_images", ">= 0")
+        need(0 <= self.min_images <= self.max_images, "min_images", f"0 <= min_images <= max_images={self.max_images}")
+        need(self.num_epochs is None or self.num_epochs > 0, "num_epochs", "None (forever) or a positive count")
+        need(0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)")
+        need(self.worker_count >= 0 and self.read_threads >= 0, "worker_count", ">= 0 (and read_threads >= 0)")
+        need(self.pad_to_multiple >= 0, "pad_to_multiple", ">= 0 (0 = always max_length)")
+        need(self.format in ("sft", "rl"), "format", "'sft' or 'rl'")
+        need(self.sft_target in ("trajectory", "answer_only"), "sft_target", "'trajectory' or 'answer_only'")
+
+
+# ----------------------------------------------------------------------------- sharding
+def host_indices(num_records: int, process_index: int, process_count: int) -> np.ndarray:
+    """int64[ceil(num_records / process_count)]: the source indices host `process_index` reads.
+
+    Strided (i, i + n, ...); the shards are disjoint and cover [0, num_records). Hosts whose shard
+    is one short repeat their first record so that all hosts have equal length.
+    """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} outside [0, process_count={process_count})")
+    if num_records == 0:
+        raise ValueError("the data source is empty; expected at least one record")
+    per_host = math.ceil(num_records / process_count)
+    own = np.arange(process_index, num_records, process_count)
+    if own.size == 0:  # fewer records than hosts: borrow one so the host can still step
+        own = np.asarray([process_index % num_records])
+    return np.concatenate([own, np.resize(own, per_host - own.size)])
+
+
+class _HostShard:
+    """Random access to this host's records as (source index, record) pairs."""
+
+    def __init__(self, source: Sequence, indices: np.ndarray):
+        self._source, self._indices = source, indices
+
+    def __len__(self) -> int:
+        return int(self._indices.size)
+
+    def __getitem__(self, i: int):
+        j = int(self._indices[i])
+        return j, self._source[j]
+
+
+# ----------------------------------------------------------------------------- skipping
+class _BuildOrMark:
+    """Runs the ExampleBuilder; in skip mode a BadRecordError becomes a `BadExample` marker."""
+
+    def __init__(self, builder: batching.ExampleBuilder, skip: bool):
+        self.builder, self.skip = builder, skip
+
+    def __call__(self, indexed_record):
+        if not self.skip:
+            return self.builder(indexed_record)
+        try:
+            return self.builder(indexed_record)
+        except BadRecordError as e:
+            return batching.BadExample(str(e))
+
+
+class _SkipBadIterator(grain.DatasetIterator):
+    """Drops BadExample markers, logging each, and tells the next good example how many it follows."""
+
+    def __init__(self, parent: grain.DatasetIterator):
+        super().__init__(parent)
+
+    def __next__(self):
+        skipped = 0
+        while True:
+            ex = next(self._parent)
+            if isinstance(ex, batching.BadExample):
+                skipped += 1
+                logging.warning("skipping bad record: %s", ex.error)
+                continue
+            return {**ex, "skipped": skipped}
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(state)
+
+
+class _SkipBadDataset(grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset):
+        super().__init__(parent)
+
+    def __iter__(self):
+        return _SkipBadIterator(self._parent.__iter__())
+
+
+# ----------------------------------------------------------------------------- the dataset
+class PipelineIterator(grain.DatasetIterator):
+    """Host batches (numpy + metadata lists). `num_skipped` counts bad records skipped so far;
+    it is part of the state, so it survives a restore."""
+
+    def __init__(self, parent: grain.DatasetIterator):
+        super().__init__(parent)
+        self.num_skipped = 0
+
+    def __next__(self) -> dict:
+        batch = next(self._parent)
+        self.num_skipped += batch["skipped"]
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"grain": self._parent.get_state(), "num_skipped": self.num_skipped}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or "grain" not in state:
+            raise ValueError(f"pipeline state {str(state)[:200]!r}: expected a dict with a 'grain' entry")
+        self._parent.set_state(state["grain"])
+        self.num_skipped = int(state.get("num_skipped", 0))
+
+
+class PipelineDataset(grain.IterDataset):
+    """What `make_dataset` returns: iterate it for a fresh `PipelineIterator`."""
+
+    def __init__(self, parent: grain.IterDataset, cfg: PipelineConfig, per_host_batch: int):
+        super().__init__(parent)
+        self.cfg, self.per_host_batch = cfg, per_host_batch
+
+    def __iter__(self) -> PipelineIterator:
+        return PipelineIterator(self._parent.__iter__())
+
+
+def _check_compatible(tok, cfg: PipelineConfig, model_cfg: ModelConfig) -> None:
+    v = model_cfg.vision
+    pairs = [("patch_size", v.patch_size), ("temporal_patch_size", v.temporal_patch_size), ("merge_size", v.spatial_merge_size)]
+    for field, want in pairs:
+        if getattr(cfg.image, field) != want:
+            raise ConfigError(f"data.image.{field}={getattr(cfg.image, field)} differs from the vision tower's {want}")
+    for token, field in (
+        (tokenizer_lib.IMAGE_PAD, "image_token_id"),
+        ("<|vision_start|>", "vision_start_token_id"),
+        ("<|vision_end|>", "vision_end_token_id"),
+    ):
+        tid = tok.convert_tokens_to_ids(token)
+        if tid != getattr(model_cfg, field):
+            raise ConfigError(f"model.{field}={getattr(model_cfg, field)} but the tokenizer has {token} = id {tid}")
+
+
+def make_dataset(
+    source: Sequence,
+    tok,
+    cfg: PipelineConfig,
+    model_cfg: ModelConfig,
+    *,
+    source_name: str | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> PipelineDataset:
+    """The per-host batch stream over `source` (random access: a list, a `tfds.data_source`, ...,
+    holding `Sample`s or record dicts). source_name appears in bad-record messages."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if cfg.batch_size % process_count:
+        raise ConfigError(f"data.batch_size={cfg.batch_size} is not divisible by process_count={process_count}")
+    per_host_batch = cfg.batch_size // process_count
+    _check_compatible(tok, cfg, model_cfg)
+    source_name = source_name or getattr(source, "name", None) or type(source).__name__
+    tokens = functional_tokens.by_name(cfg.functional_tokens)
+    builder = batching.ExampleBuilder(
+        tok,
+        model_cfg,
+        cfg.image,
+        source_name=source_name,
+        fmt=cfg.format,
+        target=cfg.sft_target,
+        max_length=cfg.max_length,
+        max_patches=cfg.max_patches,
+        max_images=cfg.max_images,
+        min_images=cfg.min_images,
+        functional_ids=tokenizer_lib.functional_token_ids(tok, tokens),
+        functional_strings=functional_tokens.token_strings(tokens),
+        answer_mismatch=cfg.answer_mismatch,
+    )
+    pad_to_multiple = cfg.pad_to_multiple
+    if process_count > 1 and pad_to_multiple:
+        logging.info("data: %d hosts, so batches are padded to max_length=%d (no length buckets)", process_count, cfg.max_length)
+        pad_to_multiple = 0
+
+    ds = grain.MapDataset.source(_HostShard(source, host_indices(len(source), process_index, process_count)))
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.seed)
+    ds = ds.repeat(cfg.num_epochs)
+    ds = ds.map(_BuildOrMark(builder, cfg.skip_bad_records))
+    threads = cfg.read_threads if cfg.worker_count == 0 else 0
+    ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=cfg.read_buffer))
+    ids = _SkipBadDataset(ids)
+    ids = ids.batch(
+        per_host_batch,
+        drop_remainder=True,
+        batch_fn=_Collate(
+            fmt=cfg.format,
+            pad_id=tok.pad_token_id,
+            max_length=cfg.max_length,
+            pad_to_multiple=pad_to_multiple,
+            max_patches=cfg.max_patches,
+            max_images=cfg.max_images,
+            patch_dim=cfg.image.patch_dim,
+        ),
+    )
+    if cfg.worker_count > 0:
+        ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
+    return PipelineDataset(ids, cfg, per_host_batch)
+
+
+class _Collate:
+    """`batching.collate` with fixed settings (a class, not a lambda, so worker processes can pickle it)."""
+
+    def __init__(self, **kw):
+        self.kw = kw
+
+    def __call__(self, examples):
+        return batching.collate(examples, **self.kw)
+
+
+# ----------------------------------------------------------------------------- state
+def pipeline_state(it: PipelineIterator) -> bytes:
+    """The iterator position as JSON bytes (for a checkpoint; grain's Orbax `CheckpointHandler`
+    stores the same `get_state()` dict per process)."""
+    return json.dumps(it.get_state(), sort_keys=True).encode()
+
+
+def restore(it: PipelineIterator, state: bytes | str | dict) -> PipelineIterator:
+    """Moves a fresh iterator of the same dataset to `state`; the next batch is the one an
+    uninterrupted iterator would have produced."""
+    if isinstance(state, (bytes, str)):
+        try:
+            state = json.loads(state)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"pipeline state is not valid JSON ({e}); expected bytes from pipeline_state()") from e
+    it.set_state(state)
+    return it
+
+
+# ----------------------------------------------------------------------------- devices
+# Which axis of each array is the batch axis (all others: 0).
+BATCH_AXIS = {"positions": 1}
+
+
+def batch_shardings(batch: dict, mesh) -> dict:
+    """NamedSharding of each device array of a host batch: batch axis over ('data', 'fsdp')."""
+    out = {}
+    for key, x in batch.items():
+        if isinstance(x, np.ndarray):
+            axes = [None] * x.ndim
+            axes[BATCH_AXIS.get(key, 0)] = "batch"
+            out[key] = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(axes, mesh=mesh))
+    return out
+
+
+def to_global(batch: dict, mesh) -> dict:
+    """One host batch -> global jax.Arrays (assembled across hosts); metadata stays on the host."""
+    shards = batch_shardings(batch, mesh)
+    out = {}
+    for key, x in batch.items():
+        if key not in shards:
+            out[key] = x
+            continue
+        axis = BATCH_AXIS.get(key, 0)
+        global_shape = list(x.shape)
+        global_shape[axis] *= jax.process_count()
+        spec = shards[key].spec
+        n = int(np.prod([mesh.shape[a] for a in jax.tree.leaves(spec[axis])])) if spec[axis] else 1
+        if global_shape[axis] % n:
+            raise ConfigError(
+                f"data.batch_size={global_shape[axis]} is not divisible by the {n} devices of mesh axes {spec[axis]}"
+            )
+        out[key] = jax.make_array_from_process_local_data(shards[key], x, tuple(global_shape))
+    return out
+
+
+def global_batches(dataset: PipelineDataset | PipelineIterator, mesh) -> Iterator[dict]:
+    """Global batches, one per host batch pulled from `dataset` (pass the iterator itself to be
+    able to checkpoint it: nothing is read ahead, so its state is always that of the last batch)."""
+    it = iter(dataset)
+    for batch in it:
+        yield to_global(batch, mesh)
