@@ -247,10 +247,25 @@ def test_last_box_counts_and_whitespace_is_ignored():
         ("\\boxed{}", ""),
         ("no box", None),
         ("\\boxed{unclosed {}", None),
+        ("\\boxed{1} then \\boxed{2", "1"),
+        ("\\boxed{\\{x\\}}", "\\{x\\}"),
+        ("\\boxed {7}", "7"),
+        ("\\boxed{\\boxed{5}}", "\\boxed{5}"),
     ],
 )
 def test_boxed_content(text, want):
     assert boxed_content(text) == want
+
+
+def test_boxed_content_agrees_with_the_reward_extractor():
+    """Validation and grading must read the same box, or a valid record could score zero."""
+    from atlas_jax.rl.rewards import extract_boxed
+
+    rng = np.random.default_rng(0)
+    pieces = ["\\boxed{", "\\boxed {", "{", "}", "\\{", "\\}", "3", " x ", "\\frac", "\\\\"]
+    texts = ["".join(rng.choice(pieces, size=rng.integers(1, 12))) for _ in range(2000)]
+    for text in texts:
+        assert boxed_content(text) == extract_boxed(text), text
 
 
 def test_special_token_list_covers_the_tokenizer_and_is_qwen_shaped():

@@ -76,7 +76,7 @@ OPTIONAL_FIELDS: tuple[str, ...] = ("task", "response_answer_only", "uid")
 
 # Anything in the Qwen special-token style, known or not.
 _TOKEN_SHAPED = re.compile(r"<\|[^<>|\s]{1,64}\|>")
-_BOXED = "\\boxed{"
+_BOXED = re.compile(r"\\boxed\s*\{")
 
 log = logging.getLogger(__name__)
 
@@ -172,20 +172,25 @@ def decode_record(
 
 
 def boxed_content(text: str) -> str | None:
-    """The content of the last `\\boxed{...}` in `text` (nested braces allowed); None if absent
-    or unclosed."""
-    start = text.rfind(_BOXED)
-    if start < 0:
-        return None
-    depth, begin = 1, start + len(_BOXED)
-    for pos in range(begin, len(text)):
-        if text[pos] == "{":
-            depth += 1
-        elif text[pos] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[begin:pos]
-    return None
+    """The content of the last complete top-level `\\boxed{...}` in `text`, or None.
+
+    Same reading as the reward's `extract_boxed` (tested to agree), so a record that validates is
+    graded the same way: braces nest, a backslash escapes the next character (`\\{` is a literal
+    brace), and scanning stops at an unclosed box.
+    """
+    last, pos = None, 0
+    while (match := _BOXED.search(text, pos)) is not None:
+        depth, i = 1, match.end()
+        while i < len(text) and depth:
+            if text[i] == "\\":
+                i += 2
+                continue
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth:
+            break
+        last, pos = text[match.end() : i - 1], i
+    return last
 
 
 def validate_sample(
