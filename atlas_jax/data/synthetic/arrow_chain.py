@@ -39,7 +39,8 @@ def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Dra
     for (x, y), name in zip(centers, names):
         draw.ellipse((round(x - radius), round(y - radius), round(x + radius), round(y + radius)),
                      fill=canvas.WHITE, outline=canvas.BLACK, width=max(1, round(s)))
-        glyphs.draw_text_centered(draw, (x, y), name, canvas.BLACK, scale=max(1, round(s)))
+        # Floor, not round: the glyph must clear the node's outline.
+        glyphs.draw_text_centered(draw, (x, y), name, canvas.BLACK, scale=max(1, int(s)))
 
     start, end = names[chain[0]], names[chain[-1]]
     path = " -> ".join(names[k] for k in chain)

@@ -43,7 +43,8 @@ def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Dra
         width = max(2, round(2 * s)) if start else max(1, round(s))
         draw.ellipse((round(x - radius), round(y - radius), round(x + radius), round(y + radius)), fill=canvas.WHITE,
                      outline=START_RGB if start else canvas.BLACK, width=width)
-        glyphs.draw_text_centered(draw, (x, y), str(label), canvas.BLACK, scale=max(1, round(s)))
+        # Floor, not round: the glyph must clear the node's outline.
+        glyphs.draw_text_centered(draw, (x, y), str(label), canvas.BLACK, scale=max(1, int(s)))
 
     path = [labels[k] for k in chain]
     total = sum(path)

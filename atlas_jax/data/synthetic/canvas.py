@@ -89,8 +89,9 @@ def place_points(rng: np.random.Generator, n: int, low: tuple[float, float], hig
                  min_dist: float, taken: list[tuple[float, float, float]] | None = None,
                  radius: float = 0.0, ok: Callable[[float, float], bool] = lambda x, y: True,
                  tries: int = 4000) -> list[tuple[float, float]]:
-    """`n` centres uniform in the box [low, high], each at least `min_dist` from the others and
-    from every (x, y, r) in `taken` by r + radius + gap, and accepted by `ok`. `taken` is extended."""
+    """`n` centres uniform in the box [low, high], each at least `min_dist` from every (x, y, r) in
+    `taken`, with bounding boxes (half-widths r and `radius`) at least 3 px apart, and accepted by
+    `ok`. `taken` is extended with the new centres."""
     taken = taken if taken is not None else []
     out: list[tuple[float, float]] = []
     for _ in range(tries):
@@ -99,7 +100,10 @@ def place_points(rng: np.random.Generator, n: int, low: tuple[float, float], hig
         x, y = float(rng.uniform(low[0], high[0])), float(rng.uniform(low[1], high[1]))
         if not ok(x, y):
             continue
-        if all(math.hypot(x - tx, y - ty) >= max(min_dist, tr + radius + 3) for tx, ty, tr in taken):
+        # Chebyshev distance keeps the objects' bounding boxes 3 px apart (squares touch at corners
+        # otherwise); the Euclidean `min_dist` spreads them out.
+        if all(math.hypot(x - tx, y - ty) >= min_dist and max(abs(x - tx), abs(y - ty)) >= tr + radius + 3
+               for tx, ty, tr in taken):
             out.append((x, y))
             taken.append((x, y, radius))
     if len(out) == n:

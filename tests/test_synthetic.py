@@ -1,0 +1,148 @@
+"""The synthetic task suite: determinism, answers re-derived independently (pixels / separate
+solvers in `synthetic_checks.py`), trajectory format, held-out layouts, image size and mode."""
+
+import dataclasses
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import synthetic_checks  # noqa: E402
+from atlas_jax import functional_tokens  # noqa: E402
+from atlas_jax.data.sample import Sample  # noqa: E402
+from atlas_jax.data.synthetic import TASKS, generate, generate_split, generate_with_scene, task_names  # noqa: E402
+
+SPLITS = ("train", "validation", "test")
+N = 8  # samples per (task, split) in the per-sample checks
+ALL_TOKENS = functional_tokens.token_strings()
+
+
+def _img_bytes(sample):
+    return [im.tobytes() for im in sample.images]
+
+
+def test_registry_covers_every_operation_and_combos():
+    names = task_names()
+    assert names == list(TASKS) and len(names) >= 8
+    ops = [TASKS[n].ops for n in names]
+    for op_tuple in ops:
+        functional_tokens.by_name(op_tuple)  # every op is a known functional token
+    assert {op for t in ops for op in t} == {t.name for t in functional_tokens.DEFAULT_TOKENS}
+    for single in ("manip", "line", "arrow", "shape", "text"):
+        assert any(t == (single,) for t in ops), f"no single-operation family for {single}"
+    assert sum(len(t) == 2 for t in ops) >= 3
+    for n in names:
+        assert TASKS[n].held_out, f"{n} does not state its held-out layout"
+    assert set(synthetic_checks.CHECKERS) == set(names)
+
+
+@pytest.mark.parametrize("task", task_names())
+def test_deterministic_and_index_addressable(task):
+    a, b = generate(task, "train", 7, seed=3), generate(task, "train", 7, seed=3)
+    assert _img_bytes(a) == _img_bytes(b)
+    assert (a.question, a.response, a.answer, a.uid) == (b.question, b.response, b.answer, b.uid)
+    assert a.uid == f"train/{task}/seed=3/i=7"
+    other_seed, other_index = generate(task, "train", 7, seed=4), generate(task, "train", 8, seed=3)
+    assert _img_bytes(other_seed) != _img_bytes(a) and _img_bytes(other_index) != _img_bytes(a)
+    # Index-addressable: the split iterator yields exactly what direct calls give.
+    from_split = [s for s in generate_split("train", 8, seed=3, tasks=[task])]
+    assert _img_bytes(from_split[7]) == _img_bytes(a) and from_split[7].response == a.response
+
+
+@pytest.mark.parametrize("task", task_names())
+def test_rendering_uses_exact_colours_only(task):
+    """No anti-aliasing or blending: every pixel is white, black, a palette colour or one of the few
+    fixed marker/clutter greys. The pixel checkers' exact-colour masks depend on this."""
+    from atlas_jax.data.synthetic import canvas
+
+    allowed = {canvas.WHITE, canvas.BLACK, canvas.ARROW_GREY, *canvas.PALETTE.values(),
+               (20, 30, 110), (60, 60, 60), (150, 150, 150), (185, 185, 185), (120, 120, 120)}
+    for split in SPLITS:
+        px = np.asarray(generate(task, split, 1).images[0])
+        assert px.dtype == np.uint8
+        colours = {tuple(int(v) for v in c) for c in np.unique(px.reshape(-1, 3), axis=0)}
+        assert colours <= allowed, f"{task}/{split}: unexpected colours {colours - allowed}"
+
+
+@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize("task", task_names())
+def test_answers_rederived_independently(task, split):
+    check = synthetic_checks.CHECKERS[task]
+    for i in range(N):
+        sample, scene = generate_with_scene(task, split, i, seed=11)
+        got, _ = check(sample, scene)
+        assert got == sample.answer, f"{sample.uid}: checker says {got!r}, sample says {sample.answer!r}"
+
+
+@pytest.mark.parametrize("task", task_names())
+def test_trajectory_format(task):
+    want = {t.token for t in functional_tokens.by_name(TASKS[task].ops)}
+    for split in SPLITS:
+        for i in range(4):
+            s = generate(task, split, i)
+            assert isinstance(s, Sample) and s.task == task
+            used = {t for t in ALL_TOKENS if t in s.response}
+            assert used == want, f"{s.uid}: tokens {used}, expected {want}"
+            # The family's tokens appear in the order of its operations.
+            positions = [s.response.index(t.token) for t in functional_tokens.by_name(TASKS[task].ops)]
+            assert positions == sorted(positions)
+            intent = s.response[: positions[0]].strip()
+            assert len(intent.split()) >= 5, f"{s.uid}: no intent sentence before the token"
+            assert s.response.endswith("\\boxed{" + s.answer + "}")
+            assert re.findall(r"\\boxed\{([^}]*)\}", s.response) == [s.answer]
+            reasoning = s.response[s.response.rindex(">") + 1: s.response.rindex("\\boxed")]
+            assert len(reasoning.split()) >= 4, f"{s.uid}: no reasoning after the last token"
+            assert s.response_answer_only == "\\boxed{" + s.answer + "}"
+            assert not any(t in s.response_answer_only or t in s.question for t in ALL_TOKENS)
+            assert s.answer and s.question.strip()
+
+
+@pytest.mark.parametrize("task", task_names())
+def test_held_out_splits_differ_in_layout(task):
+    """The held-out property, as MEASURED by the independent checker (counts, chain lengths, number
+    of summed labels, line-angle band, frame quadrant), never takes a train value in validation/test."""
+    check = synthetic_checks.CHECKERS[task]
+    seen = {split: {check(*generate_with_scene(task, split, i, seed=5))[1] for i in range(12)} for split in SPLITS}
+    assert seen["train"] and seen["validation"] and seen["test"]
+    assert not seen["train"] & seen["validation"], (task, seen)
+    assert not seen["train"] & seen["test"], (task, seen)
+
+
+@pytest.mark.parametrize("task", task_names())
+def test_image_size_and_mode(task):
+    s = generate(task, "validation", 2)
+    assert len(s.images) == 1 and s.images[0].mode == "RGB" and s.images[0].size == (112, 112)
+    big, scene = generate_with_scene(task, "test", 2, image_size=168)
+    assert big.images[0].mode == "RGB" and big.images[0].size == (168, 168)
+    assert synthetic_checks.CHECKERS[task](big, scene)[0] == big.answer  # layouts scale, answers hold
+
+
+def test_generate_split_interleaves_tasks():
+    tasks = ["line_side", "shape_count", "zoom_read"]
+    out = list(generate_split("validation", 3, seed=2, tasks=tasks, image_size=84))
+    assert [s.task for s in out] == tasks * 3
+    assert len({s.uid for s in out}) == 9 and all(s.images[0].size == (84, 84) for s in out)
+    assert len(list(generate_split("test", 1))) == len(task_names())
+
+
+def test_difficulty_overrides_and_errors():
+    spec = TASKS["shape_count"]
+    _, scene = generate_with_scene("shape_count", "train", 0, difficulty={"outside_objects": 0, "inside_distractors": 0})
+    assert all(o["inside"] for o in scene["objects"]) and len(scene["objects"]) == scene["count"]
+    harder = dataclasses.replace(spec.difficulty, outside_objects=8)
+    _, scene = generate_with_scene("shape_count", "train", 0, difficulty=harder)
+    assert sum(not o["inside"] for o in scene["objects"]) == 8
+    with pytest.raises(ValueError, match="outside_objectz"):
+        generate("shape_count", "train", 0, difficulty={"outside_objectz": 1})
+    with pytest.raises(ValueError, match="no_such_task"):
+        generate("no_such_task", "train", 0)
+    with pytest.raises(ValueError, match="split 'dev'"):
+        generate("shape_count", "dev", 0)
+    with pytest.raises(ValueError, match="image_size"):
+        generate("shape_count", "train", 0, image_size=100)
+    with pytest.raises(ValueError, match="index"):
+        generate("shape_count", "train", -1)
