@@ -20,9 +20,10 @@ wrong batch. Rules (`validate_sample`):
   tokenizer would turn such text into control ids;
 - the response may contain the configured functional tokens but no other control token and no
   unknown `<|...|>` token (a misspelt functional token would silently become sub-word pieces);
-- the response ends its reasoning in `\\boxed{...}`; the content of the LAST box, stripped of
-  surrounding whitespace, must equal the stripped `answer` (an error by default;
-  `answer_mismatch="warn"` logs a warning instead, for user data graded by another rule);
+- the response ends its reasoning in `\\boxed{...}`; the content of the last complete box (read
+  exactly as the reward reads it, `boxed_content`), stripped of surrounding whitespace, must equal
+  the stripped `answer` (an error by default; `answer_mismatch="warn"` logs a warning instead, for
+  user data whose answers are graded by another rule, e.g. '0.5' vs '1/2');
 - `response_answer_only`, when non-empty, follows the same rules as the response but may not
   contain functional tokens (it is the baseline trajectory without them).
 
@@ -70,9 +71,8 @@ QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
 )
 
 TEXT_FIELDS: tuple[str, ...] = ("question", "response", "answer", "task", "response_answer_only", "uid")
+# The other text fields may be omitted and default to '' (user data has no task or answer-only variant).
 REQUIRED_FIELDS: tuple[str, ...] = ("images", "question", "response", "answer")
-# Fields a record may omit; they default to '' (user data has no task or answer-only variant).
-OPTIONAL_FIELDS: tuple[str, ...] = ("task", "response_answer_only", "uid")
 
 # Anything in the Qwen special-token style, known or not.
 _TOKEN_SHAPED = re.compile(r"<\|[^<>|\s]{1,64}\|>")
