@@ -60,6 +60,7 @@ def torch_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advant
     # LA-GRPO anchor: the surrogate averaged over functional completion tokens of the whole batch.
     anchor_mask = functional_mask * completion_mask
     anchor = (surrogate * anchor_mask).sum() / anchor_mask.sum().clamp(min=1.0)
+    grpo_only = loss
     if alpha != 0.0:
         loss = loss + alpha * anchor
 
@@ -75,7 +76,14 @@ def torch_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advant
         "ratio/mean": (coef_1 * completion_mask).sum() / token_count,
         "anchor_loss": anchor,
         "num_functional": anchor_mask.sum(),
+        "logp_gap/mean_abs": ((per_token_logps - old_per_token_logps).abs() * completion_mask).sum() / token_count,
     }
+    if alpha != 0.0:  # the anchor's share of the gradient w.r.t. the token log-probs
+        grpo_norm = torch.autograd.grad(grpo_only, per_token_logps, retain_graph=True)[0].norm()
+        anchor_norm = torch.autograd.grad(alpha * anchor, per_token_logps, retain_graph=True)[0].norm()
+        metrics["grad_logp/grpo_norm"] = grpo_norm
+        metrics["grad_logp/anchor_norm"] = anchor_norm
+        metrics["anchor/grad_share_logp"] = anchor_norm / (grpo_norm + anchor_norm)
     if per_token_kl is not None:
         metrics["kl"] = (per_token_kl * completion_mask).sum() / token_count
     return loss, metrics
@@ -140,6 +148,8 @@ def test_loss_and_grad_match_torch_reference(loss_type, beta, clipping, alpha):
     assert np.abs(ref_grad).max() > 1e-3  # the comparison is not between two zero arrays
     for name, value in ref_metrics.items():
         np.testing.assert_allclose(metrics[name], value, err_msg=name, **TOL)
+    if alpha:
+        assert 0.0 < metrics["anchor/grad_share_logp"] < 1.0
     clip_fraction = float(metrics["clip_ratio/region_mean"])
     assert (clip_fraction > 0.1) if clipping else (clip_fraction == 0.0)
     # The reported parts add up to the loss (aggregation is linear).
@@ -193,6 +203,12 @@ def test_anchor_gradient_only_at_functional_positions():
     rho = np.exp(x["logp"] - x["old"])
     expected = np.where(at_functional, -np.asarray(adv)[:, None] * rho / at_functional.sum(), 0.0)
     np.testing.assert_allclose(grad, expected, **TOL)
+    # Through the full loss: what alpha adds to the gradient lives on functional positions only.
+    _, g_plain = jax_value_and_grad(x, adv, GRPOLossConfig(), with_ref=False)
+    _, g_anchored = jax_value_and_grad(x, adv, GRPOLossConfig(alpha=0.5), with_ref=False)
+    added = np.asarray(g_anchored - g_plain)
+    np.testing.assert_allclose(added[~at_functional], 0.0, atol=1e-7)
+    np.testing.assert_allclose(added, 0.5 * expected, **TOL)
 
 
 def test_no_functional_tokens_gives_zero_anchor_and_finite_values():

@@ -183,6 +183,33 @@ def _check_shapes(logp_bt, old_logp_bt, advantages_b, mask_bt, functional_bt, re
         raise ValueError(f"advantages_b has shape {jnp.shape(advantages_b)}; expected ({bt[0]},), one per completion")
 
 
+def _logp_grad_norms(logp_bt, old_logp_bt, advantages_b, mask_bt, functional_bt, cfg, ref_logp_bt, num_items):
+    """How much of the gradient w.r.t. the token log-probs the anchor term contributes: norms of
+    d(aggregated GRPO loss)/dlogp and d(alpha * anchor)/dlogp, and share = anchor / (grpo + anchor).
+    A cheap [B, T] elementwise diagnostic of dilution (the parameter-space share needs two backward
+    passes through the model); zeros when alpha == 0."""
+    zero = jnp.zeros((), jnp.float32)
+    if cfg.alpha == 0:
+        return {"grad_logp/grpo_norm": zero, "grad_logp/anchor_norm": zero, "anchor/grad_share_logp": zero}
+
+    def grpo_part(lp_bt):
+        s_bt, _ = per_token_surrogate(lp_bt, old_logp_bt, advantages_b, mask_bt, cfg.epsilon_low, cfg.epsilon_high)
+        if cfg.beta > 0:
+            s_bt = s_bt + cfg.beta * per_token_kl(lp_bt, ref_logp_bt, mask_bt)
+        return aggregate(s_bt, mask_bt, cfg.loss_type, cfg.max_completion_length, num_items)
+
+    def anchor_part(lp_bt):
+        s_bt, _ = per_token_surrogate(lp_bt, old_logp_bt, advantages_b, mask_bt, cfg.epsilon_low, cfg.epsilon_high)
+        return cfg.alpha * anchor_term(s_bt, mask_bt, functional_bt)[0]
+
+    # stop_gradient: a diagnostic, so the outer differentiation never goes second order through it.
+    lp_bt = jax.lax.stop_gradient(jnp.asarray(logp_bt, jnp.float32))
+    grpo_norm = jnp.linalg.norm(jax.grad(grpo_part)(lp_bt))
+    anchor_norm = jnp.linalg.norm(jax.grad(anchor_part)(lp_bt))
+    share = jnp.where(grpo_norm + anchor_norm > 0, anchor_norm / jnp.maximum(grpo_norm + anchor_norm, 1e-30), 0.0)
+    return {"grad_logp/grpo_norm": grpo_norm, "grad_logp/anchor_norm": anchor_norm, "anchor/grad_share_logp": share}
+
+
 def grpo_loss(
     logp_bt,
     old_logp_bt,
@@ -218,6 +245,7 @@ def grpo_loss(
     anchor, num_functional = anchor_term(s_bt, mask_bt, functional_bt)
     # alpha is a static python float: alpha == 0 leaves the graph of plain GRPO untouched.
     loss = aggregated if cfg.alpha == 0 else aggregated + cfg.alpha * anchor
+    grad_metrics = _logp_grad_norms(logp_bt, old_logp_bt, advantages_b, mask_bt, functional_bt, cfg, ref_logp_bt, num_items)
 
     tokens = jnp.maximum(jnp.sum(m_bt), 1.0)
     masked_mean = lambda x_bt: jnp.sum(jnp.where(mask_bt, x_bt, 0.0)) / tokens  # noqa: E731
@@ -242,6 +270,9 @@ def grpo_loss(
         "advantage/std": jnp.std(adv_b),
         "advantage/absmax": jnp.max(jnp.abs(adv_b)),
         "ratio/mean": masked_mean(rho_bt),
+        # Sampler-vs-trainer mismatch on the first inner iteration (afterwards it also holds the updates).
+        "logp_gap/mean_abs": masked_mean(jnp.abs(jnp.asarray(logp_bt, jnp.float32) - jnp.asarray(old_logp_bt, jnp.float32))),
         "completion_tokens": jnp.sum(m_bt),
+        **grad_metrics,
     }
     return loss, {k: sg(v) for k, v in metrics.items()}
