@@ -169,3 +169,10 @@ class VLM(nnx.Module):
         if cache is not None:
             new_cache = Cache(tuple(new_layers), key_mask, index + T, memory)
         return logits.astype(jnp.float32), new_cache, aux
+
+
+def create(cfg: ModelConfig, mesh, *, seed: int = 0, rules=None) -> VLM:
+    """A freshly initialised VLM whose parameters are created directly in their shards."""
+    from atlas_jax import sharding
+
+    return sharding.sharded_init(lambda: VLM(cfg, rngs=nnx.Rngs(seed)), mesh, rules or sharding.RULES)

@@ -1,0 +1,54 @@
+"""Cached decoding equals the full forward, with images and open visual-op gates."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from atlas_jax import sharding
+from atlas_jax.model import presets, vlm
+from hf_model_fixture import IMAGE, VEND, VSTART, example, jax_batch
+
+FUNC = (310, 311, 312)
+
+
+def tiny_cfg(mode):
+    cfg = presets.tiny(vocab_size=320, image_token_id=IMAGE, vision_start_token_id=VSTART, vision_end_token_id=VEND, video_token_id=301)
+    return presets.with_visual_ops(cfg, FUNC, mode=mode, layer=1, num_heads=2, head_dim=16)
+
+
+def _open_gates(model):
+    if model.visual_ops is not None:
+        model.visual_ops.gate[...] = jnp.array([0.7, -0.5, 1.1])
+
+
+@pytest.mark.parametrize("mode", ["vocab", "module"])
+def test_decode_matches_full_forward(mode):
+    cfg = tiny_cfg(mode)
+    model = vlm.create(cfg, sharding.make_mesh((1, 1, 1), jax.devices()[:1]), seed=1)
+    _open_gates(model)
+    rng = np.random.default_rng(0)
+    examples = []
+    for n_before, grids in ((3, [(1, 4, 6)]), (6, [(1, 8, 8), (1, 4, 4)])):
+        e = example(rng, n_before, grids, 2)
+        e.ids += [FUNC[0], 5, 6, FUNC[2], 7, FUNC[1], FUNC[1], 9]  # continuation with functional tokens
+        examples.append(e)
+    cont = 8
+    batch = jax_batch(examples, cfg, pad_left=True)
+    ids, pos, mask = (jnp.asarray(batch[k]) for k in ("input_ids", "positions", "attention_mask"))
+    pv = jnp.asarray(batch["pixel_values"])
+    vis = {k: jnp.asarray(v) for k, v in batch["vision"].items()}
+    full, _, _ = model(ids, pos, mask, pixel_values=pv, vision=vis)
+
+    T = ids.shape[1]
+    T0 = T - cont
+    cache = model.init_cache(ids.shape[0], T + 3)
+    logits, cache, _ = model(ids[:, :T0], pos[:, :, :T0], mask[:, :T0], pixel_values=pv, vision=vis, cache=cache)
+    np.testing.assert_allclose(logits, full[:, :T0], atol=1e-5, rtol=0)
+
+    step = jax.jit(lambda m, i, p, k, c: m(i, p, k, cache=c)[:2])
+    for t in range(T0, T):
+        logits, cache = step(model, ids[:, t : t + 1], pos[:, :, t : t + 1], mask[:, t : t + 1], cache)
+        np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5, rtol=0, err_msg=f"step {t}")
+    assert int(cache.index) == T

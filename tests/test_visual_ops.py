@@ -1,0 +1,129 @@
+"""Visual-operation modules: inert at gate 0, causal when open, trainable, interpretable."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from atlas_jax import sharding
+from atlas_jax.model import vlm
+from hf_model_fixture import example, jax_batch
+from test_kv_cache import FUNC, tiny_cfg
+
+def _mesh1():
+    return sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(0)
+    a = example(rng, 3, [(1, 4, 6)], 2)
+    a.ids += [5, 6, FUNC[1], 7, 8, FUNC[0], 9]
+    b = example(rng, 2, [(1, 4, 4), (1, 4, 4)], 4)
+    b.ids += [FUNC[2], 7, 8]
+    cfg = tiny_cfg("module")
+    return jax_batch([a, b], cfg, pad_left=False)
+
+
+def _run(model, batch):
+    args = [jnp.asarray(batch[k]) for k in ("input_ids", "positions", "attention_mask")]
+    vis = {k: jnp.asarray(v) for k, v in batch["vision"].items()}
+    return model(*args, pixel_values=jnp.asarray(batch["pixel_values"]), vision=vis)
+
+
+def test_gate_zero_changes_nothing(batch):
+    plain = vlm.create(tiny_cfg("vocab"), _mesh1(), seed=3)
+    ops = vlm.create(tiny_cfg("module"), _mesh1(), seed=3)
+    assert plain.visual_ops is None and ops.visual_ops is not None
+    a, _, aux_a = _run(plain, batch)
+    b, _, aux_b = _run(ops, batch)
+    assert "ops" not in aux_a and "ops" in aux_b
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_open_gate_changes_only_positions_from_a_functional_token(batch):
+    model = vlm.create(tiny_cfg("module"), _mesh1(), seed=3)
+    closed, _, _ = _run(model, batch)
+    model.visual_ops.gate[...] = jnp.ones(3)
+    opened, _, _ = _run(model, batch)
+    diff = np.abs(np.asarray(opened) - np.asarray(closed)).max(-1)  # [B, T]
+    ids = batch["input_ids"]
+    for b in range(ids.shape[0]):
+        first = np.flatnonzero(np.isin(ids[b], FUNC))[0]
+        n = batch["attention_mask"][b].sum()
+        assert diff[b, :first].max() == 0.0, "positions before the first functional token must not change"
+        assert (diff[b, first:n] > 1e-6).all(), "positions at and after a functional token must change"
+
+
+def _loss(model, batch):
+    logits, _, _ = _run(model, batch)
+    ids = jnp.asarray(batch["input_ids"])
+    m = jnp.asarray(batch["attention_mask"])[:, 1:]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
+    return (ce * m).sum() / m.sum()
+
+
+def test_lm_loss_trains_the_modules(batch):
+    model = vlm.create(tiny_cfg("module"), _mesh1(), seed=3)
+    g = nnx.grad(_loss)(model, batch).visual_ops
+    # Closed gates: only the gates receive gradient (the modules' output is multiplied by 0).
+    assert (np.abs(np.asarray(g.gate[...])) > 0).all()
+    model.visual_ops.gate[...] = jnp.full(3, 0.5)
+    g = nnx.grad(_loss)(model, batch).visual_ops
+    for name in ("wq", "wk", "wv", "wo", "gate", "query_norm", "image_norm"):
+        per_op = np.abs(np.asarray(getattr(g, name)[...])).reshape(3, -1).sum(-1)
+        assert (per_op > 0).all(), f"{name}: every operation used in the batch gets gradient"
+
+
+def test_attention_maps_cover_the_samples_own_earlier_image_tokens(batch):
+    model = vlm.create(tiny_cfg("module"), _mesh1(), seed=3)
+    model.visual_ops.gate[...] = jnp.ones(3)
+    _, _, aux = _run(model, batch)
+    attn, pos, op = (np.asarray(aux["ops"][k]) for k in ("attn", "position", "op"))
+    ids = batch["input_ids"]
+    n_units = [6, 8]  # sample 0: one 4x6 image; sample 1: two 4x4 images
+    for b in range(2):
+        used = op[b] >= 0
+        np.testing.assert_array_equal(pos[b][used], np.flatnonzero(np.isin(ids[b], FUNC)))
+        np.testing.assert_array_equal(op[b][used], [FUNC.index(t) for t in ids[b][np.isin(ids[b], FUNC)]])
+        np.testing.assert_allclose(attn[b][used].sum(-1), 1.0, atol=1e-5)
+        assert (attn[b][used][:, n_units[b]:] == 0).all(), "no mass on padding patches"
+        assert (attn[b][used][:, : n_units[b]] > 0).all()
+        assert (attn[b][~used] == 0).all()
+
+
+def test_sharded_forward_equals_single_device():
+    rng = np.random.default_rng(1)
+    examples = [example(rng, 2 + i, [(1, 4, 4 + 2 * (i % 2))], 3) for i in range(4)]
+    for i, e in enumerate(examples):
+        e.ids += [5, FUNC[i % 3], 7]
+    cfg = tiny_cfg("module")
+    batch = jax_batch(examples, cfg, pad_left=False)
+    single = vlm.create(cfg, _mesh1(), seed=5)
+    single.visual_ops.gate[...] = jnp.ones(3)
+    ref, _, _ = _run(single, batch)
+
+    mesh = sharding.make_mesh((2, 2, 2))
+    model = vlm.create(cfg, mesh, seed=5)
+    model.visual_ops.gate[...] = jnp.ones(3)
+    assert "fsdp" in str(model.layers[0].mlp.gate_proj.kernel[...].sharding.spec)
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))
+
+    sharded = dict(batch)
+    sharded["positions"] = jax.device_put(batch["positions"], jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp"))))
+    for k in ("input_ids", "attention_mask", "pixel_values"):
+        sharded[k] = put(batch[k])
+    sharded["vision"] = {k: put(v) for k, v in batch["vision"].items()}
+
+    @nnx.jit
+    def fwd(m, b):
+        return m(b["input_ids"], b["positions"], b["attention_mask"], pixel_values=b["pixel_values"], vision=b["vision"])[0]
+
+    with jax.set_mesh(mesh):
+        out = fwd(model, sharded)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
