@@ -143,3 +143,13 @@ def test_builder_uses_the_generator_it_is_given(tmp_path, monkeypatch):
     assert sorted(calls) == sorted((s, 2, 0, None) for s in SPLITS)
     uids = sorted(r["uid"] for r in load_split(str(tmp_path), "train", "tiny_n2"))
     assert uids == sorted(generate("shape_count", "train", i, 0).uid for i in range(2))
+
+    # That build has one task where the suite has several: the next build notices and rebuilds.
+    monkeypatch.undo()
+    build_synthetic(str(tmp_path), "tiny", num_per_task=2)
+    assert len(load_split(str(tmp_path), "train", "tiny_n2")) == 2 * len(task_names())
+
+
+def test_num_per_task_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="num_per_task must be >= 1"):
+        build_synthetic(str(tmp_path), "tiny", num_per_task=0)

@@ -121,22 +121,35 @@ def synthetic_config_name(config: str = "tiny", *, num_per_task: int | None = No
 def build_synthetic(data_dir: str, config: str = "tiny", *, num_per_task: int | None = None, image_size: int | None = None, seed: int = 0) -> str:
     """Build the synthetic suite as ArrayRecord under `data_dir` (a no-op when already built) and
     return the dataset directory. num_per_task overrides the config's count for every split; read
-    the result with `load_split(data_dir, split, synthetic_config_name(...))`."""
-    base = SYNTHETIC_CONFIGS[config] if config in SYNTHETIC_CONFIGS else None
+    the result with `load_split(data_dir, split, synthetic_config_name(...))`.
+
+    A stored build whose split sizes no longer match the suite (a task family was added or
+    removed since) is rebuilt rather than silently reused.
+    """
     name = synthetic_config_name(config, num_per_task=num_per_task, image_size=image_size, seed=seed)
-    if name == config:
-        builder_config = base
-    else:
-        counts = dict(base.num_per_task) if num_per_task is None else _sizes(num_per_task, num_per_task)
+    if num_per_task is not None and num_per_task < 1:
+        raise ValueError(f"num_per_task must be >= 1, got {num_per_task}")
+    base = SYNTHETIC_CONFIGS[config]
+    builder_config = base
+    if name != config:
         builder_config = SyntheticConfig(
             name=name,
             description=f"{config} with overrides num_per_task={num_per_task}, image_size={image_size}, seed={seed}",
-            num_per_task=counts,
-            image_size=image_size if image_size is not None else base.image_size,
+            num_per_task=dict(base.num_per_task) if num_per_task is None else _sizes(num_per_task, num_per_task),
+            image_size=base.image_size if image_size is None else image_size,
             seed=seed,
         )
     builder = AtlasSynthetic(data_dir=data_dir, config=builder_config, file_format=tfds.core.FileFormat.ARRAY_RECORD)
-    _prepare(builder)
+    stale = False
+    if builder.is_prepared():
+        from atlas_jax.data.synthetic import task_names
+
+        want = {split: n * len(task_names()) for split, n in builder_config.num_per_task.items()}
+        have = {split: info.num_examples for split, info in builder.info.splits.items()}
+        stale = have != want
+        if stale:
+            log.warning("synthetic dataset %s has split sizes %s, the suite now gives %s; rebuilding", builder.data_dir, have, want)
+    _prepare(builder, overwrite=stale)
     return os.fspath(builder.data_dir)
 
 
