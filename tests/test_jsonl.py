@@ -195,3 +195,8 @@ def test_user_dataset_reads_back_through_load_split(folder):
     _, rebuilt = build_user_dataset(data_dir, {"train": train, "test": test}, name="mine", skip_bad_records=True)
     assert rebuilt["train"].num_records == 1
     assert [r["uid"] for r in load_split(data_dir, "train", "mine", dataset="atlas_user_data")] == ["only"]
+
+    # Images edited in place are not fingerprinted; overwrite=True rebuilds.
+    (folder / "img" / "a.png").write_bytes((folder / "img" / "photo.jpg").read_bytes())
+    build_user_dataset(data_dir, {"train": train, "test": test}, name="mine", skip_bad_records=True, overwrite=True)
+    assert load_split(data_dir, "train", "mine", dataset="atlas_user_data")[0]["images"] == [(folder / "img" / "photo.jpg").read_bytes()]

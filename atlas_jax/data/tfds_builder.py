@@ -213,13 +213,15 @@ def build_user_dataset(
     name: str = "user",
     skip_bad_records: bool = False,
     min_images: int = 1,
+    overwrite: bool = False,
 ) -> tuple[str, dict[str, jsonl.ImportReport]]:
     """Import JSONL files (split name -> path) into an ArrayRecord dataset `atlas_user_data/<name>`
     under `data_dir`, read back with `load_split(data_dir, split, name, dataset='atlas_user_data')`.
 
     Returns (dataset directory, per-split ImportReport). The build is reused while the JSONL files'
     contents and the options are unchanged, and redone when they change (a fingerprint of both is
-    kept in the dataset's description); reports are kept in `import_reports.json` beside the data.
+    kept in the dataset's description). Image files are not fingerprinted: after editing images
+    in place, pass `overwrite=True`. Reports are kept in `import_reports.json` beside the data.
     """
     paths = {split: os.path.abspath(os.fspath(path)) for split, path in splits.items()}
     digest = hashlib.sha256(json.dumps([sorted(paths.items()), skip_bad_records, min_images]).encode())
@@ -234,8 +236,8 @@ def build_user_dataset(
     builder = AtlasUserData(data_dir=data_dir, config=config, file_format=tfds.core.FileFormat.ARRAY_RECORD)
     reports_path = os.path.join(os.fspath(builder.data_dir), _REPORTS_FILE)
 
-    stale = False
-    if builder.is_prepared():
+    stale = overwrite
+    if builder.is_prepared() and not stale:
         stored = tfds.builder_from_directory(builder.data_dir).info.config_description
         stale = stored != fingerprint or not os.path.exists(reports_path)
         if stale:
