@@ -263,7 +263,8 @@ def test_reward_returning_non_float_is_an_error(bad):
 
 
 def test_combine_accepts_numpy_scalars_and_rejects_mismatched_lengths():
-    total, _ = combine({"np": (0.5, lambda *a, **k: np.float32(2.0))}, ["c", "d"], ["1", "1"], [[1], [2]], None, FUNCTIONAL)
+    numpy_scalar = {"np": (0.5, lambda *a, **k: np.float32(2.0))}
+    total, _ = combine(numpy_scalar, ["c", "d"], ["1", "1"], [[1], [2]], None, FUNCTIONAL)
     np.testing.assert_array_equal(total, [1.0, 1.0])
     with pytest.raises(ValueError, match="answers has 1 entries; expected 2"):
         combine(DEFAULT_REWARDS, ["c", "d"], ["1"], [[1], [2]], None, FUNCTIONAL)

@@ -99,7 +99,9 @@ class GRPOLossConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"GRPOLossConfig.{name}={value!r}; expected a python float >= 0")
         if self.epsilon_low >= 1:
-            raise ValueError(f"GRPOLossConfig.epsilon_low={self.epsilon_low}; expected < 1 (the ratio floor 1-eps must stay > 0)")
+            raise ValueError(
+                f"GRPOLossConfig.epsilon_low={self.epsilon_low}; expected < 1 (the ratio floor 1-eps must stay > 0)"
+            )
         mcl = self.max_completion_length
         if mcl is not None and (isinstance(mcl, bool) or not isinstance(mcl, int) or mcl < 1):
             raise ValueError(f"GRPOLossConfig.max_completion_length={mcl!r}; expected a positive int or None")
@@ -226,8 +228,15 @@ def grpo_loss(
     old_logp_bt: float[B, T] rollout-policy log-probs (data). advantages_b: float[B].
     mask_bt: bool[B, T] completion tokens (no prompt, no padding). functional_bt: bool[B, T] sampled
     token is a functional token. cfg: static. ref_logp_bt: float[B, T], required when cfg.beta > 0.
-    num_items: optional global completion-token count for 'dapo' under gradient accumulation.
-    Returns (loss float32[], metrics dict of float32[] scalars; no host syncs).
+    num_items: optional global completion-token count for 'dapo' under gradient accumulation
+      (ignored by the other loss types).
+    Returns (loss float32[], metrics: dict of stop-gradient float32[] scalars, no host syncs):
+      loss, pg_loss (aggregated surrogate), kl_loss (beta * aggregated k3), kl (masked mean k3; 0
+      without ref_logp_bt), anchor_loss (unweighted; reported for alpha = 0 too), num_functional,
+      functional_per_completion, clip_ratio/{low,high,region}_mean (TRL: masked fraction of tokens
+      whose low / high clip is active given the sign of A), advantage/{mean,std,absmax} (std with
+      ddof=0), ratio/mean, logp_gap/mean_abs, completion_tokens, grad_logp/{grpo,anchor}_norm and
+      anchor/grad_share_logp (see `_logp_grad_norms`).
     """
     _check_shapes(logp_bt, old_logp_bt, advantages_b, mask_bt, functional_bt, ref_logp_bt)
     if cfg.beta > 0 and ref_logp_bt is None:
@@ -245,11 +254,14 @@ def grpo_loss(
     anchor, num_functional = anchor_term(s_bt, mask_bt, functional_bt)
     # alpha is a static python float: alpha == 0 leaves the graph of plain GRPO untouched.
     loss = aggregated if cfg.alpha == 0 else aggregated + cfg.alpha * anchor
-    grad_metrics = _logp_grad_norms(logp_bt, old_logp_bt, advantages_b, mask_bt, functional_bt, cfg, ref_logp_bt, num_items)
+    grad_metrics = _logp_grad_norms(
+        logp_bt, old_logp_bt, advantages_b, mask_bt, functional_bt, cfg, ref_logp_bt, num_items
+    )
 
     tokens = jnp.maximum(jnp.sum(m_bt), 1.0)
     masked_mean = lambda x_bt: jnp.sum(jnp.where(mask_bt, x_bt, 0.0)) / tokens  # noqa: E731
     adv_b1 = jnp.asarray(advantages_b, jnp.float32)[:, None]
+    old_bt = jnp.asarray(old_logp_bt, jnp.float32)
     is_low_bt = (rho_bt < 1.0 - cfg.epsilon_low) & (adv_b1 < 0)
     is_high_bt = (rho_bt > 1.0 + cfg.epsilon_high) & (adv_b1 > 0)
     adv_b = adv_b1[:, 0]
@@ -271,7 +283,7 @@ def grpo_loss(
         "advantage/absmax": jnp.max(jnp.abs(adv_b)),
         "ratio/mean": masked_mean(rho_bt),
         # Sampler-vs-trainer mismatch on the first inner iteration (afterwards it also holds the updates).
-        "logp_gap/mean_abs": masked_mean(jnp.abs(jnp.asarray(logp_bt, jnp.float32) - jnp.asarray(old_logp_bt, jnp.float32))),
+        "logp_gap/mean_abs": masked_mean(jnp.abs(jnp.asarray(logp_bt, jnp.float32) - old_bt)),
         "completion_tokens": jnp.sum(m_bt),
         **grad_metrics,
     }

@@ -23,7 +23,14 @@ import numpy as np
 
 class RewardFunction(Protocol):
     def __call__(
-        self, completion_text: str, answer: str, token_ids: Sequence[int], /, *, task: str, functional_ids: Sequence[int]
+        self,
+        completion_text: str,
+        answer: str,
+        token_ids: Sequence[int],
+        /,
+        *,
+        task: str,
+        functional_ids: Sequence[int],
     ) -> float: ...
 
 
@@ -35,7 +42,8 @@ class RewardError(RuntimeError):
         snippet = completion if len(completion) <= 120 else completion[:60] + " ... " + completion[-55:]
         self.completion_snippet = snippet
         super().__init__(
-            f"reward function {reward_name!r} failed on sample {sample_index} (task {task!r}, completion {snippet!r}): {problem}"
+            f"reward function {reward_name!r} failed on sample {sample_index} "
+            f"(task {task!r}, completion {snippet!r}): {problem}"
         )
 
 
@@ -158,7 +166,9 @@ def _numbers_match(pred: tuple[float, bool], ref: tuple[float, bool], rel_tol: f
     return any(math.isclose(p, r, rel_tol=rel_tol, abs_tol=abs_tol) for p in pred_values for r in ref_values)
 
 
-def answers_match(predicted: str, answer: str, mode: str = "auto", rel_tol: float = 1e-4, abs_tol: float = 1e-8) -> bool:
+def answers_match(
+    predicted: str, answer: str, mode: str = "auto", rel_tol: float = 1e-4, abs_tol: float = 1e-8
+) -> bool:
     """Whether a predicted answer string equals the reference.
 
     mode 'exact': equal after normalisation (LaTeX text wrappers and $ removed, case folded,
@@ -244,14 +254,22 @@ def _functional_set(functional_ids: Sequence[int]) -> frozenset[int]:
 
 
 def functional_usage_reward(
-    completion: str, answer: str = "", token_ids: Sequence[int] = (), /, *, task: str = "", functional_ids: Sequence[int] = ()
+    completion: str,
+    answer: str = "",
+    token_ids: Sequence[int] = (),
+    /,
+    *,
+    task: str = "",
+    functional_ids: Sequence[int] = (),
 ) -> float:
     """1.0 when the completion's token ids contain at least one functional token, else 0.0."""
     ids = _functional_set(functional_ids)
     return float(any(int(t) in ids for t in token_ids))
 
 
-def expected_usage_reward(expected_by_task: Mapping[str, Collection[int]], other_token_credit: float = 0.5) -> RewardFunction:
+def expected_usage_reward(
+    expected_by_task: Mapping[str, Collection[int]], other_token_credit: float = 0.5
+) -> RewardFunction:
     """A usage reward that knows which functional token each task calls for.
 
     expected_by_task: task name -> ids of the functional tokens that task's operation needs (e.g.
