@@ -153,3 +153,33 @@ def test_builder_uses_the_generator_it_is_given(tmp_path, monkeypatch):
 def test_num_per_task_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="num_per_task must be >= 1"):
         build_synthetic(str(tmp_path), "tiny", num_per_task=0)
+
+
+_POISONED_TF = """
+import importlib.abc, importlib.machinery, sys
+
+class PoisonedTensorFlow(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    # Pretends TensorFlow is installed (so code that probes for it takes its TF path) and fails
+    # if anything actually imports it.
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow."):
+            return importlib.machinery.ModuleSpec(name, self)
+    def create_module(self, spec):
+        raise AssertionError(f"{spec.name} was imported")
+    def exec_module(self, module):
+        pass
+
+sys.meta_path.insert(0, PoisonedTensorFlow())
+from atlas_jax.data.tfds_builder import build_synthetic, load_split
+build_synthetic(sys.argv[1], "tiny", num_per_task=1)
+source = load_split(sys.argv[1], "validation", "tiny_n1")
+print("read", len(source), source[0]["uid"])
+"""
+
+
+def test_build_and_read_never_import_tensorflow_even_where_it_is_installed(tmp_path):
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", _POISONED_TF, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "read " in done.stdout
