@@ -124,7 +124,8 @@ def build_synthetic(data_dir: str, config: str = "tiny", *, num_per_task: int | 
     the result with `load_split(data_dir, split, synthetic_config_name(...))`.
 
     A stored build whose split sizes no longer match the suite (a task family was added or
-    removed since) is rebuilt rather than silently reused.
+    removed since) is rebuilt rather than silently reused. On a pod with a shared `data_dir`,
+    build on process 0 and wait at a barrier before other hosts call `load_split`.
     """
     name = synthetic_config_name(config, num_per_task=num_per_task, image_size=image_size, seed=seed)
     if num_per_task is not None and num_per_task < 1:
