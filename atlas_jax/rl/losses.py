@@ -20,6 +20,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -54,6 +55,8 @@ def group_advantages(rewards_b, group_size: int, scale_rewards: str = "group", e
     r_b = jnp.asarray(rewards_b, jnp.float32)
     if r_b.ndim != 1:
         raise ValueError(f"rewards_b has shape {r_b.shape}; expected float[B] (one reward per completion)")
+    if isinstance(group_size, np.integer):
+        group_size = int(group_size)
     if not isinstance(group_size, int) or group_size < 1 or r_b.shape[0] % group_size:
         raise ValueError(
             f"group_size={group_size!r} must be a positive int dividing the number of rewards {r_b.shape[0]}"
