@@ -18,7 +18,7 @@ IMAGE, VIDEO, VSTART, VEND = 300, 301, 302, 303
 VOCAB = 320
 
 
-def hf_config(tie: bool = False, vocab: int = VOCAB) -> Qwen2_5_VLConfig:
+def hf_config(tie: bool = False, vocab: int = VOCAB, ids: tuple[int, int, int, int] = (IMAGE, VIDEO, VSTART, VEND)) -> Qwen2_5_VLConfig:
     return Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=vocab,
@@ -36,18 +36,18 @@ def hf_config(tie: bool = False, vocab: int = VOCAB) -> Qwen2_5_VLConfig:
             depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
             fullatt_block_indexes=[1], window_size=56,
         ),
-        image_token_id=IMAGE,
-        video_token_id=VIDEO,
-        vision_start_token_id=VSTART,
-        vision_end_token_id=VEND,
+        image_token_id=ids[0],
+        video_token_id=ids[1],
+        vision_start_token_id=ids[2],
+        vision_end_token_id=ids[3],
         tie_word_embeddings=tie,
     )
 
 
-def make_hf_checkpoint(path: str, *, tie: bool = False, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
+def make_hf_checkpoint(path: str, *, tie: bool = False, seed: int = 0, **cfg_kw) -> Qwen2_5_VLForConditionalGeneration:
     """Saves a random tiny Qwen2.5-VL to `path` (safetensors) and returns the torch model (eval, float32)."""
     torch.manual_seed(seed)
-    cfg = hf_config(tie)
+    cfg = hf_config(tie, **cfg_kw)
     cfg._attn_implementation = "eager"
     model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
     # Random init leaves norms at 1 and biases at 0; perturb them so parity checks every tensor.
@@ -69,11 +69,12 @@ class Example:
     grids: list[tuple[int, int, int]]
 
 
-def example(rng: np.random.Generator, text_before: int, grids: list[tuple[int, int, int]], text_after: int, C=1176) -> Example:
+def example(rng: np.random.Generator, text_before: int, grids: list[tuple[int, int, int]], text_after: int, C=1176, image_ids=(IMAGE, VSTART, VEND)) -> Example:
     ids = list(rng.integers(0, 256, text_before))
     rows = []
+    image, vstart, vend = image_ids
     for t, h, w in grids:
-        ids += [VSTART] + [IMAGE] * (t * h * w // 4) + [VEND]
+        ids += [vstart] + [image] * (t * h * w // 4) + [vend]
         rows.append(rng.standard_normal((t * h * w, C)).astype(np.float32))
         ids += list(rng.integers(0, 256, 3))
     ids += list(rng.integers(0, 256, text_after))
@@ -91,7 +92,7 @@ def jax_batch(examples: list[Example], cfg: ModelConfig, *, pad_left: bool, leng
         sl = slice(T - n, T) if pad_left else slice(0, n)
         ids[b, sl], mask[b, sl] = e.ids, True
     pos = np.stack(
-        [mrope_positions(ids[b], e.grids, mask[b], image_token_id=IMAGE, spatial_merge_size=2) for b, e in enumerate(examples)],
+        [mrope_positions(ids[b], e.grids, mask[b], image_token_id=cfg.image_token_id, spatial_merge_size=2) for b, e in enumerate(examples)],
         axis=1,
     )
     out = dict(input_ids=ids, positions=pos, attention_mask=mask)
@@ -115,7 +116,7 @@ def hf_logits(model, e: Example) -> np.ndarray:
         kw = dict(
             pixel_values=torch.from_numpy(np.concatenate(e.pixel_rows)),
             image_grid_thw=torch.tensor(e.grids),
-            mm_token_type_ids=(ids == IMAGE).int(),
+            mm_token_type_ids=(ids == model.config.image_token_id).int(),
         )
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
