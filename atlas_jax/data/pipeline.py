@@ -15,6 +15,9 @@ iterator state is a handful of integers and resuming is exact):
   3. repeat for `num_epochs` (None = forever);
   4. decode + preprocess + encode (`batching.ExampleBuilder`), threads or worker processes;
   5. skip-and-count bad records (only with `skip_bad_records`), batch and pad (`batching.collate`).
+
+Checkpointing: `pipeline_state` / `restore` give JSON bytes; the iterator is also a plain
+`grain.DatasetIterator`, so `grain.checkpoint.CheckpointHandler` (Orbax) saves it per process.
 """
 
 from __future__ import annotations
@@ -173,7 +176,10 @@ class _SkipBadDataset(grain.IterDataset):
 # ----------------------------------------------------------------------------- the dataset
 class PipelineIterator(grain.DatasetIterator):
     """Host batches (numpy + metadata lists). `num_skipped` counts bad records skipped so far;
-    it is part of the state, so it survives a restore."""
+    it is part of the state, so it survives a restore. A skip is counted with the batch it
+    precedes, so skips just before the partial batch that a finite run drops are not counted.
+    With skip_bad_records and a finite num_epochs, hosts can run out after different numbers of
+    batches: multi-host jobs should bound the loop by steps, not by the data running out."""
 
     def __init__(self, parent: grain.DatasetIterator):
         super().__init__(parent)
