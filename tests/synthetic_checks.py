@@ -131,19 +131,22 @@ def read_node(px, center, radius, chars) -> str:
 
 
 def arrow_direction_ok(px, centers, edges, radius) -> bool:
-    """The arrowhead (a thick triangle) sits at the target node: more arrow-grey ink just outside the
-    target node than just outside the source node, measured along the edge."""
+    """The arrowhead (a wide triangle) sits at the target node: more arrow-grey ink just outside the
+    target node than just outside the source node, measured along the edge. Lengths scale with the
+    node radius (7 px at 112 px)."""
     grey = mask_of(px, canvas.ARROW_GREY)
+    unit = radius / 7.0
     for u, v in edges:
         (x0, y0), (x1, y1) = centers[u], centers[v]
         d = math.hypot(x1 - x0, y1 - y0)
         ux, uy = (x1 - x0) / d, (y1 - y0) / d
-        near = radius + 4.5
+        near = radius + 1.5 + 3.5 * unit
 
         def ink(cx, cy):
-            return int((grey & disc(grey.shape, (cx, cy), 2.5)).sum())
+            return int((grey & disc(grey.shape, (cx, cy), 2.5 * unit)).sum())
 
-        if ink(x1 - ux * near, y1 - uy * near) <= ink(x0 + ux * near, y0 + uy * near):
+        head, tail = ink(x1 - ux * near, y1 - uy * near), ink(x0 + ux * near, y0 + uy * near)
+        if head <= tail:
             return False
     return True
 
@@ -204,9 +207,9 @@ def check_arrow_chain(sample, scene):
     names = list(scene["nodes"])
     centers = [scene["nodes"][n] for n in names]
     for n, c in scene["nodes"].items():  # the letters the scene names are the ones drawn
-        assert read_node(px, c, scene["radius"], "ABCDEFGHJKLMNPRSTUVWXYZ") == n
+        assert read_node(px, c, scene["radius"], "ABCDEFGHJKLMNPRSTUVWXYZ") == n, f"node {n} reads differently"
     idx = {n: k for k, n in enumerate(names)}
-    assert arrow_direction_ok(px, centers, [(idx[u], idx[v]) for u, v in scene["edges"]], scene["radius"])
+    assert arrow_direction_ok(px, centers, [(idx[u], idx[v]) for u, v in scene["edges"]], scene["radius"]), "arrowheads"
     start = re.search(r"\b(?:node|at) ([A-Z])\b", sample.question).group(1)
     path = follow(scene["edges"], start)
     return path[-1], len(path) - 1
@@ -222,7 +225,7 @@ def check_arrow_label(sample, scene):
     start = labels[int(np.argmin([math.dist(ring["c"], c) for c in centers]))]
     idx = {lab: k for k, lab in enumerate(labels)}
     edges = [(str(u), str(v)) for u, v in scene["edges"]]
-    assert arrow_direction_ok(px, centers, [(idx[u], idx[v]) for u, v in edges], scene["radius"])
+    assert arrow_direction_ok(px, centers, [(idx[u], idx[v]) for u, v in edges], scene["radius"]), "arrowheads"
     path = follow(edges, start)
     return str(sum(int(v) for v in path)), len(path) - 1
 

@@ -2,6 +2,7 @@
 solvers in `synthetic_checks.py`), trajectory format, held-out layouts, image size and mode."""
 
 import dataclasses
+import json
 import os
 import re
 import sys
@@ -116,9 +117,11 @@ def test_held_out_splits_differ_in_layout(task):
 def test_image_size_and_mode(task):
     s = generate(task, "validation", 2)
     assert len(s.images) == 1 and s.images[0].mode == "RGB" and s.images[0].size == (112, 112)
-    big, scene = generate_with_scene(task, "test", 2, image_size=168)
-    assert big.images[0].mode == "RGB" and big.images[0].size == (168, 168)
-    assert synthetic_checks.CHECKERS[task](big, scene)[0] == big.answer  # layouts scale, answers hold
+    for size in (TASKS[task].min_image_size, 168):  # layouts scale, answers still hold
+        other, scene = generate_with_scene(task, "test", 2, image_size=size)
+        assert other.images[0].mode == "RGB" and other.images[0].size == (size, size)
+        assert synthetic_checks.CHECKERS[task](other, scene)[0] == other.answer
+    json.dumps(scene)  # scenes are plain data (storable next to the sample)
 
 
 def test_generate_split_interleaves_tasks():
@@ -144,5 +147,13 @@ def test_difficulty_overrides_and_errors():
         generate("shape_count", "dev", 0)
     with pytest.raises(ValueError, match="image_size"):
         generate("shape_count", "train", 0, image_size=100)
+    with pytest.raises(ValueError, match="image_size for task 'arrow_chain'.*>= 112"):
+        generate("arrow_chain", "train", 0, image_size=84)
+    with pytest.raises(ValueError, match="num_colors"):
+        generate("shape_count", "train", 0, difficulty={"num_colors": 1})
+    with pytest.raises(ValueError, match="num_nodes"):
+        generate("arrow_label", "test", 0, difficulty={"num_nodes": 4})  # test chains need 5 nodes
+    with pytest.raises(TypeError, match="difficulty"):
+        generate("line_side", "train", 0, difficulty=3)
     with pytest.raises(ValueError, match="index"):
         generate("shape_count", "train", -1)

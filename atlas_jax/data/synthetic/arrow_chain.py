@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 
 from atlas_jax.data.synthetic import canvas, glyphs
-from atlas_jax.data.synthetic.family import Drawn, boxed, pick, scale_of
+from atlas_jax.data.synthetic.family import Drawn, boxed, pick, require, scale_of
 from atlas_jax.data.synthetic.graph_layout import draw_graph, layout_graph
 
 CHAIN_LENGTHS = {"train": (1, 2, 3), "validation": (4,), "test": (5,)}
@@ -29,6 +29,8 @@ class Difficulty:
 
 
 def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Drawn:
+    require(max(CHAIN_LENGTHS[split]) + 1 <= d.num_nodes <= len(LETTERS), "arrow_chain", "num_nodes",
+            f"{max(CHAIN_LENGTHS[split]) + 1}..{len(LETTERS)} for split {split!r}", d.num_nodes)
     s = scale_of(size)
     length = int(rng.choice(CHAIN_LENGTHS[split]))
     radius = d.radius * s

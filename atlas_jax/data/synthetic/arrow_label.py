@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 
 from atlas_jax.data.synthetic import canvas, glyphs
-from atlas_jax.data.synthetic.family import Drawn, boxed, pick, scale_of
+from atlas_jax.data.synthetic.family import Drawn, boxed, pick, require, scale_of
 from atlas_jax.data.synthetic.graph_layout import draw_graph, layout_graph
 
 CHAIN_LENGTHS = {"train": (1, 2), "validation": (3,), "test": (4,)}
@@ -29,8 +29,8 @@ class Difficulty:
 
 
 def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Drawn:
-    if not 2 <= d.num_nodes <= 9:
-        raise ValueError(f"arrow_label Difficulty.num_nodes={d.num_nodes}; expected 2..9 (labels are distinct digits)")
+    require(max(CHAIN_LENGTHS[split]) + 1 <= d.num_nodes <= 9, "arrow_label", "num_nodes",
+            f"{max(CHAIN_LENGTHS[split]) + 1}..9 for split {split!r} (labels are distinct digits)", d.num_nodes)
     s = scale_of(size)
     length = int(rng.choice(CHAIN_LENGTHS[split]))
     radius = d.radius * s

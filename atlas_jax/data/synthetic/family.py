@@ -49,3 +49,9 @@ def boxed(answer: str) -> str:
 def scale_of(image_size: int) -> float:
     """Layouts are designed at 112 px and scaled linearly."""
     return image_size / 112.0
+
+
+def require(ok: bool, task: str, field: str, expected: str, got) -> None:
+    """Rejects a difficulty setting early, naming the task and field."""
+    if not ok:
+        raise ValueError(f"{task} Difficulty.{field}={got!r}; expected {expected}")

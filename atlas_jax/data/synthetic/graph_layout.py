@@ -41,8 +41,8 @@ def layout_graph(rng: np.random.Generator, size: int, num_nodes: int, chain_leng
                  distractor_prob: float = 0.7, attempts: int = 60):
     """Returns (centers float[N][2], edges [(u, v)], chain [node indices from the start to the end]).
 
-    Node 0 is the start; chain = [0, 1, ..., chain_length]. No arrow passes within radius + 2 px of a
-    node other than its two ends, so arrows never look like they touch a third node.
+    Node 0 is the start; chain = [0, 1, ..., chain_length]. No arrow passes within ~6 px (at 112 px) of
+    the outline of a node other than its two ends, so arrows never look like they touch a third node.
     """
     if num_nodes < chain_length + 1:
         raise ValueError(f"num_nodes={num_nodes} cannot hold a chain of length {chain_length}; expected >= {chain_length + 1}")
@@ -60,7 +60,8 @@ def layout_graph(rng: np.random.Generator, size: int, num_nodes: int, chain_leng
         for pos, u in enumerate(order[chain_length + 1:], start=chain_length + 1):
             if rng.random() < distractor_prob:
                 edges.append((u, int(order[int(rng.integers(pos))])))
-        if all(_segment_point_dist(centers[w], centers[u], centers[v]) >= radius + 3
+        clearance = radius * (1 + 6 / 7)  # ~6 px at 112 px: a passing arrow never grazes a node
+        if all(_segment_point_dist(centers[w], centers[u], centers[v]) >= clearance
                for u, v in edges for w in range(num_nodes) if w not in (u, v)) and _spread(centers, edges):
             return centers, edges, list(range(chain_length + 1))
     raise canvas.PlacementError(f"no clean arrow layout for {num_nodes} nodes at {size} px; lower num_nodes")

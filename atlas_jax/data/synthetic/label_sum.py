@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 
 from atlas_jax.data.synthetic import canvas, glyphs
-from atlas_jax.data.synthetic.family import Drawn, boxed, join_words, pick, scale_of
+from atlas_jax.data.synthetic.family import Drawn, boxed, join_words, pick, require, scale_of
 
 TERMS = {"train": (2, 3), "validation": (4,), "test": (5,)}
 
@@ -25,6 +25,7 @@ class Difficulty:
 
 
 def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Drawn:
+    require(2 <= d.num_colors <= len(canvas.PALETTE), "label_sum", "num_colors", f"2..{len(canvas.PALETTE)}", d.num_colors)
     s = scale_of(size)
     scale = max(1, round(s))
     # Half-width that keeps a ring of colour around the glyph, so each shape stays one blob.

@@ -26,30 +26,32 @@ _PLACEMENT_ATTEMPTS = 8
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
     """build(rng, split, difficulty, image_size) -> Drawn; ops: functional-token names the
-    trajectory uses, in order; held_out: what differs between train and validation/test."""
+    trajectory uses, in order; held_out: what differs between train and validation/test;
+    min_image_size: below it the family's labels no longer fit legibly."""
 
     name: str
     build: Callable[[np.random.Generator, str, Any, int], Drawn]
     ops: tuple[str, ...]
     difficulty: Any
     held_out: str
+    min_image_size: int = 84
 
 
-def _spec(name: str, module, ops: tuple[str, ...]) -> TaskSpec:
-    held_out = (module.__doc__ or "").split("Held-out layout:", 1)[-1].strip()
-    return TaskSpec(name, module.build, ops, module.Difficulty(), held_out)
+def _spec(name: str, module, ops: tuple[str, ...], min_image_size: int = 84) -> TaskSpec:
+    held_out = " ".join((module.__doc__ or "").split("Held-out layout:", 1)[-1].split())
+    return TaskSpec(name, module.build, ops, module.Difficulty(), held_out, min_image_size)
 
 
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
         _spec("shape_count", shape_count, ("shape",)),
-        _spec("arrow_chain", arrow_chain, ("arrow",)),
+        _spec("arrow_chain", arrow_chain, ("arrow",), min_image_size=112),
         _spec("line_side", line_side, ("line",)),
         _spec("label_sum", label_sum, ("text",)),
         _spec("zoom_read", zoom_read, ("manip",)),
         _spec("zoom_count", zoom_count, ("manip", "shape")),
-        _spec("arrow_label", arrow_label, ("arrow", "text")),
+        _spec("arrow_label", arrow_label, ("arrow", "text"), min_image_size=112),
         _spec("line_count", line_count, ("line", "shape")),
     )
 }
@@ -81,8 +83,10 @@ def _check(task: str, split: str, index: int, image_size: int) -> None:
         raise ValueError(f"split {split!r} is unknown; expected one of {list(SPLITS)}")
     if not isinstance(index, (int, np.integer)) or index < 0:
         raise ValueError(f"index must be a non-negative integer; got {index!r}")
-    if image_size % 28 or image_size < 84:
-        raise ValueError(f"image_size must be a multiple of 28 (two 14-px patches) and >= 84; got {image_size}")
+    low = TASKS[task].min_image_size
+    if image_size % 28 or image_size < low:
+        raise ValueError(f"image_size for task {task!r} must be a multiple of 28 (two 14-px patches) and >= {low}; "
+                         f"got {image_size}")
 
 
 def generate_with_scene(task: str, split: str, index: int, seed: int = 0, difficulty=None,

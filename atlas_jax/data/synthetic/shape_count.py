@@ -12,7 +12,7 @@ from collections import Counter
 import numpy as np
 
 from atlas_jax.data.synthetic import canvas
-from atlas_jax.data.synthetic.family import Drawn, boxed, join_words, pick, plural, scale_of
+from atlas_jax.data.synthetic.family import Drawn, boxed, join_words, pick, plural, require, scale_of
 
 COUNTS = {"train": (1, 2, 3, 4), "validation": (5,), "test": (6,)}
 
@@ -29,6 +29,8 @@ class Difficulty:
 
 
 def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Drawn:
+    require(2 <= d.num_colors <= len(canvas.PALETTE), "shape_count", "num_colors", f"2..{len(canvas.PALETTE)}", d.num_colors)
+    require(0 < d.radius[0] <= d.radius[1], "shape_count", "radius", "(low, high) with 0 < low <= high", d.radius)
     s = scale_of(size)
     image, draw = canvas.new_canvas(size)
     colors = list(rng.choice(list(canvas.PALETTE), size=d.num_colors, replace=False))
