@@ -258,7 +258,7 @@ def encode_chat(
     if system is not None:
         ids += [im_start, *encode_trusted(tok, "system\n" + system), im_end, *newline]
     ids.append(im_start)
-    if image_token_counts:
+    if len(image_token_counts) > 0:  # may be a numpy array
         ids += encode_trusted(tok, "user\n")
         for k, count in enumerate(image_token_counts):
             if int(count) <= 0:

@@ -248,7 +248,7 @@ def test_encode_chat_masks(hf_tokenizer):
     # 6 + 8 image pads, framed by vision start/end.
     assert (ids == hf_tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum() == 14
     # Generation prompt: no loss, prompt_len == length.
-    gen = T.encode_chat(hf_tokenizer, QUESTION, [6], None, functional_ids=f_ids)
+    gen = T.encode_chat(hf_tokenizer, QUESTION, np.array([6]), None, functional_ids=np.array(f_ids))
     assert gen.prompt_len == len(gen.input_ids) and not gen.loss_mask.any()
     # Without functional_ids, nothing is marked.
     assert not T.encode_chat(hf_tokenizer, QUESTION, [], RESPONSE).functional_mask.any()
