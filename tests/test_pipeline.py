@@ -220,6 +220,26 @@ def test_answer_only_target_and_record_dicts(tok, model_cfg):
     assert target == "\\boxed{0}<|im_end|>"
 
 
+def test_tfds_array_record_source(tok, model_cfg, tmp_path):
+    from atlas_jax.data import tfds_builder
+
+    tfds_builder.build_synthetic(str(tmp_path), "tiny", num_per_task=1, image_size=112)
+    source = tfds_builder.load_split(str(tmp_path), "train", tfds_builder.synthetic_config_name("tiny", num_per_task=1, image_size=112))
+    samples = list(generate_split("train", 1, seed=0, image_size=112))
+    assert len(source) == len(samples)
+    cfg = config(batch_size=len(samples), shuffle=False, num_epochs=1)
+    stored = next(iter(make_dataset(source, tok, cfg, model_cfg)))
+    direct = next(iter(make_dataset(samples, tok, cfg, model_cfg)))
+    row = {u: i for i, u in enumerate(direct["uid"])}
+    order = [row[u] for u in stored["uid"]]  # the store may hold the records in another order
+    for key, x in direct.items():
+        if isinstance(x, np.ndarray) and key != "positions":
+            np.testing.assert_array_equal(stored[key], x[order], err_msg=key)
+    np.testing.assert_array_equal(stored["positions"], direct["positions"][:, order])
+    with pytest.raises(BadRecordError, match=r"^atlas_synthetic/tiny_n1_s112:train, record \d+"):
+        next(iter(make_dataset(source, tok, config(max_length=20), model_cfg)))
+
+
 def test_length_buckets(tok, model_cfg):
     samples = [random_sample(i) for i in range(4)]
     longest = 0

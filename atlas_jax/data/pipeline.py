@@ -245,7 +245,9 @@ def make_dataset(
         raise ConfigError(f"data.batch_size={cfg.batch_size} is not divisible by process_count={process_count}")
     per_host_batch = cfg.batch_size // process_count
     _check_compatible(tok, cfg, model_cfg)
-    source_name = source_name or getattr(source, "name", None) or type(source).__name__
+    if source_name is None:  # e.g. tfds_builder.RecordSource.source = 'atlas_synthetic/tiny:train'
+        named = [getattr(source, a, None) for a in ("source", "name")]
+        source_name = next((n for n in named if isinstance(n, str) and n), type(source).__name__)
     tokens = functional_tokens.by_name(cfg.functional_tokens)
     builder = batching.ExampleBuilder(
         tok,
