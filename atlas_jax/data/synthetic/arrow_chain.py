@@ -47,9 +47,11 @@ def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Dra
     start, end = names[chain[0]], names[chain[-1]]
     path = " -> ".join(names[k] for k in chain)
     question = pick(rng, (f"Start at node {start} and follow the arrows. At which node does the chain end?",
-                          f"Beginning at {start}, keep following the outgoing arrow. Which node do you reach last?"))
+                          f"Beginning at {start}, keep following the outgoing arrow. Which node do you reach last?",
+                          f"Follow the arrows starting from node {start} until there is no arrow left to follow. Where do you stop?"))
     intent = pick(rng, (f"To find where the chain ends, I trace the arrows from node {start}.",
-                        f"I mark the direction of each arrow along the path that starts at {start}."))
+                        f"I mark the direction of each arrow along the path that starts at {start}.",
+                        f"The answer depends on where the arrows lead, so I point out each step from {start}."))
     response = f"{intent} <|Arrow|> Following {path}, node {end} has no outgoing arrow, so the chain ends at {end}. {boxed(end)}"
     scene = {"nodes": {n: [float(x), float(y)] for n, (x, y) in zip(names, centers)},
              "edges": [[names[u], names[v]] for u, v in edges], "start": start, "chain_length": length,

@@ -53,7 +53,8 @@ def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Dra
                           "Follow the arrows from the green-ringed node to the end of the chain and add up every "
                           "number on the way (start and end included). What is the total?"))
     intent = pick(rng, ("To total the path, I trace the arrows from the green node",
-                        "I follow the direction of each arrow starting from the green node"))
+                        "I follow the direction of each arrow starting from the green node",
+                        "The total depends on which nodes the arrows lead through, so I point out the path from the green node"))
     response = (f"{intent} <|Arrow|> and write down the number on each node along the way. <|Text|> "
                 f"The path visits {' -> '.join(map(str, path))}, and {' + '.join(map(str, path))} = {total}. "
                 f"{boxed(str(total))}")

@@ -48,9 +48,11 @@ def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Dra
     labels = [o["label"] for o in order]
     total = sum(labels)
     question = pick(rng, (f"What is the sum of the numbers written on the {target} shapes?",
-                          f"Add up the numbers on all {target} shapes. What is the total?"))
+                          f"Add up the numbers on all {target} shapes. What is the total?",
+                          f"Each shape shows a number. What do the {target} shapes' numbers add up to?"))
     intent = pick(rng, (f"To add the right numbers, I write down the label of every {target} shape.",
-                        f"I note the number on each {target} shape, reading from top to bottom."))
+                        f"I note the number on each {target} shape, reading from top to bottom.",
+                        f"I annotate each {target} shape with its number so none is missed."))
     response = (f"{intent} <|Text|> The {target} shapes are labelled {join_words([str(v) for v in labels])}, "
                 f"and {' + '.join(str(v) for v in labels)} = {total}. {boxed(str(total))}")
     scene = {"objects": objects, "target_color": target, "target_rgb": list(canvas.PALETTE[target]),

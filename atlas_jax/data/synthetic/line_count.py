@@ -57,9 +57,11 @@ def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Dra
         dots.append({"color": color, "center": [x, y]})
 
     question = pick(rng, (f"How many {target} dots lie above the straight line through A and B?",
-                          f"Imagine a line through A and B, extended to the image edges. How many {target} dots are above it?"))
+                          f"Imagine a line through A and B, extended to the image edges. How many {target} dots are above it?",
+                          f"Count the {target} dots on the upper side of the straight line through A and B."))
     intent = pick(rng, ("To split the dots by the line, I draw the line through A and B across the whole image",
-                        "I draw an auxiliary line through A and B, extended to both edges"))
+                        "I draw an auxiliary line through A and B, extended to both edges",
+                        "Which dots are above is easier to see with the line drawn, so I draw it through A and B"))
     response = (f"{intent} <|Line|> and outline the region above it. <|Shape|> In the region above the line there "
                 f"{'is' if count == 1 else 'are'} {plural(count, target + ' dot')}. {boxed(str(count))}")
     scene = {"A": list(a), "B": list(b), "dots": dots, "target_color": target,

@@ -60,9 +60,11 @@ def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Dra
     wp, wq = _side_words(pts["P"], a, b, steep), _side_words(pts["Q"], a, b, steep)
     verdict = "on the same side" if same else "on opposite sides"
     question = pick(rng, ("Are points P and Q on the same side of the straight line through A and B? Answer yes or no.",
-                          "If a straight line is drawn through A and B, do P and Q lie on the same side of it? Answer yes or no."))
+                          "If a straight line is drawn through A and B, do P and Q lie on the same side of it? Answer yes or no.",
+                          "Does the straight line through A and B separate P from Q? Answer yes if they are on the same side, no otherwise."))
     intent = pick(rng, ("To compare the two points, I draw the line through A and B and extend it across the image.",
-                        "I draw an auxiliary line through A and B, extended to the image borders."))
+                        "I draw an auxiliary line through A and B, extended to the image borders.",
+                        "The points are hard to compare by eye, so I draw the full line through A and B."))
     response = f"{intent} <|Line|> With the line drawn, P is {wp} it and Q is {wq} it, so they are {verdict}. {boxed(answer)}"
     scene = {"A": list(a), "B": list(b), "P": list(pts["P"]), "Q": list(pts["Q"]), "same_side": same,
              "angle_deg": float(np.degrees(np.arctan2(b[1] - a[1], b[0] - a[0]))),

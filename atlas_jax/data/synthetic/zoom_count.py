@@ -60,9 +60,11 @@ def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Dra
         dots.append({"color": color, "center": [x, y], "inside": is_in})
 
     question = pick(rng, (f"How many {target} dots are inside the red frame?",
-                          f"Count the {target} dots within the small red frame."))
+                          f"Count the {target} dots within the small red frame.",
+                          f"Looking only inside the red frame, how many {target} dots can you find?"))
     intent = pick(rng, ("The dots are tiny, so I first zoom in on the red frame",
-                        "To see the small dots clearly I enlarge the area around the red frame"))
+                        "To see the small dots clearly I enlarge the area around the red frame",
+                        "Counting tiny dots needs a closer look, so I magnify the red frame"))
     response = (f"{intent} <|Manip|> and then outline the area inside the frame. <|Shape|> "
                 f"Inside the outlined area there {'is' if count == 1 else 'are'} {plural(count, target + ' dot')}. "
                 f"{boxed(str(count))}")

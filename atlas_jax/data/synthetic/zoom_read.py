@@ -60,9 +60,11 @@ def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Dra
     glyphs.draw_text(draw, (x0 + 2, y0 + 2), digit, canvas.BLACK)
 
     question = pick(rng, ("What digit is written inside the small red frame?",
-                          "Read the digit in the red box. Which digit is it?"))
+                          "Read the digit in the red box. Which digit is it?",
+                          "Somewhere in this cluttered picture is a tiny red frame with a digit in it. What is the digit?"))
     intent = pick(rng, ("The digit in the red frame is too small to read at this scale, so I zoom in on the frame.",
-                        "I crop the image to the small red frame and enlarge it."))
+                        "I crop the image to the small red frame and enlarge it.",
+                        "The red frame is only a few pixels wide, so I magnify that part of the image."))
     response = f"{intent} <|Manip|> In the enlarged view the frame contains the digit {digit}. {boxed(digit)}"
     scene = {"digit": digit, "frame": frame, "frame_center": [cx, cy], "decoys": decoys,
              "frame_rgb": list(FRAME_RGB), "clutter": clutter}
