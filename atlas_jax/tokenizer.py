@@ -86,7 +86,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(corpus: Iterable[str], out_dir: str | None = None, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    corpus: Iterable[str], out_dir: str | None = None, vocab_size: int = 1024
+) -> PreTrainedTokenizerFast:
     """Trains a Qwen2-style byte-level BPE on `corpus` (offline, deterministic) and wraps it as HF's fast tokenizer.
 
     vocab_size bounds the BPE part (256 byte symbols + merges); the 14 Qwen control tokens follow it, as in
@@ -124,7 +126,7 @@ def build_tokenizer(corpus: Iterable[str], out_dir: str | None = None, vocab_siz
         extra_special_tokens=[t for t in QWEN_SPECIAL_TOKENS if t != PAD_TOKEN],
         clean_up_tokenization_spaces=False,
         split_special_tokens=False,
-        model_max_length=32768,
+        model_max_length=131072,  # Qwen2.5-VL's
         padding_side="right",
     )
     tok.chat_template = CHAT_TEMPLATE
@@ -210,6 +212,25 @@ def encode_trusted(tok: PreTrainedTokenizerFast, text: str) -> list[int]:
     return tok.encode(text, add_special_tokens=False, split_special_tokens=False) if text else []
 
 
+# Tokens that would break the conversation's structure or its image alignment if trusted text held them.
+_STRUCTURE_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    IMAGE_PAD, "<|video_pad|>",
+)
+
+
+def _checked_trusted(tok: PreTrainedTokenizerFast, text: str, field: str) -> list[int]:
+    """encode_trusted, refusing structure tokens: a stray <|im_end|> would end the turn early and a stray
+    <|image_pad|> would take an image feature, both silently."""
+    ids = encode_trusted(tok, text)
+    for name in _STRUCTURE_TOKENS:
+        if tok.convert_tokens_to_ids(name) in ids:
+            raise ValueError(
+                f"encode_chat: the {field} holds the control token {name!r}; expected plain text and functional tokens"
+            )
+    return ids
+
+
 @dataclasses.dataclass
 class EncodedChat:
     """One conversation as ids. T = prompt + response tokens.
@@ -247,7 +268,8 @@ def encode_chat(
     rendered string in one go (HF) differs only if the response starts with whitespace ending in a newline,
     which the pre-tokenizer would merge with the header's "\\n".
     """
-    special = {s: tok.convert_tokens_to_ids(s) for s in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", IMAGE_PAD)}
+    names = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", IMAGE_PAD)
+    special = {s: tok.convert_tokens_to_ids(s) for s in names}
     for s, i in special.items():
         if i is None or i == tok.unk_token_id:
             raise KeyError(f"encode_chat: control token {s!r} is not in the tokenizer; expected a Qwen2.5-VL tokenizer")
@@ -256,7 +278,7 @@ def encode_chat(
 
     ids: list[int] = []
     if system is not None:
-        ids += [im_start, *encode_trusted(tok, "system\n" + system), im_end, *newline]
+        ids += [im_start, *_checked_trusted(tok, "system\n" + system, "system"), im_end, *newline]
     ids.append(im_start)
     if len(image_token_counts) > 0:  # may be a numpy array
         ids += encode_trusted(tok, "user\n")
@@ -271,7 +293,7 @@ def encode_chat(
     ids += [im_end, *newline, im_start, *encode_trusted(tok, "assistant\n")]
     prompt_len = len(ids)
     if response is not None:
-        ids += [*encode_trusted(tok, response), im_end]
+        ids += [*_checked_trusted(tok, response, "response"), im_end]
         response_end = len(ids)
         ids += newline
     else:

@@ -1,6 +1,6 @@
 """A small Qwen2.5-VL-format tokenizer for tests, trained offline on a fixed English corpus.
 
-    from tests.hf_tokenizer_fixture import make_tokenizer, tokenizer_dir
+    from hf_tokenizer_fixture import make_tokenizer, tokenizer_dir  # tests/ is on sys.path under pytest
     tok = make_tokenizer(tmp_path)                   # with the five functional tokens after the 14 control tokens
     tok = make_tokenizer(tmp_path, functional=False) # the 14 Qwen control tokens only
 

@@ -12,7 +12,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from atlas_jax import tokenizer as T
 from atlas_jax.functional_tokens import DEFAULT_TOKENS
 from atlas_jax.model.functional_rows import init_rows, plan_rows, word_token_ids
-from tests.hf_tokenizer_fixture import hf_tokenizer, hf_tokenizer_path  # noqa: F401
+from hf_tokenizer_fixture import hf_tokenizer, hf_tokenizer_path  # noqa: F401
 
 
 def test_plan_rows_uses_spare_rows():

@@ -12,7 +12,7 @@ from transformers.processing_utils import ProcessorMixin
 
 from atlas_jax import tokenizer as T
 from atlas_jax.functional_tokens import DEFAULT_TOKENS, by_name, token_strings
-from tests.hf_tokenizer_fixture import CORPUS, hf_tokenizer, hf_tokenizer_path, make_tokenizer  # noqa: F401
+from hf_tokenizer_fixture import CORPUS, hf_tokenizer, hf_tokenizer_path, make_tokenizer  # noqa: F401
 
 # Reference data, not our code: the chat_template of the released Qwen2.5-VL-Instruct checkpoints
 # (chat_template.json), which our own template must render identically.
@@ -274,3 +274,11 @@ def test_encode_chat_without_system_and_bad_counts(hf_tokenizer):
     assert hf_tokenizer.decode(enc.input_ids) == f"<|im_start|>user\n{QUESTION}<|im_end|>\n<|im_start|>assistant\nok<|im_end|>\n"
     with pytest.raises(ValueError, match=r"image_token_counts\[1\]"):
         T.encode_chat(hf_tokenizer, QUESTION, [4, 0])
+
+
+@pytest.mark.parametrize("name", ["<|im_end|>", "<|image_pad|>", "<|endoftext|>"])
+def test_encode_chat_rejects_structure_tokens_in_trusted_text(hf_tokenizer, name):
+    with pytest.raises(ValueError, match=r"response holds the control token"):
+        T.encode_chat(hf_tokenizer, QUESTION, [4], f"3 {name} 4")
+    with pytest.raises(ValueError, match=r"system holds the control token"):
+        T.encode_chat(hf_tokenizer, QUESTION, [4], "ok", system=f"Be {name} brief.")

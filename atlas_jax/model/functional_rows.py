@@ -70,7 +70,9 @@ def init_rows(table_vd, new_ids: Sequence[int], word_ids: Sequence[Sequence[int]
     """
     vocab, dim = table_vd.shape
     if len(new_ids) != len(word_ids):
-        raise ValueError(f"init_rows: {len(new_ids)} new ids but {len(word_ids)} word-id lists; expected one list per id")
+        raise ValueError(
+            f"init_rows: {len(new_ids)} new ids but {len(word_ids)} word-id lists; expected one list per id"
+        )
     if new_vocab < vocab:
         raise ValueError(f"init_rows: new_vocab={new_vocab} is smaller than the table's {vocab} rows")
     for token_id, words in zip(new_ids, word_ids):
@@ -78,7 +80,8 @@ def init_rows(table_vd, new_ids: Sequence[int], word_ids: Sequence[Sequence[int]
             raise ValueError(f"init_rows: new id {token_id} is outside the {new_vocab}-row table")
         if not words or not all(0 <= int(w) < vocab for w in words):
             raise ValueError(
-                f"init_rows: word ids {list(words)} for new id {token_id} must be non-empty and index the {vocab} existing rows"
+                f"init_rows: word ids {list(words)} for new id {token_id} must be non-empty and index "
+                f"the {vocab} existing rows"
             )
     if len(set(int(i) for i in new_ids)) != len(new_ids):
         raise ValueError(f"init_rows: new ids {list(new_ids)} repeat an id")
