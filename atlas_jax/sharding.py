@@ -94,6 +94,8 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=RULES) -> nnx.State:
     def one(v):
         if not _is_var(v):  # bare array leaves (e.g. optimizer counters)
             return NamedSharding(mesh, P())
+        if not hasattr(v.get_value(), "shape"):  # e.g. optax.MaskedNode of a frozen parameter: no leaves
+            return v
         axes = v.get_metadata().get("axes")
         shape = v.shape
         spec = P() if axes is None else logical_to_spec(axes, shape, mesh, rules)

@@ -108,12 +108,12 @@ def test_grain_reads_the_source(tiny_dir):
 
 
 def test_overrides_get_their_own_config(tmp_path):
-    name = synthetic_config_name("tiny", num_per_task=1, image_size=84, seed=3)
-    assert name == "tiny_n1_s84_seed3"
-    dataset_dir = build_synthetic(str(tmp_path), "tiny", num_per_task=1, image_size=84, seed=3)
+    name = synthetic_config_name("tiny", num_per_task=1, image_size=140, seed=3)
+    assert name == "tiny_n1_s140_seed3"
+    dataset_dir = build_synthetic(str(tmp_path), "tiny", num_per_task=1, image_size=140, seed=3)
     assert dataset_dir == os.path.join(str(tmp_path), "atlas_synthetic", name, "1.0.0")
     source = load_split(str(tmp_path), "test", name)
-    want = {s.uid: s for s in generate_split("test", 1, seed=3, image_size=84)}
+    want = {s.uid: s for s in generate_split("test", 1, seed=3, image_size=140)}
     assert len(source) == len(want) == len(task_names())
     for i in range(len(source)):
         sample = decode_record(source[i], source.source, i)
