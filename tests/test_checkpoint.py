@@ -1,0 +1,341 @@
+"""Checkpointer: exact sharded round trip (params, AdamW state, step, typed PRNG keys, data state,
+config), keep-N, save_every, async saves, init_from, a save killed mid-write, corrupted steps skipped
+with a warning, SIGTERM sets the flag (in this process and in a subprocess that then saves and exits)."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from etils import epath
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from atlas_jax import checkpoint, sharding
+from atlas_jax.checkpoint import CheckpointError, Checkpointer
+
+sys.path.insert(0, str(Path(__file__).parent))
+import checkpoint_writer  # noqa: E402
+
+WRITER = Path(__file__).parent / "checkpoint_writer.py"
+
+
+class Tiny(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.w_de = nnx.Param(jax.random.normal(rngs.params(), (16, 8)), axes=("embed", "mlp"))
+        self.b_e = nnx.Param(jnp.zeros((8,), jnp.bfloat16), axes=("mlp",))
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return sharding.make_mesh((2, 2, 2))
+
+
+def train_state(mesh, seed=0):
+    """params (sharded nnx.State), AdamW state after one update, int step, typed keys (2 impls)."""
+    params = nnx.split(sharding.sharded_init(lambda: Tiny(nnx.Rngs(seed)), mesh))[1]
+    tx = optax.adamw(1e-2)
+    opt_state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return {
+        "params": params,
+        "opt_state": opt_state,
+        "step": jnp.int32(17),
+        "rng": jax.random.split(jax.random.key(seed + 3), 2),
+        "rbg": jax.random.key(seed + 5, impl="rbg"),
+        "epoch": 2,  # a plain Python number
+    }
+
+
+def abstract_of(state, mesh, override=None):
+    """The restore target: shapes and dtypes of `state`, the model's shardings (or `override`)."""
+    replicated = NamedSharding(mesh, P())
+
+    def one(x):
+        if not isinstance(x, jax.Array):
+            return x
+        s = x.sharding if isinstance(x.sharding, NamedSharding) else replicated
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=override or s)
+
+    return jax.tree.map(one, state)
+
+
+def as_numpy(x):
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return np.asarray(jax.random.key_data(x))
+    return np.asarray(x)
+
+
+def assert_same(restored, original, abstract):
+    assert jax.tree.structure(restored) == jax.tree.structure(original)
+    for got, want, target in zip(jax.tree.leaves(restored), jax.tree.leaves(original), jax.tree.leaves(abstract)):
+        assert type(got) is type(want) or isinstance(got, jax.Array)
+        if isinstance(target, jax.ShapeDtypeStruct):
+            assert got.dtype == want.dtype
+            assert got.sharding.is_equivalent_to(target.sharding, got.ndim), (got.sharding, target.sharding)
+            assert got.sharding.mesh == target.sharding.mesh
+            if jnp.issubdtype(want.dtype, jax.dtypes.prng_key):
+                assert jax.random.key_impl(got) == jax.random.key_impl(want)
+        np.testing.assert_array_equal(as_numpy(got), as_numpy(want))
+
+
+def test_round_trip_exact(tmp_path, mesh):
+    state = train_state(mesh)
+    data = json.dumps({"epoch": 1, "next_index": 12}).encode()
+    config = {"lr": 1e-2, "model": {"layers": 2}, "name": "tiny"}
+    with Checkpointer(tmp_path, save_every=10) as ckpt:
+        assert ckpt.latest_step() is None
+        assert ckpt.save(20, state, data_state=data, config=config)
+        ckpt.wait()
+        assert ckpt.latest_step() == 20
+        abstract = abstract_of(state, mesh)
+        restored, data_back, config_back = ckpt.restore(None, abstract)
+    assert_same(restored, state, abstract)
+    assert isinstance(restored["params"], nnx.State)
+    assert restored["params"]["w_de"].get_metadata()["axes"] == ("embed", "mlp")
+    assert restored["epoch"] == 2 and isinstance(restored["epoch"], int)
+    assert data_back == data and config_back == config
+    # Each process's data state is a file grain's own Orbax handler reads.
+    assert (tmp_path / "checkpoints/20/data_iter/process_0-of-1.json").read_bytes() == data
+    # The optimizer state came back as an optimizer state: the next update is the same.
+    tx = optax.adamw(1e-2)
+    grads = jax.tree.map(jnp.ones_like, state["params"])
+    want, _ = tx.update(grads, state["opt_state"], state["params"])
+    got, _ = tx.update(grads, restored["opt_state"], restored["params"])
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
+
+
+def test_restore_onto_other_shardings_and_without_data(tmp_path, mesh):
+    state = train_state(mesh)
+    with Checkpointer(tmp_path, save_every=1, async_save=False) as ckpt:
+        ckpt.save(3, state, config={})
+        # Every array fully replicated this time: the target decides, not what was saved.
+        abstract = abstract_of(state, mesh, override=NamedSharding(mesh, P()))
+        restored, data_back, config_back = ckpt.restore(3, abstract)
+    assert_same(restored, state, abstract)
+    assert data_back is None and config_back == {}
+
+
+def test_restore_errors_name_the_leaf(tmp_path, mesh):
+    state = train_state(mesh)
+    with Checkpointer(tmp_path, save_every=1, async_save=False) as ckpt:
+        ckpt.save(1, state, config={})
+        wrong = abstract_of(state, mesh)
+        wrong["params"]["w_de"].set_value(jax.ShapeDtypeStruct((16, 4), jnp.float32, sharding=NamedSharding(mesh, P())))
+        with pytest.raises(CheckpointError, match=r"params/w_de/value has shape \(16, 8\)"):
+            ckpt.restore(1, wrong)
+        extra = dict(abstract_of(state, mesh), ema=jax.ShapeDtypeStruct((2,), jnp.float32, sharding=NamedSharding(mesh, P())))
+        with pytest.raises(CheckpointError, match=r"no item\(s\) \['ema'\]"):
+            ckpt.restore(1, extra)
+        unsharded = abstract_of(state, mesh)
+        unsharded["step"] = jax.ShapeDtypeStruct((), jnp.int32)
+        with pytest.raises(CheckpointError, match="restore target step/__leaf__ has no sharding"):
+            ckpt.restore(1, unsharded)
+        with pytest.raises(CheckpointError, match="not JSON-serialisable"):
+            ckpt.save(2, state, config={"f": print})
+        with pytest.raises(CheckpointError, match="cannot name a checkpoint item"):
+            ckpt.save(2, {"config": state["params"]})
+
+
+def test_keep_and_save_every(tmp_path, mesh):
+    state = {"params": {"w": jnp.arange(4.0)}, "step": jnp.int32(0)}
+    with Checkpointer(tmp_path, keep=2, save_every=3, async_save=False) as ckpt:
+        saved = [s for s in range(1, 11) if ckpt.save(s, state, config={})]
+        assert saved == [3, 6, 9]
+        assert ckpt.save(10, state, config={}, force=True)  # e.g. the final save
+        assert not ckpt.save(10, state, config={}, force=True)  # already complete
+        assert ckpt.all_steps() == [9, 10]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["10", "9"]
+
+
+def test_async_save_then_wait(tmp_path, mesh):
+    state = train_state(mesh)
+    with Checkpointer(tmp_path, keep=3, save_every=1, async_save=True) as ckpt:
+        for step in (1, 2, 3, 4):
+            state = dict(state, step=jnp.int32(step), params=jax.tree.map(lambda x: x + 1, state["params"]))
+            assert ckpt.save(step, state, data_state=b"{}", config={"step": step})
+        ckpt.wait()
+        assert ckpt.all_steps() == [2, 3, 4] and ckpt.latest_step() == 4
+        abstract = abstract_of(state, mesh)
+        restored, _, config = ckpt.restore(None, abstract)
+    assert_same(restored, state, abstract)
+    assert config == {"step": 4}
+
+
+def test_init_from_reads_params_only(tmp_path, mesh):
+    state = train_state(mesh, seed=1)
+    with Checkpointer(tmp_path / "run_a", save_every=5, async_save=False) as ckpt:
+        ckpt.save(5, state, config={})
+    abstract = abstract_of(state, mesh)["params"]
+    params = checkpoint.init_from(tmp_path / "run_a", abstract)
+    assert isinstance(params, nnx.State)
+    assert_same(params, state["params"], abstract)
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        checkpoint.init_from(tmp_path / "empty", abstract)
+    with pytest.raises(CheckpointError, match="has no item 'ema'"):
+        checkpoint.init_from(tmp_path / "run_a", abstract, item="ema")
+
+
+def _biggest_file(step_dir: Path) -> Path:
+    return max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_corrupted_step_is_skipped_with_a_warning(tmp_path, mesh, caplog, damage):
+    states = {s: {"params": {"w": jnp.full((1024,), float(s))}, "step": jnp.int32(s)} for s in (1, 2)}
+    with Checkpointer(tmp_path, save_every=1, async_save=False) as ckpt:
+        for s, st in states.items():
+            ckpt.save(s, st, data_state=checkpoint_writer.data_state(s), config={})
+    victim = _biggest_file(tmp_path / "checkpoints/2")
+    if damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    else:
+        victim.unlink()
+
+    abstract = abstract_of(states[1], mesh)
+    with Checkpointer(tmp_path, save_every=1, async_save=False) as ckpt:
+        with caplog.at_level(logging.WARNING, logger="atlas_jax.checkpoint"):
+            assert ckpt.latest_step() == 1
+        assert str(victim) in caplog.text and "skipping checkpoint step 2" in caplog.text
+        restored, data, _ = ckpt.restore(None, abstract)
+        np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), np.full((1024,), 1.0))
+        assert data == checkpoint_writer.data_state(1)
+        with pytest.raises(CheckpointError, match=str(victim)):
+            ckpt.restore(2, abstract)
+        # The resumed run reaches step 2 again: the damaged one is moved aside, not overwritten.
+        assert ckpt.save(2, states[2], config={})
+        assert ckpt.latest_step() == 2
+        restored, _, _ = ckpt.restore(2, abstract)
+        np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), np.full((1024,), 2.0))
+    assert (tmp_path / "checkpoints/2.incomplete").is_dir()
+
+
+def _start_writer(workdir, *args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.Popen(
+        [sys.executable, str(WRITER), str(workdir), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+    )
+
+
+def _read_until(proc, prefix: str, count: int = 1) -> list[str]:
+    lines = []
+    while sum(line.startswith(prefix) for line in lines) < count:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"writer exited (rc={proc.poll()}) before printing {prefix!r}: {lines[-5:]}")
+        lines.append(line.strip())
+    return lines
+
+
+def _writing_arrays(tmp: Path) -> bool:
+    """Whether array data files (Orbax OCDBT `d/` chunks) have appeared under a save's tmp dir."""
+    try:
+        return any(p.parent.name == "d" and p.is_file() for p in tmp.rglob("*"))
+    except FileNotFoundError:  # renamed while we looked
+        return False
+
+
+def test_sigkill_mid_save_resumes_from_last_complete(tmp_path, mesh):
+    size = 16_000_000  # 64 MB of random float32: a save takes a fraction of a second
+    root = tmp_path / "checkpoints"
+    for attempt in range(3):  # the kill must land while a tmp dir is being written; retry if it missed
+        workdir = tmp_path / f"run{attempt}"
+        root = workdir / "checkpoints"
+        proc = _start_writer(workdir, "--size", str(size))
+        try:
+            _read_until(proc, "saved", 2)  # two complete steps, the third one being saved
+            partial, deadline = None, time.time() + 60
+            while partial is None and time.time() < deadline:
+                for tmp in root.glob("*.orbax-checkpoint-tmp*"):
+                    if _writing_arrays(tmp):
+                        partial = tmp
+                        break
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+        finally:
+            proc.kill()
+            proc.stdout.close()
+        assert partial is not None, "no save in progress seen"
+        if partial.exists():  # killed before the commit (rename)
+            break
+    else:
+        pytest.fail("three SIGKILLs all landed after the commit")
+
+    killed_step = int(partial.name.split(".")[0])
+    assert not (root / str(killed_step)).exists() and not (partial / checkpoint.MANIFEST).exists()
+    last = killed_step - 1
+    abstract = abstract_of(checkpoint_writer.make_state(last, size), mesh)
+    with Checkpointer(workdir, save_every=1, async_save=False) as ckpt:
+        assert ckpt.latest_step() == last
+        restored, data, config = ckpt.restore(None, abstract)
+        want = checkpoint_writer.make_state(last, size)
+        assert_same(restored, want, abstract)
+        assert data == checkpoint_writer.data_state(last) and config == {"size": size}
+        # The resumed run saves the killed step again; the stale tmp dir is cleaned up.
+        assert ckpt.save(killed_step, checkpoint_writer.make_state(killed_step, 8), config={})
+        assert ckpt.latest_step() == killed_step
+    assert not partial.exists()
+
+
+def test_sigterm_sets_the_flag_and_does_not_kill(tmp_path):
+    seen = []
+    handle = checkpoint.install_sigterm_handler(seen.append)
+    try:
+        assert not handle.should_stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100):  # the handler runs between bytecodes of the main thread
+            if handle.requested:
+                break
+            time.sleep(0.01)
+        assert handle.should_stop() and bool(handle) and seen == [signal.SIGTERM]
+    finally:
+        handle.uninstall()
+    assert signal.getsignal(signal.SIGTERM) is not handle._handle
+
+
+def test_sigterm_subprocess_saves_and_exits(tmp_path, mesh):
+    proc = _start_writer(tmp_path, "--size", "64", "--save-every", "5", "--async-save", "--step-seconds", "0.05")
+    try:
+        _read_until(proc, "step", 7)  # past the save at step 5
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    stopped = int(out.strip().splitlines()[-1].split()[-1])
+    assert out.strip().splitlines()[-1] == f"stopped {stopped}" and stopped >= 7
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        assert ckpt.latest_step() == stopped
+        abstract = abstract_of(checkpoint_writer.make_state(stopped, 64), mesh)
+        restored, data, _ = ckpt.restore(None, abstract)
+    assert_same(restored, checkpoint_writer.make_state(stopped, 64), abstract)
+    assert data == checkpoint_writer.data_state(stopped)
+
+
+def test_grain_handler_reads_our_data_state(tmp_path):
+    """The data item is grain's own format: grain's Orbax handler restores a real iterator from it."""
+    ds = grain.MapDataset.range(100).shuffle(seed=3).to_iter_dataset()
+    it = iter(ds)
+    for _ in range(7):
+        next(it)
+    with Checkpointer(tmp_path, save_every=1, async_save=False) as ckpt:
+        ckpt.save(1, {"step": jnp.int32(1)}, data_state=json.dumps(it.get_state()).encode(), config={})
+    fresh = iter(ds)
+    grain.checkpoint.CheckpointHandler().restore(
+        epath.Path(tmp_path / "checkpoints/1/data_iter"), args=grain.checkpoint.CheckpointRestore(fresh)
+    )
+    assert [next(fresh) for _ in range(5)] == [next(it) for _ in range(5)]
