@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from atlas_jax import sharding as shd
 from atlas_jax.model.rope import next_position
@@ -153,10 +153,14 @@ def repeat_rows(x: jax.Array, times: int, axis: int = 0) -> jax.Array:
 
 
 def _batch_constraint(x, mesh):
-    """Keeps the loop carry batch-sharded like the inputs (no-op without a mesh)."""
+    """Keeps the loop carry's leading axis sharded over the mesh's batch axes, like the inputs
+    (no-op without a mesh). Other axes stay free, so the KV cache may follow the kv-heads'
+    tensor sharding."""
     if mesh is None or x.ndim == 0:
         return x
-    return jax.lax.with_sharding_constraint(x, shd.batch_sharding(mesh, x.ndim))
+    rows = shd.logical_to_spec(("batch",), mesh=mesh)[0]
+    spec = P(rows, *([P.UNCONSTRAINED] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 # ------------------------------------------------------------------ the program
@@ -190,8 +194,8 @@ def _generate(graphdef, state, inputs, rng, temperature, top_p, stop_ids, st: _S
     carry = dict(n=jnp.ones((), jnp.int32), tok=tok_r, done=done_r, cache=cache, tokens=tokens_rn,
                  logprobs=logprobs_rn, sample_logprobs=sample_lp_rn, mask=mask_rn)
     if st.return_op_attention:
-        P = cache.memory.k.shape[1]
-        carry["op_attn"] = jnp.zeros((R, N, P), jnp.float32)
+        n_img = cache.memory.k.shape[1]
+        carry["op_attn"] = jnp.zeros((R, N, n_img), jnp.float32)
         carry["op"] = jnp.full((R, N), -1, jnp.int32)
     carry = jax.tree.map(keep, carry)
 
