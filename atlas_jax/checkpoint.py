@@ -204,7 +204,15 @@ class Checkpointer:
     written in the background; the next `save`, `wait` or `close` waits for it.
     """
 
-    def __init__(self, workdir: epath.PathLike, *, keep: int = 3, save_every: int = 1000, async_save: bool = True):
+    def __init__(
+        self,
+        workdir: epath.PathLike,
+        *,
+        keep: int = 3,
+        save_every: int = 1000,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
         if keep < 1:
             raise CheckpointError(f"checkpoint keep={keep}: expected at least 1")
         if save_every < 1:
@@ -216,8 +224,9 @@ class Checkpointer:
             max_to_keep=keep,
             save_interval_steps=save_every,
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,  # tmp dirs of saves killed mid-write
-            create=True,
+            cleanup_tmp_directories=not read_only,  # tmp dirs of saves killed mid-write
+            create=not read_only,
+            read_only=read_only,
             temporary_path_class=_manifest_path_class(self.directory),
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -327,6 +336,7 @@ class Checkpointer:
         args[CONFIG_ITEM] = ocp.args.JsonRestore()
         has_data = (self.step_dir(step) / DATA_ITEM).exists()
         if has_data:
+            self._check_data_state_file(step)
             args[DATA_ITEM] = grain.checkpoint.CheckpointRestore(_DataState())
         restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         state = _assemble(abstract_state, {name: _unnest(restored[name]) for name in targets})
@@ -357,6 +367,17 @@ class Checkpointer:
         if (reason := check_complete(self.step_dir(step))) is not None:
             raise CheckpointError(f"checkpoint step {step} in {self.directory} is incomplete: {reason}")
         return int(step)
+
+    def _check_data_state_file(self, step: int) -> None:
+        """grain's handler reads `process_<i>-of-<n>.json`: the same number of processes must resume."""
+        folder = self.step_dir(step) / DATA_ITEM
+        mine = folder / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if not mine.exists():
+            saved = sorted(p.name for p in folder.iterdir() if p.name.startswith("process_"))
+            raise CheckpointError(
+                f"checkpoint {self.step_dir(step)} has no data-iterator state {mine.name} for this process; it has "
+                f"{saved} (resume with the process count the run was saved with, or restore without the data state)"
+            )
 
     def _restore_json(self, step: int, item: str) -> dict:
         return self._manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
@@ -420,7 +441,7 @@ def _sync(name: str) -> None:
 def init_from(workdir: epath.PathLike, abstract_params, *, step: int | None = None, item: str = "params"):
     """`item` (the params) of another run's checkpoint (its latest complete step by default), onto the
     sharded `abstract_params`; the rest of that run (optimizer, step, data) is not read."""
-    ckpt = Checkpointer(workdir, async_save=False)
+    ckpt = Checkpointer(workdir, async_save=False, read_only=True)
     try:
         return ckpt.restore_item(step, item, abstract_params)
     finally:
@@ -438,7 +459,8 @@ class Preemption:
         self._callback = callback
         self._signum = signum
         self.requested = False
-        self._previous = signal.signal(signum, self._handle)
+        previous = signal.signal(signum, self._handle)
+        self._previous = signal.SIG_DFL if previous is None else previous  # None: set outside Python
 
     def _handle(self, signum, frame) -> None:
         self.requested = True

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import grain
 import jax
@@ -165,7 +166,12 @@ def test_async_save_then_wait(tmp_path, mesh):
     with Checkpointer(tmp_path, keep=3, save_every=1, async_save=True) as ckpt:
         for step in (1, 2, 3, 4):
             state = dict(state, step=jnp.int32(step), params=jax.tree.map(lambda x: x + 1, state["params"]))
+            kept = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
             assert ckpt.save(step, state, data_state=b"{}", config={"step": step})
+            # A donating train step frees the arrays right after `save` returns: the background
+            # write must not need them any more.
+            jax.tree.map(lambda x: x.delete() if isinstance(x, jax.Array) else None, state)
+            state = kept
         ckpt.wait()
         assert ckpt.all_steps() == [2, 3, 4] and ckpt.latest_step() == 4
         abstract = abstract_of(state, mesh)
@@ -339,3 +345,23 @@ def test_grain_handler_reads_our_data_state(tmp_path):
         epath.Path(tmp_path / "checkpoints/1/data_iter"), args=grain.checkpoint.CheckpointRestore(fresh)
     )
     assert [next(fresh) for _ in range(5)] == [next(it) for _ in range(5)]
+
+
+class NamedState(NamedTuple):  # the trainer's TrainState shape: fields name the items
+    step: jax.Array
+    params: nnx.State
+    opt_state: object
+    rng: jax.Array
+
+
+def test_namedtuple_state_with_raw_key(tmp_path, mesh):
+    params = nnx.split(sharding.sharded_init(lambda: Tiny(nnx.Rngs(4)), mesh))[1]
+    state = NamedState(jnp.int32(9), params, optax.adam(1e-3).init(params), jax.random.PRNGKey(4))
+    with Checkpointer(tmp_path, save_every=9, async_save=False) as ckpt:
+        assert ckpt.save(9, state, config={})
+        assert sorted(p.name for p in ckpt.step_dir(9).iterdir() if p.is_dir()) == [
+            "atlas_meta", "config", "opt_state", "params", "rng", "step"]
+        abstract = abstract_of(state, mesh)
+        restored, _, _ = ckpt.restore(9, abstract)
+    assert isinstance(restored, NamedState)
+    assert_same(restored, state, abstract)
