@@ -1,0 +1,169 @@
+"""The pieces every job builds from its config: mesh, tokenizer, data, model.
+
+Each builder is small and does one thing, so a trainer's `main()` reads top to bottom as a
+list of calls (big_vision style), and SFT, LA-GRPO and evaluation build identical models and
+data from the same config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import jax
+import ml_collections as mlc
+from flax import nnx
+
+from atlas_jax import functional_tokens as ft
+from atlas_jax import hf_checkpoint
+from atlas_jax import sharding as shd
+from atlas_jax import tokenizer as tokenizer_lib
+from atlas_jax.data import image_processing, pipeline, tfds_builder
+from atlas_jax.model import extend, presets, vlm
+from atlas_jax.model.config import ModelConfig, VisualOpConfig
+
+log = logging.getLogger("atlas_jax")
+
+
+def mesh(c: mlc.ConfigDict):
+    return shd.make_mesh(tuple(c.mesh))
+
+
+def data_dir(c: mlc.ConfigDict, workdir: str) -> str:
+    return c.data.data_dir or os.path.join(workdir, "data")
+
+
+# ---------------------------------------------------------------------------- data
+def synthetic_config(c: mlc.ConfigDict) -> str:
+    return tfds_builder.synthetic_config_name(
+        c.data.synthetic_config, num_per_task=c.data.num_per_task or None, image_size=c.data.image_size, seed=c.seed
+    )
+
+
+def build_data(c: mlc.ConfigDict, workdir: str) -> None:
+    """Writes the ArrayRecord dataset (idempotent). Process 0 builds; the others wait."""
+    d = data_dir(c, workdir)
+    if jax.process_index() == 0:
+        if c.data.source == "synthetic":
+            tfds_builder.build_synthetic(d, c.data.synthetic_config, num_per_task=c.data.num_per_task or None, image_size=c.data.image_size, seed=c.seed)
+        else:
+            splits = {"train": c.data.jsonl_train}
+            if c.data.jsonl_eval:
+                splits[c.eval.split] = c.data.jsonl_eval
+            tfds_builder.build_user_dataset(d, splits, skip_bad_records=c.data.skip_bad_records)
+    _barrier("atlas_jax_build_data")
+
+
+def source(c: mlc.ConfigDict, workdir: str, split: str):
+    """Random-access records of one split."""
+    d = data_dir(c, workdir)
+    if c.data.source == "synthetic":
+        return tfds_builder.load_split(d, split, synthetic_config(c))
+    return tfds_builder.load_split(d, split, "user", dataset="atlas_user_data")
+
+
+def pipeline_config(c: mlc.ConfigDict, model_cfg: ModelConfig, *, fmt: str, batch_size: int | None = None, shuffle=True, num_epochs=None, seed_offset=0) -> pipeline.PipelineConfig:
+    d = c.data
+    image = image_processing.ImageProcessorConfig.for_vision(
+        model_cfg.vision, max_pixels=d.max_patches * model_cfg.vision.patch_size**2 // max(d.max_images, 1)
+    )
+    return pipeline.PipelineConfig(
+        batch_size=batch_size or d.batch_size,
+        max_length=d.max_length,
+        max_patches=d.max_patches,
+        max_images=d.max_images,
+        image=image,
+        seed=c.seed + seed_offset,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        skip_bad_records=d.skip_bad_records,
+        worker_count=d.worker_count,
+        pad_to_multiple=d.pad_to_multiple,
+        format=fmt,
+        sft_target=d.sft_target,
+        functional_tokens=tuple(c.model.functional_tokens),
+    )
+
+
+# ---------------------------------------------------------------------------- tokenizer
+def tokenizer(c: mlc.ConfigDict, workdir: str):
+    """The run's tokenizer, with the functional tokens; saved in WORKDIR/tokenizer so a resumed
+    run (and evaluation) uses exactly the same one."""
+    tokens = ft.by_name(tuple(c.model.functional_tokens))
+    saved = os.path.join(workdir, "tokenizer")
+    if os.path.exists(os.path.join(saved, "tokenizer.json")):
+        return tokenizer_lib.load_tokenizer(saved)
+    path = c.tokenizer.path or c.model.init_from_hf
+    if path:
+        tok = tokenizer_lib.load_tokenizer(path)
+    else:
+        tok = tokenizer_lib.build_tokenizer(_corpus(c, workdir), vocab_size=c.tokenizer.vocab_size)
+    tokenizer_lib.add_functional_tokens(tok, tokens)
+    if jax.process_index() == 0:
+        tok.save_pretrained(saved)
+    _barrier("atlas_jax_tokenizer")
+    return tokenizer_lib.load_tokenizer(saved)
+
+
+def _corpus(c, workdir):
+    """Texts to train a from-scratch BPE on: the training split plus the functional words."""
+    src = source(c, workdir, "train")
+    texts = []
+    for i in range(len(src)):
+        r = src[i]
+        texts += [r["question"], r["response"].replace("<|", " ").replace("|>", " ")]
+    texts += [" ".join(t.words) for t in ft.DEFAULT_TOKENS]
+    return texts
+
+
+# ---------------------------------------------------------------------------- model
+def model_config(c: mlc.ConfigDict, tok) -> ModelConfig:
+    """The from-scratch architecture for this tokenizer (ids and vocabulary from the tokenizer)."""
+    ids = tokenizer_lib.functional_token_ids(tok, ft.by_name(tuple(c.model.functional_tokens)))
+    vocab = -(-len(tok) // 128) * 128
+    special = {
+        "image_token_id": tok.convert_tokens_to_ids("<|image_pad|>"),
+        "video_token_id": tok.convert_tokens_to_ids("<|video_pad|>"),
+        "vision_start_token_id": tok.convert_tokens_to_ids("<|vision_start|>"),
+        "vision_end_token_id": tok.convert_tokens_to_ids("<|vision_end|>"),
+    }
+    cfg = presets.get(
+        c.model.preset, vocab_size=vocab, dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat, **special
+    )
+    return dataclasses.replace(cfg, visual_ops=_visual_ops(c, cfg, ids))
+
+
+def _visual_ops(c, cfg: ModelConfig, ids) -> VisualOpConfig:
+    v = c.model.visual_ops
+    layer = cfg.text.num_layers // 2 if v.layer < 0 else v.layer
+    return VisualOpConfig(mode=v.mode, token_ids=tuple(ids), layer=layer, num_heads=v.num_heads, head_dim=v.head_dim, max_positions=v.max_positions)
+
+
+def model(c: mlc.ConfigDict, tok, mesh_) -> vlm.VLM:
+    """A sharded model: from a Hugging Face checkpoint (+ functional tokens) or from scratch."""
+    if c.model.init_from_hf:
+        base = hf_checkpoint.from_hf(c.model.init_from_hf, mesh=mesh_, dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
+        v = c.model.visual_ops
+        if base.cfg.visual_ops.token_ids:  # an exported atlas-jax checkpoint: tokens already there
+            return base
+        return extend.add_functional_tokens(
+            base, tok, ft.by_name(tuple(c.model.functional_tokens)), mode=v.mode,
+            layer=None if v.layer < 0 else v.layer, num_heads=v.num_heads, head_dim=v.head_dim, max_positions=v.max_positions,
+        )
+    return vlm.create(model_config(c, tok), mesh_, seed=c.seed)
+
+
+def abstract_model(c: mlc.ConfigDict, tok) -> vlm.VLM:
+    return nnx.eval_shape(lambda: vlm.VLM(model_config(c, tok), rngs=nnx.Rngs(0)))
+
+
+def num_params(model_: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model_, nnx.Param)))
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -1,0 +1,77 @@
+"""The one entry point for every job: SFT, LA-GRPO, evaluation, and the whole ATLAS recipe.
+
+    python -m atlas_jax.main --config=configs/sft_synthetic.py --workdir=/tmp/atlas_sft
+    python -m atlas_jax.main --config=configs/sft_synthetic.py --workdir=/tmp/x --config.optim.lr=1e-3
+    atlas-jax --config=configs/la_grpo_synthetic.py --workdir=/tmp/atlas_rl      # console script
+
+The same command runs on every host of a pod (`--config.distributed=True`): JAX's
+multi-controller runtime connects them, and only process 0 logs and writes summaries.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/ (optionally file.py:arg).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots and the tokenizer.")
+FLAGS = flags.FLAGS
+
+JOB_MODULES = {"sft": "atlas_jax.jobs.sft", "la_grpo": "atlas_jax.jobs.la_grpo", "eval": "atlas_jax.jobs.evaluate", "pipeline": "atlas_jax.jobs.recipe"}
+
+
+def setup_logging(level: str) -> None:
+    import jax
+    from absl import logging as absl_logging
+
+    # Libraries (orbax, grain, tfds) log through absl at INFO: keep their warnings only.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logger = logging.getLogger("atlas_jax")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    # Only process 0 speaks below WARNING: one log per run, not one per host.
+    logger.setLevel(level if jax.process_index() == 0 else "WARNING")
+
+
+def run_job(c, workdir: str):
+    """Validates the config, then runs its job. Usable from Python and notebooks."""
+    import jax
+
+    from atlas_jax import run_config
+
+    if c.get("distributed", False):
+        jax.distributed.initialize()
+    run_config.validate(c, jax.device_count())
+    os.makedirs(workdir, exist_ok=True)
+    setup_logging(c.get("log_level", "INFO"))
+    job = importlib.import_module(JOB_MODULES[c.job])
+    return job.main(c, workdir)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.FIELD=VALUE overrides")
+    if FLAGS.config is None or FLAGS.workdir is None:
+        raise app.UsageError("--config and --workdir are required")
+    # Compiled programs are cached across runs (CPU included): a resumed or repeated run starts fast.
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/atlas_jax/jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    run_job(FLAGS.config, FLAGS.workdir)
+
+
+def run():
+    """Console-script entry point (`atlas-jax`)."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

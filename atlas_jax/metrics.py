@@ -1,0 +1,112 @@
+"""Run metrics: TensorBoard event files (tensorboardX, no TensorFlow), a JSONL log, a progress
+line with throughput and MFU, and NaN/inf detection. Only process 0 writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+
+log = logging.getLogger("atlas_jax")
+
+# Peak dense bf16 FLOP/s per device, for the MFU estimate (None: unknown, e.g. CPU).
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def peak_flops_per_device() -> float | None:
+    kind = jax.devices()[0].device_kind
+    for name, flops in PEAK_FLOPS.items():
+        if kind.startswith(name):
+            return flops
+    return None
+
+
+def train_flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len: int) -> float:
+    """6 N (matmuls, forward + backward) + 6 L T D (attention scores and values, causal-halved)."""
+    return 6.0 * num_params + 6.0 * num_layers * seq_len * hidden
+
+
+class MetricsWriter:
+    """Writes scalars to `workdir/metrics.jsonl` and TensorBoard event files (process 0 only)."""
+
+    def __init__(self, workdir: str, *, prefix: str = ""):
+        self.enabled = jax.process_index() == 0
+        self.prefix = prefix
+        self._tb = None
+        self._jsonl = None
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        clean = {f"{self.prefix}{k}": float(v) for k, v in scalars.items()}
+        for k, v in clean.items():
+            self._tb.add_scalar(k, v, step)
+        self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+        self._jsonl.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._tb.close()
+            self._jsonl.close()
+
+
+def check_finite(metrics: Mapping[str, float], step: int) -> None:
+    """Stops the run at the first NaN / inf metric, naming it (a diverged run wastes the pod)."""
+    bad = [k for k, v in metrics.items() if not math.isfinite(float(v))]
+    if bad:
+        raise FloatingPointError(f"step {step}: non-finite metrics {bad}; stopping (lower the learning rate or check the data)")
+
+
+class Progress:
+    """A one-line progress report every `every` steps: loss, step time, tokens/s, MFU."""
+
+    def __init__(self, total_steps: int, *, flops_per_token: float | None, every: int = 10):
+        self.total = total_steps
+        self.every = every
+        self.flops_per_token = flops_per_token
+        self.peak = peak_flops_per_device()
+        self._t = time.perf_counter()
+        self._tokens = 0.0
+        self._steps = 0
+
+    def update(self, step: int, metrics: Mapping[str, float], tokens: float) -> dict[str, float]:
+        """Accumulates; every `every` steps logs and returns throughput metrics (else {})."""
+        self._tokens += tokens
+        self._steps += 1
+        if step % self.every and step != self.total:
+            return {}
+        dt = time.perf_counter() - self._t
+        out = {"perf/step_time_s": dt / self._steps, "perf/tokens_per_s": self._tokens / dt}
+        if self.flops_per_token and self.peak:
+            out["perf/mfu"] = out["perf/tokens_per_s"] * self.flops_per_token / (self.peak * jax.device_count())
+        if jax.process_index() == 0:
+            pct = 100.0 * step / max(self.total, 1)
+            mfu = f" mfu {100 * out['perf/mfu']:.1f}%" if "perf/mfu" in out else ""
+            log.info(
+                "step %d/%d (%.0f%%) loss %.4f | %.3f s/step %.0f tok/s%s",
+                step, self.total, pct, float(metrics.get("loss", np.nan)), out["perf/step_time_s"], out["perf/tokens_per_s"], mfu,
+            )
+        self._t, self._tokens, self._steps = time.perf_counter(), 0.0, 0
+        return out
