@@ -280,12 +280,16 @@ class Checkpointer:
         try:
             json.dumps(config)
         except TypeError as e:
-            raise CheckpointError(f"config is not JSON-serialisable ({e}); expected plain numbers, strings, lists, dicts") from e
+            raise CheckpointError(
+                f"config is not JSON-serialisable ({e}); expected plain numbers, strings, lists, dicts"
+            ) from e
         if data_state is not None:
             try:
                 bytes(data_state).decode("utf-8")
             except UnicodeDecodeError as e:
-                raise CheckpointError(f"data_state is not UTF-8 text ({e}); expected pipeline_state(it) JSON bytes") from e
+                raise CheckpointError(
+                    f"data_state is not UTF-8 text ({e}); expected pipeline_state(it) JSON bytes"
+                ) from e
 
         self._manager.wait_until_finished()
         if step in self.all_steps():
@@ -295,7 +299,8 @@ class Checkpointer:
             self._set_aside(step, reason)
 
         leaves = {name: {k: _to_saveable(v) for k, v in flat.items()} for name, flat in items.items()}
-        meta = {"format": 1, "state": {name: {k: _leaf_meta(v) for k, v in flat.items()} for name, flat in leaves.items()}}
+        shapes = {name: {k: _leaf_meta(v) for k, v in flat.items()} for name, flat in leaves.items()}
+        meta = {"format": 1, "state": shapes}
         args = {name: ocp.args.StandardSave(_nest(flat)) for name, flat in leaves.items()}
         args[CONFIG_ITEM] = ocp.args.JsonSave(config)
         args[META_ITEM] = ocp.args.JsonSave(meta)
@@ -331,8 +336,10 @@ class Checkpointer:
         targets = _split_items(abstract_state)
         meta = self._restore_json(step, META_ITEM)
         self._check_fits(step, targets, meta["state"])
-        args = {name: ocp.args.StandardRestore(_nest({k: _to_target(f"{name}/{k}", v) for k, v in flat.items()}))
-                for name, flat in targets.items()}
+        args = {
+            name: ocp.args.StandardRestore(_nest({k: _to_target(f"{name}/{k}", v) for k, v in flat.items()}))
+            for name, flat in targets.items()
+        }
         args[CONFIG_ITEM] = ocp.args.JsonRestore()
         has_data = (self.step_dir(step) / DATA_ITEM).exists()
         if has_data:
@@ -348,12 +355,15 @@ class Checkpointer:
         step = self._complete_step(step)
         meta = self._restore_json(step, META_ITEM)
         if name not in meta["state"]:
-            raise CheckpointError(f"checkpoint {self.step_dir(step)} has no item {name!r}; it has {sorted(meta['state'])}")
+            raise CheckpointError(
+                f"checkpoint {self.step_dir(step)} has no item {name!r}; it has {sorted(meta['state'])}"
+            )
         flat = {"/".join(_key_str(k) for k in path) or _LEAF: leaf
                 for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
         self._check_fits(step, {name: flat}, {name: meta["state"][name]})
         target = _nest({k: _to_target(f"{name}/{k}", v) for k, v in flat.items()})
-        restored = self._manager.restore(step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(target)}))
+        args = ocp.args.Composite(**{name: ocp.args.StandardRestore(target)})
+        restored = self._manager.restore(step, args=args)
         values = _unnest(restored[name])
         leaves = [_from_restored(leaf, values[k]) for k, leaf in zip(flat, jax.tree.leaves(abstract))]
         return jax.tree.unflatten(jax.tree.structure(abstract), leaves)
@@ -390,12 +400,15 @@ class Checkpointer:
         for name, flat in targets.items():
             absent = sorted(set(flat) - set(saved[name]))
             if absent:
-                raise CheckpointError(f"checkpoint {where} item {name!r} lacks leaves {absent[:5]} (of {len(absent)})")
+                raise CheckpointError(
+                    f"checkpoint {where} item {name!r} lacks leaves {absent[:5]} (of {len(absent)})"
+                )
             for k, leaf in flat.items():
                 shape, dtype = saved[name][k]
                 if tuple(shape) != tuple(np.shape(leaf)):
                     raise CheckpointError(
-                        f"checkpoint {where}: {name}/{k} has shape {tuple(shape)}, the target expects {tuple(np.shape(leaf))}"
+                        f"checkpoint {where}: {name}/{k} has shape {tuple(shape)}, "
+                        f"the target expects {tuple(np.shape(leaf))}"
                     )
                 if hasattr(leaf, "dtype") and str(leaf.dtype) != dtype:
                     log.warning("checkpoint %s: %s/%s is %s, restoring as %s", where, name, k, dtype, leaf.dtype)
@@ -485,7 +498,9 @@ class Preemption:
         signal.signal(self._signum, self._previous)
 
 
-def install_sigterm_handler(callback: Callable[[int], None] | None = None, *, signum: int = signal.SIGTERM) -> Preemption:
+def install_sigterm_handler(
+    callback: Callable[[int], None] | None = None, *, signum: int = signal.SIGTERM
+) -> Preemption:
     """Catches SIGTERM (instead of dying) and returns the flag the training loop checks; `callback`
     (optional, must be quick) is called with the signal number. Call from the main thread."""
     try:

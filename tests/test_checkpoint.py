@@ -257,7 +257,6 @@ def _writing_arrays(tmp: Path) -> bool:
 
 def test_sigkill_mid_save_resumes_from_last_complete(tmp_path, mesh):
     size = 16_000_000  # 64 MB of random float32: a save takes a fraction of a second
-    root = tmp_path / "checkpoints"
     for attempt in range(3):  # the kill must land while a tmp dir is being written; retry if it missed
         workdir = tmp_path / f"run{attempt}"
         root = workdir / "checkpoints"
