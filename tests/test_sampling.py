@@ -212,3 +212,23 @@ def test_2x2x2_mesh_with_batch_sharded_inputs_matches_one_device():
         np.testing.assert_array_equal(np.asarray(out["tokens"]), np.asarray(ref["tokens"]))
         np.testing.assert_allclose(np.asarray(out["logprobs"]), np.asarray(ref["logprobs"]), atol=1e-5)
         assert out["tokens"].sharding.spec[0] == rows
+
+
+def test_pipeline_layout_batches_and_config_errors(split, batch):
+    # The data pipeline's flat layout (layout keys at top level, host metadata) gives the same tokens.
+    flat = {k: v for k, v in batch.items() if k != "vision"} | dict(batch["vision"]) | {"answer": ["1", "2"], "task": ["a", "b"]}
+    cfg = SamplingConfig(max_new_tokens=N, greedy=True)
+    np.testing.assert_array_equal(
+        np.asarray(sampling.generate(*split, flat, None, cfg)["tokens"]),
+        np.asarray(sampling.generate(*split, batch, None, cfg)["tokens"]),
+    )
+    with pytest.raises(KeyError, match="positions"):
+        sampling.generate(*split, {k: v for k, v in flat.items() if k != "positions"}, None, cfg)
+    with pytest.raises(KeyError, match="rope_hw"):
+        sampling.generate(*split, {k: v for k, v in flat.items() if k != "rope_hw"}, None, cfg)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingConfig(max_new_tokens=4, temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(max_new_tokens=4, top_p=0.0)
+    with pytest.raises(ValueError, match="rng"):
+        sampling.generate(*split, batch, None, SamplingConfig(max_new_tokens=4))
