@@ -73,6 +73,7 @@ def base() -> mlc.ConfigDict:
     c.train = mlc.ConfigDict()
     c.train.steps = 300
     c.train.log_every = 10
+    c.train.stop_at = 0  # > 0: save and stop at this step (a planned interruption; the schedule still spans `steps`)
 
     c.checkpoint = mlc.ConfigDict()
     c.checkpoint.every = 100

@@ -19,6 +19,7 @@ from flax import nnx
 
 from atlas_jax import builders, checkpoint, metrics as metrics_lib, sharding as shd
 from atlas_jax.data import pipeline
+from atlas_jax.jobs import evaluate
 from atlas_jax.train import optimizer, sft, train_state
 
 log = logging.getLogger("atlas_jax")
@@ -100,18 +101,22 @@ def main(c: mlc.ConfigDict, workdir: str) -> dict:
         if perf:
             writer.write(step, {**last, **perf})
         ckpt.save(step, state, data_state=pipeline.pipeline_state(data_it), config=c.to_dict())
-        if preempted.should_stop():
-            log.warning("preempted: saving step %d and stopping", step)
+        if preempted.should_stop() or step == c.train.stop_at:
+            log.warning("stopping at step %d (%s): saving", step, "preempted" if preempted.requested else "train.stop_at")
             break
         if step < c.train.steps:
             host_batch = next(data_it)
             batch = _device(pipeline.to_global(host_batch, mesh))
 
-    # ------------------------------------------------------------------ final save
+    # ------------------------------------------------------------------ final save, evaluation
     ckpt.save(step, state, data_state=pipeline.pipeline_state(data_it), config=c.to_dict(), force=True)
     ckpt.close()
-    writer.close()
     preempted.uninstall()
+    if step >= c.train.steps and c.eval.num_per_task > 0:
+        results = evaluate.evaluate(graphdef, state.params, tok, c, workdir, mesh, tag=f"sft_step{step}")
+        writer.write(step, {f"eval/{k}": v for k, v in results.items()})
+        last.update({f"eval/{k}": v for k, v in results.items()})
+    writer.close()
     return last
 
 
