@@ -26,6 +26,7 @@ def _config(**over):
     c.checkpoint.every = 2
     c.checkpoint.async_save = False
     c.eval.num_per_task = 0
+    c.eval.batch_size = 8
     c.mesh = (2, 2, 2)
     for k, v in over.items():
         node = c
