@@ -34,11 +34,9 @@ def evaluate(graphdef, params, tok, c: mlc.ConfigDict, workdir: str, mesh, *, ta
     split = split or c.eval.split
     model_cfg = graphdef_cfg(graphdef, params)
     src = builders.source(c, workdir, split)
-    tasks = sorted({src[i]["task"] for i in range(min(len(src), 64))})
-    limit = min(len(src), c.eval.num_per_task * max(len(tasks), 1))
-    limit = max(limit - limit % c.eval.batch_size, c.eval.batch_size)
+    picked = _per_task(src, c.eval.num_per_task, c.eval.batch_size)
     pcfg = builders.pipeline_config(c, model_cfg, fmt="rl", batch_size=c.eval.batch_size, shuffle=False, num_epochs=1)
-    ds = pipeline.make_dataset(_Slice(src, limit), tok, pcfg, model_cfg, source_name=f"{split}[:{limit}]")
+    ds = pipeline.make_dataset(_Subset(src, picked), tok, pcfg, model_cfg, source_name=f"{split} (eval subset)")
 
     names = tuple(c.model.functional_tokens)
     func_ids = tokenizer_lib.functional_token_ids(tok, ft.by_name(names))
@@ -51,10 +49,14 @@ def evaluate(graphdef, params, tok, c: mlc.ConfigDict, workdir: str, mesh, *, ta
     usage = collections.Counter()
     completions_with_func = 0
     rows = []
+    seen = set()
     for host in ds:
         batch = pipeline.to_global(host, mesh)
         out = jax.device_get(sampling.generate(graphdef, params, batch, None, scfg))
         for r in range(out["tokens"].shape[0]):
+            if host["uid"][r] in seen:  # padding of the last batch repeats earlier samples
+                continue
+            seen.add(host["uid"][r])
             ids = out["tokens"][r][out["mask"][r]].tolist()
             text = tok.decode([i for i in ids if i not in stop], skip_special_tokens=False)
             ok = rewards.accuracy_reward(text, host["answer"][r])
@@ -90,20 +92,33 @@ def graphdef_cfg(graphdef, params):
     return nnx.merge(graphdef, params).cfg
 
 
-class _Slice:
-    """The first `n` records of a random-access source."""
+def _per_task(src, num_per_task: int, batch_size: int) -> list[int]:
+    """Indices of the first `num_per_task` records of every task, padded (with repeats, skipped
+    when scoring) to a whole number of batches."""
+    taken: dict[str, int] = collections.Counter()
+    picked = []
+    for i in range(len(src)):
+        task = src[i]["task"]
+        if taken[task] < num_per_task:
+            taken[task] += 1
+            picked.append(i)
+    n = len(picked)
+    picked += [picked[k % n] for k in range((-n) % batch_size)]
+    return picked
 
-    def __init__(self, src, n: int):
-        self.src, self.n = src, n
+
+class _Subset:
+    """The records `indices` of a random-access source, in that order."""
+
+    def __init__(self, src, indices: list[int]):
+        self.src, self.indices = src, indices
         self.source = getattr(src, "source", None)
 
     def __len__(self):
-        return self.n
+        return len(self.indices)
 
     def __getitem__(self, i):
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return self.src[i]
+        return self.src[self.indices[i]]
 
 
 def _save_heatmaps(src, host, out, r, k, names, func_ids, tok, workdir, tag) -> None:
