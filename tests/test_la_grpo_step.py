@@ -1,0 +1,117 @@
+"""The LA-GRPO step: in-step advantages + pulled-back gradient equal a direct computation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from atlas_jax import sharding
+from atlas_jax.model import vlm
+from atlas_jax.model.rope import next_position
+from atlas_jax.rl import losses
+from atlas_jax.train import la_grpo, train_state
+from hf_model_fixture import example, jax_batch
+from test_kv_cache import FUNC, tiny_cfg
+
+G, N = 2, 6
+
+
+def _rollouts(cfg, with_func=True, seed=0):
+    """2 prompts x G completions: left-padded prompt + completion, images per prompt."""
+    rng = np.random.default_rng(seed)
+    prompts = [example(rng, 3, [(1, 4, 4)], 2), example(rng, 5, [(1, 4, 6)], 1)]
+    pb = jax_batch(prompts, cfg, pad_left=True)
+    B, Tp = pb["input_ids"].shape
+    comp = rng.integers(0, 256, (B * G, N)).astype(np.int32)
+    if with_func:
+        comp[0, 1], comp[1, 3], comp[3, 0] = FUNC[0], FUNC[2], FUNC[1]
+    cmask = np.ones((B * G, N), bool)
+    cmask[1, 4:] = False
+    comp[1, 4:] = 0
+    rep = lambda x, axis=0: np.repeat(x, G, axis=axis)  # noqa: E731
+    start = np.stack([next_position(pb["positions"][:, b], pb["attention_mask"][b]) for b in range(B)])
+    cpos = rep(start)[:, None] + np.arange(N)[None]
+    batch = {
+        "input_ids": np.concatenate([rep(pb["input_ids"]), comp], 1),
+        "attention_mask": np.concatenate([rep(pb["attention_mask"]), cmask], 1),
+        "positions": np.concatenate([rep(pb["positions"], 1), np.broadcast_to(cpos, (3,) + cpos.shape)], 2).astype(np.int32),
+        "completion_mask": cmask,
+        "pixel_values": pb["pixel_values"],
+        **pb["vision"],
+        "old_logprobs": (rng.standard_normal((B * G, N)) * 0.1 - 3).astype(np.float32),
+        "rewards": np.array([1.0, 0.0, 0.5, 0.5], np.float32),
+    }
+    return batch
+
+
+def _setup(alpha, beta=0.0, loss_type="grpo"):
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    cfg = tiny_cfg("module")
+    model = vlm.create(cfg, mesh, seed=2)
+    model.visual_ops.gate[...] = jnp.full(3, 0.5)
+    tx = optax.sgd(0.1)
+    graphdef, state, shardings = train_state.create(model, tx, mesh, seed=0)
+    lc = losses.GRPOLossConfig(loss_type=loss_type, alpha=alpha, beta=beta, epsilon_low=0.2, epsilon_high=0.28)
+    rcfg = la_grpo.RLStepConfig(loss=lc, group_size=G, functional_ids=FUNC)
+    return cfg, graphdef, state, shardings, tx, rcfg
+
+
+def _jax(batch):
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("alpha,beta,loss_type", [(0.0, 0.0, "grpo"), (0.5, 0.04, "dr_grpo"), (1.0, 0.0, "bnpo")])
+def test_step_equals_direct_gradient_of_the_loss(alpha, beta, loss_type):
+    cfg, graphdef, state, shardings, tx, rcfg = _setup(alpha, beta, loss_type)
+    batch = _jax(_rollouts(cfg))
+    ref_params = jax.tree.map(lambda x: x * 1.01, state.params) if beta > 0 else None
+    params0 = jax.tree.map(jnp.copy, state.params)
+
+    # Direct: advantages written out (TRL: unbiased std), plain jax.grad of the whole loss.
+    r = np.asarray(batch["rewards"]).reshape(-1, G)
+    adv = ((r - r.mean(1, keepdims=True)) / (r.std(1, ddof=1, keepdims=True) + 1e-4)).reshape(-1)
+
+    def loss_fn(p):
+        logp = la_grpo.rollout_logprobs(nnx.merge(graphdef, p), batch, G)
+        ref = la_grpo.rollout_logprobs(nnx.merge(graphdef, ref_params), batch, G) if beta > 0 else None
+        tokens = batch["input_ids"][:, -N:]
+        func = jnp.isin(tokens, jnp.asarray(FUNC)) & batch["completion_mask"]
+        return losses.grpo_loss(logp, batch["old_logprobs"], jnp.asarray(adv), batch["completion_mask"], func, rcfg.loss, ref)[0]
+
+    loss_ref, g = jax.value_and_grad(loss_fn)(params0)
+    want = optax.apply_updates(params0, jax.tree.map(lambda x: -0.1 * x, g))
+
+    step = la_grpo.make_rl_step(graphdef, tx, rcfg, state_sharding=shardings, batch_sharding=None, ref_sharding=None)
+    state, m = step(state, ref_params, batch)
+    assert abs(float(m["loss"]) - float(loss_ref)) < 1e-6
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+    assert step._cache_size() == 1  # advantages, loss, update: one compiled program
+    if alpha > 0:
+        assert 0 < float(m["anchor/grad_share"]) < 10
+    assert int(m["num_functional"]) == 3
+
+
+def test_alpha_zero_is_plain_grpo_and_no_functional_tokens_gives_zero_anchor():
+    outs = []
+    for alpha, with_func in ((0.0, True), (0.7, False), (0.0, False)):
+        cfg, graphdef, state, shardings, tx, rcfg = _setup(alpha)
+        batch = _jax(_rollouts(cfg, with_func=with_func))
+        step = la_grpo.make_rl_step(graphdef, tx, rcfg, state_sharding=shardings, batch_sharding=None)
+        state, m = step(state, None, batch)
+        outs.append((jax.device_get(state.params), m))
+    (_, m0), (p1, m1), (p2, m2) = outs
+    assert float(m1["anchor_loss"]) == 0.0 and np.isfinite(float(m1["loss"]))
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_array_equal(a, b)  # alpha has no effect without functional tokens
+
+
+def test_equal_rewards_give_zero_update_and_no_nan():
+    cfg, graphdef, state, shardings, tx, rcfg = _setup(0.5)
+    batch = _rollouts(cfg)
+    batch["rewards"] = np.ones(4, np.float32)
+    step = la_grpo.make_rl_step(graphdef, tx, rcfg, state_sharding=shardings, batch_sharding=None)
+    _, m = step(state, None, _jax(batch))
+    assert float(m["grad_norm"]) == 0.0 and float(m["loss"]) == 0.0
