@@ -89,12 +89,15 @@ def pipeline_config(c: mlc.ConfigDict, model_cfg: ModelConfig, *, fmt: str, batc
 # ---------------------------------------------------------------------------- tokenizer
 def tokenizer(c: mlc.ConfigDict, workdir: str):
     """The run's tokenizer, with the functional tokens; saved in WORKDIR/tokenizer so a resumed
-    run (and evaluation) uses exactly the same one."""
+    run (and evaluation) uses exactly the same one. Taken from (first found): the workdir,
+    `tokenizer.path`, the run named by `rl.init_from` / `checkpoint.init_from`, the HF
+    checkpoint; else trained on the synthetic training split."""
     tokens = ft.by_name(tuple(c.model.functional_tokens))
     saved = os.path.join(workdir, "tokenizer")
     if os.path.exists(os.path.join(saved, "tokenizer.json")):
         return tokenizer_lib.load_tokenizer(saved)
-    path = c.tokenizer.path or c.model.init_from_hf
+    runs = [d for d in (c.rl.init_from, c.checkpoint.init_from) if d and os.path.exists(os.path.join(d, "tokenizer", "tokenizer.json"))]
+    path = c.tokenizer.path or (os.path.join(runs[0], "tokenizer") if runs else "") or c.model.init_from_hf
     if path:
         tok = tokenizer_lib.load_tokenizer(path)
     else:

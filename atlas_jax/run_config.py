@@ -81,6 +81,28 @@ def base() -> mlc.ConfigDict:
     c.checkpoint.async_save = True
     c.checkpoint.init_from = ""  # another run's workdir: start from its latest params
 
+    c.rl = mlc.ConfigDict()
+    c.rl.init_from = ""  # an SFT run's workdir: start (and the reference policy) from its latest params
+    c.rl.steps = 20  # rollout batches
+    c.rl.prompts_per_step = 8  # global B; each gets group_size completions
+    c.rl.group_size = 4
+    c.rl.num_iterations = 1  # mu: updates per rollout batch (old log-probs reused)
+    c.rl.max_new_tokens = 96
+    c.rl.temperature = 1.0
+    c.rl.top_p = 1.0
+    c.rl.top_k = 0
+    c.rl.loss_type = "grpo"  # grpo | bnpo | dapo | dr_grpo
+    c.rl.epsilon_low = 0.2
+    c.rl.epsilon_high = 0.28
+    c.rl.beta = 0.0  # KL weight; 0 skips the reference model
+    c.rl.alpha = 0.1  # LA-GRPO anchor weight; 0 = plain GRPO
+    c.rl.scale_rewards = "group"
+    c.rl.lr = 1e-4
+    c.rl.warmup_steps = 2
+    c.rl.anchor_share = True
+    c.rl.eval_every = 0  # 0 = only at the end
+    c.rl.rewards = mlc.ConfigDict(dict(accuracy=1.0, functional_usage=0.2, format=0.2, verbosity=0.5, spam=0.5))
+
     c.eval = mlc.ConfigDict()
     c.eval.split = "validation"
     c.eval.num_per_task = 16
@@ -133,5 +155,15 @@ def validate(c: mlc.ConfigDict, num_devices: int) -> None:
     _need(o.lr > 0, "optim.lr", o.lr, "> 0")
     _need(t.steps >= 0, "train.steps", t.steps, ">= 0")
     _need(c.checkpoint.every > 0 and c.checkpoint.keep > 0, "checkpoint.every", c.checkpoint.every, "> 0 (and keep > 0)")
+    r = c.rl
+    _need(r.group_size >= 2, "rl.group_size", r.group_size, ">= 2 completions per prompt (advantages compare them)")
+    _need(r.prompts_per_step > 0 and (r.prompts_per_step * r.group_size) % (data * fsdp) == 0 and r.prompts_per_step % (data * fsdp) == 0,
+          "rl.prompts_per_step", r.prompts_per_step, f"a positive multiple of data*fsdp={data * fsdp}")
+    _need(r.loss_type in ("grpo", "bnpo", "dapo", "dr_grpo"), "rl.loss_type", r.loss_type, "grpo | bnpo | dapo | dr_grpo")
+    _need(r.scale_rewards in ("group", "batch", "none"), "rl.scale_rewards", r.scale_rewards, "group | batch | none")
+    _need(r.alpha >= 0 and r.beta >= 0, "rl.alpha", r.alpha, ">= 0 (and rl.beta >= 0)")
+    _need(r.num_iterations >= 1, "rl.num_iterations", r.num_iterations, ">= 1")
+    _need(set(r.rewards.keys()) <= {"accuracy", "functional_usage", "format", "verbosity", "spam", "expected_usage"},
+          "rl.rewards", dict(r.rewards), "weights for accuracy, functional_usage, expected_usage, format, verbosity, spam")
     _need(c.eval.batch_size > 0 and c.eval.batch_size % (data * fsdp) == 0, "eval.batch_size", c.eval.batch_size,
           f"a positive multiple of data*fsdp={data * fsdp}")

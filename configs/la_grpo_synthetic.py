@@ -1,0 +1,41 @@
+"""LA-GRPO of the tiny synthetic-suite model, starting from an SFT run (CPU, minutes).
+
+    python -m atlas_jax.main --config=configs/sft_synthetic.py --workdir=/tmp/atlas_sft
+    python -m atlas_jax.main --config=configs/la_grpo_synthetic.py --workdir=/tmp/atlas_rl \\
+        --config.rl.init_from=/tmp/atlas_sft
+
+arg: 'la_grpo' (alpha = 0.1, default) or 'grpo' (alpha = 0: plain GRPO), optionally followed by
+',vocab' for a model without visual-op modules (e.g. 'grpo,vocab'); it must match the SFT run.
+"""
+
+from atlas_jax import run_config
+
+
+def get_config(arg: str = "la_grpo"):
+    c = run_config.base()
+    c.job = "la_grpo"
+    algo, *rest = arg.split(",")
+    if algo not in ("la_grpo", "grpo") or rest not in ([], ["vocab"], ["module"]):
+        raise ValueError(f"configs/la_grpo_synthetic.py:{arg}: expected 'la_grpo' or 'grpo', optionally ',vocab'")
+    c.model.visual_ops.mode = rest[0] if rest else "module"
+    c.data.synthetic_config = "small"
+    c.data.num_per_task = 64
+    c.data.image_size = 112
+    c.data.max_length = 192
+    c.data.max_patches = 64
+    c.rl.alpha = 0.1 if algo == "la_grpo" else 0.0
+    c.rl.steps = 20
+    c.rl.prompts_per_step = 8
+    c.rl.group_size = 4
+    c.rl.max_new_tokens = 80
+    c.rl.lr = 5e-5
+    c.rl.beta = 0.0
+    c.checkpoint.every = 10
+    c.train.log_every = 1
+    return c
+
+
+def sweep():
+    """GRPO against LA-GRPO at a few anchor weights."""
+    for alpha in (0.0, 0.05, 0.1, 0.3):
+        yield {"rl.alpha": alpha}
