@@ -173,7 +173,7 @@ def torch_step_fn(ckpt_dir: str, batch: dict, attn: str):
         if not check:
             return None
         norm = np.sqrt(sum(float(torch.sum(p.grad.double() ** 2)) for p in params if p.grad is not None))
-        return float(loss), float(norm)
+        return float(loss.detach()), float(norm)
 
     return step, sum(p.numel() for p in params)
 
