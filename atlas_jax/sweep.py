@@ -54,7 +54,8 @@ FLAGS = flags.FLAGS
 log = logging.getLogger("atlas_jax")
 
 # Columns of the summary table when present; the JSON summary keeps every final metric.
-SUMMARY_METRICS = ("step", "loss", "reward/mean", "kl", "eval/accuracy", "eval/functional_per_completion")
+SUMMARY_METRICS = ("step", "loss", "reward_mean", "train_accuracy", "kl", "eval/accuracy", "eval/functional_per_completion",
+                   "SFT/accuracy", "GRPO/accuracy", "LA-GRPO/accuracy")  # the last three: the pipeline job's stages
 MAX_NAME = 100
 
 
@@ -217,7 +218,8 @@ def pod_commands(points: Sequence[Point], spec: str, *, base_overrides: Mapping[
 
 def final_metrics(workdir: str, returned: Mapping[str, Any] | None = None) -> dict[str, float]:
     """The last value of every scalar in WORKDIR/metrics.jsonl, the newest eval_*.json results as
-    'eval/...' where the log lacks them, then what `run_job` returned (it wins)."""
+    'eval/...' where the log lacks them, then what `run_job` returned (it wins; a nested dict, as
+    the pipeline job returns per stage, becomes 'stage/metric')."""
     out: dict[str, float] = {}
     path = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(path):
@@ -234,7 +236,11 @@ def final_metrics(workdir: str, returned: Mapping[str, Any] | None = None) -> di
             results = json.load(f).get("results", {})
         for k, v in results.items():
             out.setdefault(f"eval/{k}", v)
-    out.update(returned or {})
+    for k, v in (returned or {}).items():
+        if isinstance(v, Mapping):
+            out.update({f"{k}/{k2}": v2 for k2, v2 in v.items()})
+        else:
+            out[k] = v
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 

@@ -209,6 +209,9 @@ def test_summary_reads_metrics_and_eval_files_and_reports_failures(tmp_path):
          "metrics": sweep.final_metrics(str(broken))},
     ]
     assert rows[0]["metrics"] == {"step": 20.0, "loss": 1.25, "eval/accuracy": 0.75, "eval/functional_per_completion": 1.5}
+    # What the job returns wins; the pipeline job's per-stage results become 'stage/metric'.
+    returned = {"loss": 1.0, "SFT": {"accuracy": 0.5, "tasks": ["a"]}, "LA-GRPO": {"accuracy": 0.625}, "note": "x"}
+    assert sweep.final_metrics(str(done), returned) == {**rows[0]["metrics"], "loss": 1.0, "SFT/accuracy": 0.5, "LA-GRPO/accuracy": 0.625}
     assert sweep.summary_table(rows).splitlines() == [
         "| point | overrides | status | step | loss | eval/accuracy | eval/functional_per_completion |",
         "| --- | --- | --- | --- | --- | --- | --- |",
