@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from atlas_jax import sharding as shd
-from atlas_jax.model.config import ConfigError, ModelConfig
+from atlas_jax.model.config import ConfigError, ModelConfig, VisualOpConfig
 from atlas_jax.model.visual_ops import VisualOps
 from atlas_jax.model.vlm import VLM
 from atlas_jax.safetensors_io import SafetensorsError, SafetensorsFile, save_file
@@ -136,9 +136,17 @@ def read_config(path: str, **overrides) -> ModelConfig:
             d = json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from e
+    ops_file = os.path.join(path, VISUAL_OPS_FILE)
+    if "visual_ops" not in overrides and os.path.exists(ops_file):
+        # An atlas-jax export: its functional-token modules are described in the ops file's metadata.
+        meta = _open(ops_file).metadata.get("visual_ops")
+        if meta:
+            fields = json.loads(meta)
+            fields["token_ids"] = tuple(fields["token_ids"])
+            overrides["visual_ops"] = VisualOpConfig(**fields)
     try:
         return ModelConfig.from_hf_dict(d, source=cfg_path, **overrides)
-    except ConfigError as e:
+    except ConfigError as e:  # its message names config.json already
         raise CheckpointError(str(e)) from e
 
 

@@ -103,8 +103,9 @@ def test_functional_rows_keep_transformers_parity(tmp_path, spare_rows):
     )
     np.testing.assert_allclose(np.asarray(got)[0], hf_logits(ref, e), atol=1e-4, rtol=0)
 
-    # The visual-op weights come back from their own file.
-    again = hf_checkpoint.from_hf(out, mesh=_mesh(), visual_ops=model.cfg.visual_ops)
+    # The visual-op modules (config in the file's metadata, weights) come back from their own file.
+    again = hf_checkpoint.from_hf(out, mesh=_mesh())
+    assert again.cfg.visual_ops == model.cfg.visual_ops
     np.testing.assert_array_equal(np.asarray(again.visual_ops.wq[...]), np.asarray(model.visual_ops.wq[...]))
 
 

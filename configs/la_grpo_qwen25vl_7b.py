@@ -1,0 +1,56 @@
+"""LA-GRPO of an SFT'd Qwen2.5-VL-7B on a TPU pod slice, starting from `sft_qwen25vl_7b.py`'s run.
+
+    launch/tpu_run.sh --tpu=NAME --zone=ZONE --project=PROJECT -- \\
+        --config=configs/la_grpo_qwen25vl_7b.py --workdir=gs://BUCKET/atlas/la_grpo_7b \\
+        --config.model.init_from_hf=/mnt/ckpt/Qwen2.5-VL-7B-Instruct \\
+        --config.rl.init_from=gs://BUCKET/atlas/sft_7b \\
+        --config.data.source=jsonl --config.data.jsonl_train=/mnt/data/rl_prompts.jsonl
+
+arg: 'la_grpo' (alpha = 0.1, default) or 'grpo' (alpha = 0).
+"""
+
+from atlas_jax import run_config
+
+
+def get_config(arg: str = "la_grpo"):
+    if arg not in ("la_grpo", "grpo"):
+        raise ValueError(f"configs/la_grpo_qwen25vl_7b.py:{arg}: expected 'la_grpo' or 'grpo'")
+    c = run_config.base()
+    c.job = "la_grpo"
+    c.distributed = True
+    c.mesh = (1, -1, 1)
+    c.model.dtype = "bfloat16"
+    c.model.param_dtype = "float32"
+    c.model.remat = True
+    c.model.visual_ops.layer = 14
+    c.model.visual_ops.num_heads = 16
+    c.model.visual_ops.head_dim = 128
+    c.model.visual_ops.max_positions = 16
+    c.data.source = "jsonl"
+    c.data.max_length = 2048  # prompt (with image tokens)
+    c.data.max_patches = 4096
+    c.data.max_images = 4
+    c.data.pad_to_multiple = 0
+    c.optim.freeze_vision = True
+    c.rl.steps = 400
+    c.rl.prompts_per_step = 64
+    c.rl.group_size = 8
+    c.rl.num_iterations = 2
+    c.rl.max_new_tokens = 1024
+    c.rl.temperature = 1.0
+    c.rl.lr = 1e-6
+    c.rl.beta = 0.04
+    c.rl.alpha = 0.1 if arg == "la_grpo" else 0.0
+    c.rl.loss_type = "dapo"
+    c.rl.eval_every = 50
+    c.checkpoint.every = 50
+    c.eval.num_per_task = 50
+    c.eval.batch_size = 64
+    c.eval.max_new_tokens = 1024
+    return c
+
+
+def sweep():
+    """Plain GRPO against LA-GRPO at increasing anchor weights."""
+    for alpha in (0.0, 0.05, 0.1, 0.2):
+        yield {"rl.alpha": alpha}
