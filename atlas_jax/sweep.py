@@ -260,7 +260,9 @@ def run_local(points: Sequence[Point], configs: Sequence[mlc.ConfigDict], root: 
             status = f"failed: {type(e).__name__}: {e}"
         rows.append({"point": p.name, "workdir": p.workdir, "overrides": p.overrides, "status": status,
                      "seconds": round(time.perf_counter() - t0, 1), "metrics": final_metrics(p.workdir, returned)})
-    write_summary(rows, root, summary_metrics=summary_metrics)
+        # Rewritten after every point: an interrupted sweep still leaves the finished points' table.
+        table = write_summary(rows, root, summary_metrics=summary_metrics)
+    print(table)
     return rows
 
 
@@ -271,13 +273,13 @@ def summary_table(rows: Sequence[dict], summary_metrics: Sequence[str] | None = 
 
 
 def write_summary(rows: Sequence[dict], root: str, *, summary_metrics: Sequence[str] | None = None) -> str:
+    """Writes ROOT/sweep_summary.md (the table) and .json (every final metric); returns the table."""
     table = summary_table(rows, summary_metrics)
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, "sweep_summary.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(root, "sweep_summary.json"), "w") as f:
         json.dump({"points": list(rows)}, f, indent=1, default=str)
-    print(table)
     return table
 
 

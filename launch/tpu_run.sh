@@ -154,7 +154,7 @@ job_args=("$@")
 has_config=0
 has_workdir=0
 has_distributed=0
-for a in "${job_args[@]}"; do
+for a in ${job_args[@]+"${job_args[@]}"}; do  # (bash 3.2, macOS: an empty array is unset)
   case $a in
     --config | --config=*) has_config=1 ;;
     --workdir | --workdir=*) has_workdir=1 ;;
@@ -222,7 +222,7 @@ rdir=$(remote_path "$remote_dir")
 if [[ -n $install ]]; then
   pip_line="$(rquote "$python") -m pip install --quiet --upgrade \"jax[tpu]\" -e $rdir"
   if [[ -d $install ]]; then
-    archive=$(mktemp "${TMPDIR:-/tmp}/atlas-jax.XXXXXX.tar.gz")
+    archive=$(mktemp "${TMPDIR:-/tmp}/atlas-jax-src.XXXXXX")  # (BSD mktemp: X's last)
     trap 'rm -f "$archive"' EXIT
     pack_source "$install" "$archive"
     run gcloud compute tpus tpu-vm scp "$archive" "$tpu:atlas-jax-src.tar.gz" "${gcloud_target[@]:1}"
