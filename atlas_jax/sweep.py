@@ -3,7 +3,7 @@
     python -m atlas_jax.sweep --config=configs/sft_synthetic.py --workdir=/tmp/sweep                 # list
     python -m atlas_jax.sweep --config=configs/sft_synthetic.py --workdir=/tmp/sweep --mode=local \\
         --config.train.steps=50
-    python -m atlas_jax.sweep --config=configs/sft_qwen25vl_7b.py --workdir=gs://bucket/sweep --mode=pod \\
+    python -m atlas_jax.sweep --config=configs/sft_qwen25vl_7b.py --workdir=/mnt/gcs/sweeps/7b --mode=pod \\
         --launcher_flags="--tpu=my-v5e-32 --zone=us-west4-a --project=my-proj"
 
 A config's `sweep()` yields dicts of dotted overrides, e.g. `{"optim.lr": 1e-3,

@@ -2,7 +2,10 @@
 # Runs one atlas-jax command on every worker of a Cloud TPU VM pod slice.
 #
 #   launch/tpu_run.sh --tpu my-v5e-32 --zone us-west4-a --project my-proj --install . \
-#       -- --config=configs/sft_qwen25vl_7b.py --workdir=gs://my-bucket/runs/sft --config.optim.lr=1e-5
+#       -- --config=configs/sft_qwen25vl_7b.py --workdir=/mnt/gcs/runs/sft --config.optim.lr=1e-5
+#
+# The workdir must be one directory that every worker sees (e.g. a bucket mounted with gcsfuse at
+# the same path on each): all processes write the checkpoints together.
 #
 # The same command runs on all workers at once (`gcloud compute tpus tpu-vm ssh --worker=all`):
 # JAX's multi-controller runtime needs every host to start the same program, and
@@ -162,7 +165,7 @@ for a in ${job_args[@]+"${job_args[@]}"}; do  # (bash 3.2, macOS: an empty array
   esac
 done
 [[ $has_config == 1 ]] || die "no job config: put --config=configs/X.py[:arg] after '--'"
-[[ $has_workdir == 1 ]] || die "no workdir: put --workdir=DIR after '--' (a bucket path every worker can reach)"
+[[ $has_workdir == 1 ]] || die "no workdir: put --workdir=DIR after '--' (a directory every worker shares, e.g. a gcsfuse mount)"
 # Appended last: ml_collections rejects an override that comes before --config.
 [[ $has_distributed == 1 ]] || job_args+=("--config.distributed=True")
 
