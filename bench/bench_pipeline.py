@@ -21,9 +21,10 @@ Printed: examples/s of the pipeline and of the step (median round and min-max), 
 pipeline / step (goal: >= 1), and the trainer-order loop's examples/s fed by the pipeline and fed
 from batches loaded beforehand, and their ratio (goal: ~1: loading costs the loop nothing).
 
-    python bench/bench_pipeline.py                       # worker_count 0 (threads), 1, 2; ~3 min
+    python bench/bench_pipeline.py                       # worker_count 0 (threads) and 1; ~2-3 min
+    python bench/bench_pipeline.py --workers 0,1,2       # also 2 worker processes; ~3-4 min
     python bench/bench_pipeline.py --workers 0 --rounds 6 --batches 8
-    python bench/bench_pipeline.py --profile 0           # cProfile of the pipeline alone (top 25)
+    python bench/bench_pipeline.py --profile             # cProfile of the pipeline in one thread
 
 Results depend on load from other processes: report `uptime` with them.
 """
@@ -100,8 +101,9 @@ def build(workdir: str) -> Run:
     return Run(c, mesh, tok, model_cfg, state, step_fn, source, n_params)
 
 
-def make_dataset(run: Run, workers: int) -> pipeline.PipelineDataset:
-    cfg = dataclasses.replace(builders.pipeline_config(run.c, run.model_cfg, fmt="sft"), worker_count=workers)
+def make_dataset(run: Run, workers: int, **overrides) -> pipeline.PipelineDataset:
+    cfg = builders.pipeline_config(run.c, run.model_cfg, fmt="sft")
+    cfg = dataclasses.replace(cfg, worker_count=workers, **overrides)
     return pipeline.make_dataset(run.source, run.tok, cfg, run.model_cfg)
 
 
@@ -134,24 +136,24 @@ class Stepper:
         return time.perf_counter() - t
 
 
-def drain(it, mesh, *, wait_s: float = 0.02, max_batches: int = 32) -> None:
-    """Consumes, untimed, what the pipeline read ahead while nothing was pulling (threads' prefetch
-    buffer, workers' buffers), until a batch takes `wait_s` to come: from then on batches arrive at
-    the rate they are produced. The buffer depth differs between threads and worker processes, so
-    a fixed count would either leave pre-filled batches in the timed window or wait needlessly."""
-    for _ in range(max_batches):
+def drain(it, mesh, *, workers: int, wait_s: float = 0.02, max_batches: int = 64) -> None:
+    """Consumes, untimed, what the pipeline read ahead while nothing was pulling, so that batches
+    then arrive at the rate they are produced: at least as many batches as the read-ahead holds
+    (threads: one batch of prefetched examples; worker processes: about 4 batches each, as seen
+    with grain 0.2.18's `mp_prefetch`), then until one batch takes `wait_s` to come."""
+    for i in range(max_batches):
         t = time.perf_counter()
         load(it, mesh)
-        if time.perf_counter() - t > wait_s:
+        if i >= 5 * workers and time.perf_counter() - t > wait_s:
             return
 
 
-def interleaved(run: Run, stepper: Stepper, it, *, rounds: int, batches: int) -> tuple[list, list]:
+def interleaved(run: Run, stepper: Stepper, it, *, workers: int, rounds: int, batches: int) -> tuple[list, list]:
     """Examples/s of each pipeline round and of each step round (the first round is warm-up)."""
     bs = run.c.data.batch_size
     pipe, step = [], []
     for r in range(rounds + 1):
-        drain(it, run.mesh)
+        drain(it, run.mesh, workers=workers)
         t = time.perf_counter()
         got = [load(it, run.mesh) for _ in range(batches)]
         t_pipe = time.perf_counter() - t
@@ -180,7 +182,7 @@ def loop(run: Run, stepper: Stepper, batches, *, steps: int) -> float:
     return steps * bs / (time.perf_counter() - t)
 
 
-def overlapped(run: Run, stepper: Stepper, it, *, rounds: int, steps: int) -> tuple[list, list]:
+def overlapped(run: Run, stepper: Stepper, it, *, workers: int, rounds: int, steps: int) -> tuple[list, list]:
     """Examples/s of the trainer-order loop fed by the pipeline, and of the same loop fed from
     batches loaded beforehand (the step alone in the same order), alternating round by round."""
     kept = [load(it, run.mesh) for _ in range(steps + 1)]
@@ -189,15 +191,17 @@ def overlapped(run: Run, stepper: Stepper, it, *, rounds: int, steps: int) -> tu
     cycle = iter(kept * (rounds + 1))
     with_data, without = [], []
     for _ in range(rounds):
-        drain(it, run.mesh)
+        drain(it, run.mesh, workers=workers)
         with_data.append(loop(run, stepper, lambda: load(it, run.mesh), steps=steps))
         without.append(loop(run, stepper, lambda: next(cycle), steps=steps))
     return with_data, without
 
 
-def profile(run: Run, workers: int, batches: int) -> str:
-    it = iter(make_dataset(run, workers))
-    drain(it, run.mesh)
+def profile(run: Run, batches: int) -> str:
+    """cProfile of the pipeline with every stage in the main thread (read_threads=0), so the
+    per-example work (decode, preprocess, tokenize, collate) shows up, not just lock waits."""
+    it = iter(make_dataset(run, 0, read_threads=0))
+    load(it, run.mesh)
     prof = cProfile.Profile()
     t = time.perf_counter()
     prof.enable()
@@ -206,8 +210,8 @@ def profile(run: Run, workers: int, batches: int) -> str:
     prof.disable()
     rate = batches * run.c.data.batch_size / (time.perf_counter() - t)
     out = io.StringIO()
-    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(25)
-    return f"pipeline alone under cProfile: {rate:.1f} examples/s\n{out.getvalue()}"
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+    return f"pipeline alone, one thread, under cProfile: {rate:.1f} examples/s\n{out.getvalue()}"
 
 
 def summary(xs: list) -> str:
@@ -216,13 +220,13 @@ def summary(xs: list) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workers", default="0,1,2", help="comma-separated pipeline worker_count values (0 = threads)")
+    p.add_argument("--workers", default="0,1", help="comma-separated pipeline worker_count values (0 = threads)")
     p.add_argument("--rounds", type=int, default=3, help="timed interleaved rounds per setting (plus one warm-up)")
     p.add_argument("--batches", type=int, default=4, help="batches per round")
-    p.add_argument("--overlap-rounds", type=int, default=2, help="rounds of the trainer-order loop, with and without the pipeline")
-    p.add_argument("--overlap-steps", type=int, default=5, help="steps per trainer-order round")
+    p.add_argument("--overlap-rounds", type=int, default=3, help="rounds of the trainer-order loop, with and without the pipeline")
+    p.add_argument("--overlap-steps", type=int, default=4, help="steps per trainer-order round")
     p.add_argument("--workdir", default="", help="reuse a workdir (data + tokenizer); default: a temporary one")
-    p.add_argument("--profile", type=int, default=-1, help=">= 0: only cProfile the pipeline with this worker_count")
+    p.add_argument("--profile", action="store_true", help="only cProfile the pipeline in one thread (top 25 by own time)")
     a = p.parse_args()
     # Grain's worker processes read absl flags; the real entry point parses them via `app.run`.
     flags.FLAGS.mark_as_parsed()
@@ -239,8 +243,8 @@ def main():
         print(f"setup (data, tokenizer, model, step) {time.perf_counter() - t:.1f}s; {run.num_params / 1e6:.2f}M params, "
               f"{len(run.source)} train records, {jax.device_count()} device(s), {os.cpu_count()} cores, "
               f"load {os.getloadavg()[0]:.1f}")
-        if a.profile >= 0:
-            print(profile(run, a.profile, a.batches * a.rounds))
+        if a.profile:
+            print(profile(run, a.batches * a.rounds))
             return
         stepper = Stepper(run)
         rows = []
@@ -248,8 +252,8 @@ def main():
             t = time.perf_counter()
             it = iter(make_dataset(run, w))
             try:
-                pipe, step = interleaved(run, stepper, it, rounds=a.rounds, batches=a.batches)
-                fed, alone = overlapped(run, stepper, it, rounds=a.overlap_rounds, steps=a.overlap_steps)
+                pipe, step = interleaved(run, stepper, it, workers=w, rounds=a.rounds, batches=a.batches)
+                fed, alone = overlapped(run, stepper, it, workers=w, rounds=a.overlap_rounds, steps=a.overlap_steps)
             finally:
                 if w:
                     it.close()
