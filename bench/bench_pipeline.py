@@ -50,7 +50,6 @@ from flax import nnx
 
 from atlas_jax import builders
 from atlas_jax.data import pipeline
-from atlas_jax.jobs.sft import _device
 from atlas_jax.train import optimizer, sft, train_state
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "sft_synthetic.py")
@@ -71,10 +70,10 @@ class Run:
     mesh: object
     tok: object
     model_cfg: object
-    state: object
-    step_fn: object
     source: object
     num_params: int
+    state: object = None
+    step_fn: object = None
 
 
 def build(workdir: str) -> Run:
@@ -88,17 +87,16 @@ def build(workdir: str) -> Run:
     tx = optimizer.make_optimizer(
         nnx.state(model), weight_decay=c.optim.weight_decay, b1=c.optim.b1, b2=c.optim.b2, clip_norm=c.optim.clip_norm, **tx_kw
     )
-    graphdef, state, state_sh = train_state.create(model, tx, mesh, seed=c.seed)
-    model_cfg, n_params = model.cfg, builders.num_params(model)
-    source = builders.source(c, workdir, "train")
+    graphdef, run_state, state_sh = train_state.create(model, tx, mesh, seed=c.seed)
+    run = Run(c, mesh, tok, model.cfg, builders.source(c, workdir, "train"), builders.num_params(model), state=run_state)
+    del model
     # The step's batch shardings depend only on the mesh and the keys: take them from one batch.
-    first = next(iter(make_dataset(Run(c, mesh, tok, model_cfg, None, None, source, 0), workers=0)))
-    batch_sh = {k: v.sharding for k, v in _device(pipeline.to_global(first, mesh)).items()}
-    step_fn = sft.make_train_step(
+    batch_sh = {k: v.sharding for k, v in load(iter(make_dataset(run, 0)), mesh).items()}
+    run.step_fn = sft.make_train_step(
         graphdef, tx, state_sharding=state_sh, batch_sharding=batch_sh, grad_accum=c.optim.grad_accum,
         lr_schedule=optimizer.schedule(**tx_kw),
     )
-    return Run(c, mesh, tok, model_cfg, state, step_fn, source, n_params)
+    return run
 
 
 def make_dataset(run: Run, workers: int, **overrides) -> pipeline.PipelineDataset:
@@ -108,8 +106,9 @@ def make_dataset(run: Run, workers: int, **overrides) -> pipeline.PipelineDatase
 
 
 def load(it, mesh) -> dict:
-    """One device batch, as the trainer loop gets it."""
-    return _device(pipeline.to_global(next(it), mesh))
+    """The device arrays of one global batch, as the trainer loop gets them (host metadata such as
+    answers stays behind)."""
+    return {k: v for k, v in pipeline.to_global(next(it), mesh).items() if isinstance(v, jax.Array)}
 
 
 class Stepper:
@@ -122,7 +121,7 @@ class Stepper:
         shape = batch["input_ids"].shape
         if shape not in self.shapes:
             self.shapes.add(shape)
-            self(batch)
+            jax.block_until_ready((self(batch), self.state))  # nothing left running into a timed window
 
     def __call__(self, batch: dict):
         with jax.set_mesh(self.run.mesh):
@@ -260,8 +259,8 @@ def main():
             rows.append((w, pipe, step, fed, alone))
             print(f"worker_count={w}: {time.perf_counter() - t:.1f}s, buckets compiled {sorted(s[1] for s in stepper.shapes)}")
 
-    bs, T = run.c.data.batch_size, run.c.data.max_length
-    print(f"\nexamples/s, batch {bs}, max_length {T}, 112 px; median round (min-max) over {a.rounds} rounds of {a.batches} batches")
+    d = run.c.data
+    print(f"\nexamples/s, batch {d.batch_size}, max_length {d.max_length}, {d.image_size} px; median round (min-max) over {a.rounds} rounds of {a.batches} batches")
     print("| workers | pipeline ex/s | step ex/s | pipeline / step | loop fed by pipeline ex/s | loop, batches preloaded ex/s | fed / preloaded |")
     print("|---|---|---|---|---|---|---|")
     for w, pipe, step, fed, alone in rows:
