@@ -253,11 +253,12 @@ def main() -> None:
     if n_params["jax"] != n_params["torch"]:
         raise SystemExit(f"parameter counts differ: {n_params}")
     n_img = (args.image // cfg.vision.patch_size) ** 2 // cfg.vision.merge_unit
+    images = f"one {args.image}px image ({n_img} image tokens) per sample" if args.image else "text only"
     import jax
     import torch
 
     print(f"config={args.config} params={n_params['jax']:,} ({n_params['jax'] / 1e6:.1f}M) "
-          f"batch={args.batch}x{args.seq} tokens, one {args.image}px image ({n_img} image tokens) per sample; "
+          f"batch={args.batch}x{args.seq} tokens, {images}; "
           f"torch attn={args.attn}; threads={args.threads} each; jax {jax.__version__}, torch {torch.__version__}")
 
     # ---- same computation? (the first JAX step also compiles)
