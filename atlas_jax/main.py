@@ -26,18 +26,33 @@ JOB_MODULES = {"sft": "atlas_jax.jobs.sft", "la_grpo": "atlas_jax.jobs.la_grpo",
 
 def setup_logging(level: str) -> None:
     import jax
+
+    # Only process 0 speaks below WARNING: one log per run, not one per host.
+    logging.getLogger("atlas_jax").setLevel(level if jax.process_index() == 0 else "WARNING")
+
+
+def _console_logging() -> None:
+    """Command-line runs: our messages as short lines on stderr, libraries' INFO chatter off."""
     from absl import logging as absl_logging
 
-    # Libraries (orbax, grain, tfds) log through absl at INFO: keep their warnings only.
-    absl_logging.set_verbosity(absl_logging.WARNING)
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax, grain, tfds log through absl at INFO
     logger = logging.getLogger("atlas_jax")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-        logger.addHandler(handler)
-        logger.propagate = False
-    # Only process 0 speaks below WARNING: one log per run, not one per host.
-    logger.setLevel(level if jax.process_index() == 0 else "WARNING")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.propagate = False
+
+
+def initialize_distributed(c) -> None:
+    """jax.distributed.initialize() from the config, else the JAX_* environment, else the
+    cluster's auto-detection (Cloud TPU pods, SLURM, Open MPI, Kubernetes)."""
+    import jax
+
+    addr = c.get("coordinator_address", "") or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+    n = c.get("num_processes", 0) or int(os.environ.get("JAX_NUM_PROCESSES", 0)) or None
+    pid = c.get("process_id", -1)
+    pid = pid if pid >= 0 else (int(os.environ["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in os.environ else None)
+    jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid)
 
 
 def run_job(c, workdir: str):
@@ -47,7 +62,7 @@ def run_job(c, workdir: str):
     from atlas_jax import run_config
 
     if c.get("distributed", False):
-        jax.distributed.initialize()
+        initialize_distributed(c)
     run_config.validate(c, jax.device_count())
     os.makedirs(workdir, exist_ok=True)
     setup_logging(c.get("log_level", "INFO"))
@@ -65,6 +80,7 @@ def main(argv):
 
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/atlas_jax/jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    _console_logging()
     run_job(FLAGS.config, FLAGS.workdir)
 
 

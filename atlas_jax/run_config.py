@@ -22,7 +22,10 @@ def base() -> mlc.ConfigDict:
     c.job = "sft"
     c.seed = 0
     c.mesh = (-1, 1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices
-    c.distributed = False  # jax.distributed.initialize() (multi-host pods); flags/env give the coordinator
+    c.distributed = False  # jax.distributed.initialize() (multi-host): auto-detected on TPU pods / SLURM / k8s,
+    c.coordinator_address = ""  # or given here / by JAX_COORDINATOR_ADDRESS ("host:port"),
+    c.num_processes = 0  # JAX_NUM_PROCESSES (0 = auto)
+    c.process_id = -1  # JAX_PROCESS_ID (-1 = auto)
     c.log_level = "INFO"
 
     c.model = mlc.ConfigDict()

@@ -24,7 +24,6 @@ from atlas_jax.data.image_processing import ImageProcessorConfig
 from atlas_jax.data.pipeline import (
     PipelineConfig,
     global_batches,
-    host_indices,
     make_dataset,
     pipeline_state,
     restore,
@@ -300,16 +299,6 @@ def test_exact_resume_with_worker_processes(tok, model_cfg):
 
 
 # ----------------------------------------------------------------------------- hosts, epochs
-@pytest.mark.parametrize("n,hosts", [(10, 2), (10, 3), (9, 3), (2, 3), (1, 1)])
-def test_host_indices_disjoint_covering_equal(n, hosts):
-    shards = [host_indices(n, i, hosts) for i in range(hosts)]
-    assert len({len(s) for s in shards}) == 1
-    owned = [set(range(i, n, hosts)) for i in range(hosts)]
-    assert set().union(*map(set, shards)) == set(range(n))
-    for i, s in enumerate(shards):  # top-ups repeat the host's own records (or borrow one when n < hosts)
-        assert set(s) == owned[i] or (not owned[i] and len(s) == 1)
-
-
 @pytest.mark.parametrize("hosts", [2, 3])
 def test_per_host_streams_disjoint_and_covering(tok, model_cfg, hosts):
     samples = [random_sample(i) for i in range(10)]
@@ -321,9 +310,23 @@ def test_per_host_streams_disjoint_and_covering(tok, model_cfg, hosts):
     assert len({len(s) for s in streams}) == 1  # every host takes the same number of steps
     sets = [set(s) for s in streams]
     assert set().union(*sets) == {s.uid for s in samples}
-    for a in range(hosts):
-        for b in range(a + 1, hosts):
-            assert not sets[a] & sets[b]
+    n_topup = (-len(samples)) % hosts  # the stream's first records, repeated so hosts stay equal
+    assert sum(len(s) for s in sets) == len(samples) + n_topup
+    assert sum(len(s) for s in streams) == len(samples) + n_topup
+
+
+def test_global_batches_hold_the_same_records_for_any_number_of_hosts(tok, model_cfg):
+    samples = [random_sample(i) for i in range(12)]
+    cfg = config(batch_size=6, num_epochs=2, seed=3)
+
+    def global_batches(hosts):
+        its = [iter(make_dataset(samples, tok, cfg, model_cfg, process_index=p, process_count=hosts)) for p in range(hosts)]
+        return [sorted(u for it in its for u in next(it)["uid"]) for _ in range(4)]
+
+    one = global_batches(1)
+    assert global_batches(2) == one and global_batches(3) == one
+    assert all(len(set(b)) == len(b) for b in one)  # the hosts' shares of a batch are disjoint
+    assert len({tuple(b) for b in one}) == 4
 
 
 def test_epochs_and_shuffle_deterministic(tok, model_cfg):

@@ -95,35 +95,39 @@ class PipelineConfig:
 
 
 # ----------------------------------------------------------------------------- sharding
-def host_indices(num_records: int, process_index: int, process_count: int) -> np.ndarray:
-    """int64[ceil(num_records / process_count)]: the source indices host `process_index` reads.
+class _Indexed:
+    """Random access to the source's records as (source index, record) pairs."""
 
-    Strided (i, i + n, ...); the shards are disjoint and cover [0, num_records). Hosts whose shard
-    is one short repeat their first record so that all hosts have equal length.
+    def __init__(self, source: Sequence):
+        self._source = source
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, i: int):
+        return int(i), self._source[int(i)]
+
+
+def global_stream(source: Sequence, cfg: PipelineConfig, process_index: int, process_count: int) -> grain.MapDataset:
+    """This host's share of ONE global record stream.
+
+    All hosts shuffle the whole source with the same seed (re-shuffled every epoch), and host i
+    takes positions i, i + n, ... of that stream. Global batch k therefore holds the same records
+    whatever the number of hosts (only their row order differs), and the hosts' shares are
+    disjoint and cover every epoch. A finite stream is topped up with its first records to a
+    multiple of n, so every host takes the same number of steps.
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} outside [0, process_count={process_count})")
-    if num_records == 0:
+    if len(source) == 0:
         raise ValueError("the data source is empty; expected at least one record")
-    per_host = math.ceil(num_records / process_count)
-    own = np.arange(process_index, num_records, process_count)
-    if own.size == 0:  # fewer records than hosts: borrow one so the host can still step
-        own = np.asarray([process_index % num_records])
-    return np.concatenate([own, np.resize(own, per_host - own.size)])
-
-
-class _HostShard:
-    """Random access to this host's records as (source index, record) pairs."""
-
-    def __init__(self, source: Sequence, indices: np.ndarray):
-        self._source, self._indices = source, indices
-
-    def __len__(self) -> int:
-        return int(self._indices.size)
-
-    def __getitem__(self, i: int):
-        j = int(self._indices[i])
-        return j, self._source[j]
+    ds = grain.MapDataset.source(_Indexed(source))
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.seed)
+    ds = ds.repeat(cfg.num_epochs)
+    while cfg.num_epochs is not None and len(ds) % process_count:
+        ds = grain.MapDataset.concatenate([ds, ds[: process_count - len(ds) % process_count]])
+    return ds[process_index::process_count]
 
 
 # ----------------------------------------------------------------------------- skipping
@@ -269,10 +273,7 @@ def make_dataset(
         logging.info("data: %d hosts, so batches are padded to max_length=%d (no length buckets)", process_count, cfg.max_length)
         pad_to_multiple = 0
 
-    ds = grain.MapDataset.source(_HostShard(source, host_indices(len(source), process_index, process_count)))
-    if cfg.shuffle:
-        ds = ds.shuffle(seed=cfg.seed)
-    ds = ds.repeat(cfg.num_epochs)
+    ds = global_stream(source, cfg, process_index, process_count)
     ds = ds.map(_BuildOrMark(builder, cfg.skip_bad_records))
     threads = cfg.read_threads if cfg.worker_count == 0 else 0
     ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=cfg.read_buffer))
