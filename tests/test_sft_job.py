@@ -71,3 +71,23 @@ def test_bad_config_is_rejected_before_anything_runs(tmp_path):
     with pytest.raises(ConfigError, match="model.visual_ops.mode"):
         entry.run_job(_config(**{"model.visual_ops.mode": "both"}), str(tmp_path))
     assert not os.path.exists(tmp_path / "data")
+
+
+def test_user_jsonl_data_trains(tmp_path):
+    """SFT on a user's JSONL + image files (what the README's 'Your own data' section shows)."""
+    from atlas_jax.data.synthetic import generate_split
+
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    for split, n in (("train", 2), ("validation", 1)):
+        with open(tmp_path / f"{split}.jsonl", "w") as f:
+            for i, s in enumerate(generate_split(split, n)):
+                name = f"{split}_{i}.png"
+                s.images[0].save(img_dir / name)
+                f.write(json.dumps({"images": [f"imgs/{name}"], "question": s.question, "response": s.response, "answer": s.answer}) + "\n")
+    c = _config(**{
+        "data.source": "jsonl", "data.jsonl_train": str(tmp_path / "train.jsonl"),
+        "data.jsonl_eval": str(tmp_path / "validation.jsonl"), "train.steps": 2, "eval.num_per_task": 1,
+    })
+    out = entry.run_job(c, str(tmp_path / "run"))
+    assert out["loss"] > 0 and "eval/accuracy" in out
