@@ -20,6 +20,37 @@ class FunctionalToken:
     words: tuple[str, ...]
 
 
+# Qwen2.5-VL's control tokens, in its id order (they follow the BPE vocabulary there, and in the
+# tokenizers this project trains).
+QWEN_CONTROL_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+# Every added token of the released Qwen2.5-VL tokenizer (ids 151643-151664): a stock Qwen
+# tokenizer matches any of them inside text as one id, so none may appear in untrusted text.
+QWEN_ADDED_TOKENS: tuple[str, ...] = QWEN_CONTROL_TOKENS + (
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+)
+
 DEFAULT_TOKENS: tuple[FunctionalToken, ...] = (
     FunctionalToken("manip", "<|Manip|>", ("zoom", "crop", "rotate", "view")),
     FunctionalToken("line", "<|Line|>", ("line", "draw", "segment")),

@@ -19,11 +19,12 @@ import os
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from atlas_jax import sharding as shd
-from atlas_jax.model.config import ConfigError, ModelConfig, VisualOpConfig
+from atlas_jax.model.config import ConfigError, ModelConfig, VisionConfig, VisualOpConfig
 from atlas_jax.model.visual_ops import VisualOps
 from atlas_jax.model.vlm import VLM
 from atlas_jax.safetensors_io import SafetensorsError, SafetensorsFile, save_file
@@ -70,9 +71,8 @@ def _same(hf_name, shape) -> Entry:
 
 def param_entries(cfg: ModelConfig) -> dict[tuple, Entry]:
     """NNX parameter path -> HF tensor, for every parameter of the base model."""
-    t, v = cfg.text, cfg.vision
+    t = cfg.text
     D, H, K, E, F = t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim, t.intermediate_size
-    Dv, Hv, Ev, Fv = v.hidden_size, v.num_heads, v.head_dim, v.intermediate_size
     out: dict[tuple, Entry] = {}
     out[("embed", "embedding")] = _same("model.embed_tokens.weight", (t.vocab_size, D))
     out[("final_norm", "scale")] = _vector("model.norm.weight", (D,))
@@ -88,16 +88,22 @@ def param_entries(cfg: ModelConfig) -> dict[tuple, Entry]:
         out[p + ("attn", "o_proj", "kernel")] = _linear(h + "self_attn.o_proj.weight", (H, E), (D,))
         for name, (i_, o_) in (("gate_proj", (D, F)), ("up_proj", (D, F)), ("down_proj", (F, D))):
             out[p + ("mlp", name, "kernel")] = _linear(h + f"mlp.{name}.weight", (i_,), (o_,))
-    C = v.patch_dim
+    for path, entry in vision_entries(cfg.vision).items():
+        out[("vision",) + path] = dataclasses.replace(entry, hf_name="visual." + entry.hf_name)
+    return out
+
+
+def vision_entries(v: VisionConfig) -> dict[tuple, Entry]:
+    """VisionTower parameter path -> HF `Qwen2_5_VisionTransformerPretrainedModel` tensor name."""
+    Dv, Hv, Ev, Fv, C = v.hidden_size, v.num_heads, v.head_dim, v.intermediate_size, v.patch_dim
+    out: dict[tuple, Entry] = {}
     patch_shape = (Dv, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
-    out[("vision", "patch_embed", "kernel")] = Entry(
-        "visual.patch_embed.proj.weight",
-        patch_shape,
-        lambda w: w.reshape(Dv, C).T,
-        lambda k: k.T.reshape(patch_shape),
+    # Conv3d weight order (c, t, h, w) equals the processor's flatten order of a patch.
+    out[("patch_embed", "kernel")] = Entry(
+        "patch_embed.proj.weight", patch_shape, lambda w: w.reshape(Dv, C).T, lambda k: k.T.reshape(patch_shape)
     )
     for i in range(v.depth):
-        p, h = ("vision", "blocks", i), f"visual.blocks.{i}."
+        p, h = ("blocks", i), f"blocks.{i}."
         out[p + ("norm1", "scale")] = _vector(h + "norm1.weight", (Dv,))
         out[p + ("norm2", "scale")] = _vector(h + "norm2.weight", (Dv,))
         out[p + ("attn", "qkv", "kernel")] = _linear(h + "attn.qkv.weight", (Dv,), (3, Hv, Ev))
@@ -107,13 +113,38 @@ def param_entries(cfg: ModelConfig) -> dict[tuple, Entry]:
         for name, (i_, o_) in (("gate_proj", (Dv, Fv)), ("up_proj", (Dv, Fv)), ("down_proj", (Fv, Dv))):
             out[p + ("mlp", name, "kernel")] = _linear(h + f"mlp.{name}.weight", (i_,), (o_,))
             out[p + ("mlp", name, "bias")] = _vector(h + f"mlp.{name}.bias", (o_,))
-    M = Dv * v.merge_unit
-    out[("vision", "merger", "ln_q", "scale")] = _vector("visual.merger.ln_q.weight", (Dv,))
-    out[("vision", "merger", "fc1", "kernel")] = _linear("visual.merger.mlp.0.weight", (M,), (M,))
-    out[("vision", "merger", "fc1", "bias")] = _vector("visual.merger.mlp.0.bias", (M,))
-    out[("vision", "merger", "fc2", "kernel")] = _linear("visual.merger.mlp.2.weight", (M,), (D,))
-    out[("vision", "merger", "fc2", "bias")] = _vector("visual.merger.mlp.2.bias", (D,))
+    M, D = Dv * v.merge_unit, v.out_hidden_size
+    out[("merger", "ln_q", "scale")] = _vector("merger.ln_q.weight", (Dv,))
+    out[("merger", "fc1", "kernel")] = _linear("merger.mlp.0.weight", (M,), (M,))
+    out[("merger", "fc1", "bias")] = _vector("merger.mlp.0.bias", (M,))
+    out[("merger", "fc2", "kernel")] = _linear("merger.mlp.2.weight", (M,), (D,))
+    out[("merger", "fc2", "bias")] = _vector("merger.mlp.2.bias", (D,))
     return out
+
+
+def load_state_dict(module: nnx.Module, entries: dict[tuple, Entry], state_dict, prefix: str = "") -> None:
+    """Copies HF tensors (name -> array) into `module` in place, keeping each parameter's dtype
+    and sharding. Raises CheckpointError naming a missing tensor or one of the wrong shape."""
+    params = dict(nnx.to_flat_state(nnx.state(module, nnx.Param)))
+    for path, var in params.items():
+        e = entries[path]
+        name = prefix + e.hf_name
+        if name not in state_dict:
+            raise CheckpointError(f"missing tensor {name}")
+        w = np.asarray(state_dict[name])
+        if tuple(w.shape) != e.hf_shape:
+            raise CheckpointError(f"tensor {name} has shape {tuple(w.shape)}, expected {e.hf_shape}")
+        old = var.get_value()
+        new = jnp.asarray(e.to_jax(w), dtype=old.dtype)
+        var.set_value(jax.device_put(new, old.sharding))
+
+
+def state_dict(module: nnx.Module, entries: dict[tuple, Entry], prefix: str = "") -> dict[str, np.ndarray]:
+    """The module's parameters as HF-named, HF-laid-out host arrays."""
+    return {
+        prefix + entries[path].hf_name: np.ascontiguousarray(entries[path].to_hf(_host(var.get_value())))
+        for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))
+    }
 
 
 def _canonical(name: str) -> str:

@@ -8,6 +8,11 @@ with a message naming it.
 
 from __future__ import annotations
 
+import copy
+import difflib
+from collections.abc import Mapping
+from typing import Any
+
 import ml_collections as mlc
 
 from atlas_jax.functional_tokens import DEFAULT_TOKENS
@@ -116,6 +121,26 @@ def base() -> mlc.ConfigDict:
     return c
 
 
+def synthetic_suite(c: mlc.ConfigDict) -> mlc.ConfigDict:
+    """The tiny-model, built-in-suite settings the CPU configs share (SFT and LA-GRPO budgets)."""
+    c.data.synthetic_config = "small"
+    c.data.num_per_task = 64
+    c.data.image_size = 112
+    c.data.batch_size = 16
+    c.data.max_length = 192
+    c.data.max_patches = 64
+    c.train.steps = 300
+    c.optim.lr = 3e-3
+    c.optim.warmup_steps = 20
+    c.checkpoint.every = 100
+    c.rl.steps = 20
+    c.rl.prompts_per_step = 8
+    c.rl.group_size = 4
+    c.rl.max_new_tokens = 80
+    c.rl.lr = 5e-5
+    return c
+
+
 def _need(ok: bool, field: str, value, expected: str) -> None:
     if not ok:
         raise ConfigError(f"config.{field}={value!r}: expected {expected}")
@@ -170,3 +195,32 @@ def validate(c: mlc.ConfigDict, num_devices: int) -> None:
           "rl.rewards", dict(r.rewards), "weights for accuracy, functional_usage, expected_usage, format, verbosity, spam")
     _need(c.eval.batch_size > 0 and c.eval.batch_size % (data * fsdp) == 0, "eval.batch_size", c.eval.batch_size,
           f"a positive multiple of data*fsdp={data * fsdp}")
+
+
+def apply_overrides(c: mlc.ConfigDict, overrides: Mapping[str, Any], *, where: str = "override") -> mlc.ConfigDict:
+    """A copy of `c` with dotted-key overrides applied; an unknown key or a wrong type is a
+    ConfigError naming the key (and `where` it came from)."""
+    c = copy.deepcopy(c)
+    for key, value in overrides.items():
+        node, *parents, leaf = [c, *key.split(".")]
+        for depth, part in enumerate(parents):
+            if part not in node or not isinstance(node[part], mlc.ConfigDict):
+                raise ConfigError(f"{where}: unknown key {key!r}: {_no_field(node, part, '.'.join(parents[:depth]))}")
+            node = node[part]
+        section = ".".join(parents)
+        if leaf not in node:
+            raise ConfigError(f"{where}: unknown key {key!r}: {_no_field(node, leaf, section)}")
+        if isinstance(node[leaf], mlc.ConfigDict):
+            raise ConfigError(f"{where}: key {key!r} is a config section, not a field; override its fields ({sorted(node[leaf].keys())})")
+        try:
+            node[leaf] = value
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where}: key {key!r} = {value!r}: {e}") from None
+    return c
+
+
+def _no_field(node: mlc.ConfigDict, name: str, section: str) -> str:
+    fields = sorted(node.keys())
+    close = difflib.get_close_matches(name, fields, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{('config.' + section) if section else 'the config'} has no field {name!r} (fields: {', '.join(fields)}){hint}"

@@ -19,9 +19,7 @@ Modes: `list` prints the points; `local` runs them one after another in this pro
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import difflib
 import glob
 import hashlib
 import importlib.util
@@ -43,6 +41,7 @@ from ml_collections import config_flags
 
 # Shares --config and --workdir with the entry point (absl allows one definition per name).
 from atlas_jax import main as entry
+from atlas_jax.run_config import apply_overrides
 from atlas_jax.model.config import ConfigError
 
 flags.DEFINE_enum("mode", "list", ["list", "local", "pod"], "list the points, run them here one by one, or print pod launch commands.")
@@ -98,35 +97,6 @@ def load_sweep(spec: str) -> list[dict[str, Any]]:
         if not isinstance(p, Mapping) or not all(isinstance(k, str) and k for k in p):
             raise ConfigError(f"{path}: sweep() point {i} is {p!r}; expected a dict of dotted overrides such as {{'optim.lr': 1e-3}}")
     return [dict(p) for p in points]
-
-
-def apply_overrides(c: mlc.ConfigDict, overrides: Mapping[str, Any], *, where: str = "override") -> mlc.ConfigDict:
-    """A copy of `c` with dotted-key overrides applied; an unknown key or a wrong type is a
-    ConfigError naming the key (and `where` it came from)."""
-    c = copy.deepcopy(c)
-    for key, value in overrides.items():
-        node, *parents, leaf = [c, *key.split(".")]
-        for depth, part in enumerate(parents):
-            if part not in node or not isinstance(node[part], mlc.ConfigDict):
-                raise ConfigError(f"{where}: unknown key {key!r}: {_no_field(node, part, '.'.join(parents[:depth]))}")
-            node = node[part]
-        section = ".".join(parents)
-        if leaf not in node:
-            raise ConfigError(f"{where}: unknown key {key!r}: {_no_field(node, leaf, section)}")
-        if isinstance(node[leaf], mlc.ConfigDict):
-            raise ConfigError(f"{where}: key {key!r} is a config section, not a field; override its fields ({sorted(node[leaf].keys())})")
-        try:
-            node[leaf] = value
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{where}: key {key!r} = {value!r}: {e}") from None
-    return c
-
-
-def _no_field(node: mlc.ConfigDict, name: str, section: str) -> str:
-    fields = sorted(node.keys())
-    close = difflib.get_close_matches(name, fields, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"{('config.' + section) if section else 'the config'} has no field {name!r} (fields: {', '.join(fields)}){hint}"
 
 
 # ---------------------------------------------------------------------- naming the points

@@ -22,25 +22,9 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from atlas_jax.functional_tokens import DEFAULT_TOKENS, FunctionalToken
+from atlas_jax.functional_tokens import DEFAULT_TOKENS, QWEN_CONTROL_TOKENS, FunctionalToken
 
-# Qwen2.5-VL's control tokens, in its id order (they follow the BPE vocabulary there and here).
-QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
+QWEN_SPECIAL_TOKENS = QWEN_CONTROL_TOKENS  # the control tokens every Qwen2.5-VL tokenizer has
 PAD_TOKEN = "<|endoftext|>"
 EOS_TOKEN = "<|im_end|>"
 IMAGE_PAD = "<|image_pad|>"

@@ -12,24 +12,13 @@ from atlas_jax import run_config
 
 
 def get_config(arg: str = "la_grpo"):
-    c = run_config.base()
+    c = run_config.synthetic_suite(run_config.base())
     c.job = "la_grpo"
     algo, *rest = arg.split(",")
     if algo not in ("la_grpo", "grpo") or rest not in ([], ["vocab"], ["module"]):
         raise ValueError(f"configs/la_grpo_synthetic.py:{arg}: expected 'la_grpo' or 'grpo', optionally ',vocab'")
     c.model.visual_ops.mode = rest[0] if rest else "module"
-    c.data.synthetic_config = "small"
-    c.data.num_per_task = 64
-    c.data.image_size = 112
-    c.data.max_length = 192
-    c.data.max_patches = 64
     c.rl.alpha = 0.1 if algo == "la_grpo" else 0.0
-    c.rl.steps = 20
-    c.rl.prompts_per_step = 8
-    c.rl.group_size = 4
-    c.rl.max_new_tokens = 80
-    c.rl.lr = 5e-5
-    c.rl.beta = 0.0
     c.checkpoint.every = 10
     c.train.log_every = 1
     return c

@@ -12,23 +12,13 @@ from atlas_jax import run_config
 
 
 def get_config(arg: str = "module"):
-    c = run_config.base()
+    c = run_config.synthetic_suite(run_config.base())
     c.job = "sft"
     variants = ("module", "vocab", "answer_only")
     if arg not in variants:
         raise ValueError(f"configs/sft_synthetic.py:{arg}: expected one of {variants}")
     c.model.visual_ops.mode = "vocab" if arg == "vocab" else "module"
     c.data.sft_target = "answer_only" if arg == "answer_only" else "trajectory"
-    c.data.synthetic_config = "small"
-    c.data.num_per_task = 64
-    c.data.image_size = 112
-    c.data.batch_size = 16
-    c.data.max_length = 192
-    c.data.max_patches = 64
-    c.train.steps = 300
-    c.optim.lr = 3e-3
-    c.optim.warmup_steps = 20
-    c.checkpoint.every = 100
     return c
 
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from atlas_jax import main as entry
+from atlas_jax import main as entry, run_config
 
 
 def _config(**over):
@@ -28,13 +28,7 @@ def _config(**over):
     c.checkpoint.every = 1
     c.checkpoint.async_save = False
     c.eval.num_per_task = 0
-    for k, v in over.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return run_config.apply_overrides(c, over)
 
 
 def _rows(workdir):

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from atlas_jax import main as entry
+from atlas_jax import main as entry, run_config
 from atlas_jax.model.config import ConfigError
 
 
@@ -28,13 +28,7 @@ def _config(**over):
     c.eval.num_per_task = 0
     c.eval.batch_size = 8
     c.mesh = (2, 2, 2)
-    for k, v in over.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return run_config.apply_overrides(c, over)
 
 
 def _losses(workdir):

@@ -18,7 +18,8 @@ from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position
 
 from atlas_jax import sharding
 from atlas_jax.model.config import VisionConfig
-from atlas_jax.model.vision import VisionTower, hf_vision_state_dict, load_hf_vision_weights
+from atlas_jax.hf_checkpoint import CheckpointError, load_state_dict, state_dict as hf_state_dict, vision_entries
+from atlas_jax.model.vision import VisionTower
 from atlas_jax.model.vision_layout import batch_vision_layout, vision_layout
 
 TINY = dict(
@@ -41,6 +42,10 @@ def hf_tower():
     return model
 
 
+def load_vision(tower, weights):
+    load_state_dict(tower, vision_entries(CFG), weights)
+
+
 @pytest.fixture(scope="module")
 def state_dict(hf_tower):
     return {k: v.numpy() for k, v in hf_tower.state_dict().items()}
@@ -49,7 +54,7 @@ def state_dict(hf_tower):
 @pytest.fixture(scope="module")
 def tower(state_dict):
     t = VisionTower(CFG, rngs=nnx.Rngs(0))
-    load_hf_vision_weights(t, state_dict)
+    load_vision(t, state_dict)
     return t
 
 
@@ -112,7 +117,7 @@ def test_jit_and_remat_equal_eager(state_dict, tower):
     np.testing.assert_allclose(jitted, eager, atol=1e-5, rtol=0)
 
     remat_tower = VisionTower(CFG, rngs=nnx.Rngs(1), remat=True)
-    load_hf_vision_weights(remat_tower, state_dict)
+    load_vision(remat_tower, state_dict)
 
     def loss(m):
         return jnp.sum(m(pv, layout) ** 2)
@@ -128,7 +133,7 @@ def test_bfloat16_compute_is_close(hf_tower, state_dict):
     px = pixels(grids, seed=3)
     ref = hf_pooled(hf_tower, grids, px)
     bf = VisionTower(CFG, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
-    load_hf_vision_weights(bf, state_dict)
+    load_vision(bf, state_dict)
     pv, layout = padded_batch([(grids, px)], max_patches=96)
     out = bf(pv, layout)
     assert out.dtype == jnp.bfloat16
@@ -138,7 +143,7 @@ def test_bfloat16_compute_is_close(hf_tower, state_dict):
 
 
 def test_hf_state_dict_round_trip(state_dict, tower):
-    back = hf_vision_state_dict(tower, prefix="visual.")
+    back = hf_state_dict(tower, vision_entries(CFG), prefix="visual.")
     assert set(back) == {"visual." + k for k in state_dict}
     for k, v in state_dict.items():
         np.testing.assert_array_equal(back["visual." + k], v)
@@ -146,11 +151,11 @@ def test_hf_state_dict_round_trip(state_dict, tower):
 
 def test_load_rejects_mismatched_weights(state_dict):
     t = VisionTower(CFG, rngs=nnx.Rngs(0))
-    with pytest.raises(KeyError, match=r"blocks\.3\.attn\.qkv\.weight"):
-        load_hf_vision_weights(t, {k: v for k, v in state_dict.items() if k != "blocks.3.attn.qkv.weight"})
+    with pytest.raises(CheckpointError, match=r"blocks\.3\.attn\.qkv\.weight"):
+        load_vision(t, {k: v for k, v in state_dict.items() if k != "blocks.3.attn.qkv.weight"})
     bad = dict(state_dict, **{"merger.mlp.2.bias": np.zeros(7, np.float32)})
-    with pytest.raises(ValueError, match=r"merger\.mlp\.2\.bias"):
-        load_hf_vision_weights(t, bad)
+    with pytest.raises(CheckpointError, match=r"merger\.mlp\.2\.bias"):
+        load_vision(t, bad)
 
 
 # ------------------------------------------------------------------------------ layout
@@ -193,7 +198,7 @@ def test_layout_errors_name_the_numbers():
 def test_sharded_forward_equals_single_device(state_dict, tower):
     mesh = sharding.make_mesh((2, 2, 2))
     sharded = sharding.sharded_init(lambda: VisionTower(CFG, rngs=nnx.Rngs(0)), mesh)
-    load_hf_vision_weights(sharded, state_dict)
+    load_vision(sharded, state_dict)
     qkv = sharded.blocks[0].attn.qkv.kernel[...]
     assert qkv.sharding.spec == jax.sharding.PartitionSpec("fsdp", None, "tensor", None)
     assert not qkv.sharding.is_fully_replicated

@@ -40,35 +40,9 @@ from collections.abc import Mapping, Sequence
 from PIL import Image, ImageFile
 
 from atlas_jax.data.sample import BadRecordError, Sample
-from atlas_jax.functional_tokens import token_strings
+from atlas_jax.functional_tokens import QWEN_ADDED_TOKENS, token_strings
 
-# All added tokens of the Qwen2.5-VL tokenizer (ids 151643-151664): a superset of
-# `atlas_jax.tokenizer.QWEN_SPECIAL_TOKENS` (not imported: that module pulls in transformers, too
-# heavy for data workers). A stock Qwen tokenizer matches any of them inside text as one id.
-QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-    "<tool_call>",
-    "</tool_call>",
-    "<|fim_prefix|>",
-    "<|fim_middle|>",
-    "<|fim_suffix|>",
-    "<|fim_pad|>",
-    "<|repo_name|>",
-    "<|file_sep|>",
-)
+QWEN_SPECIAL_TOKENS = QWEN_ADDED_TOKENS
 
 TEXT_FIELDS: tuple[str, ...] = ("question", "response", "answer", "task", "response_answer_only", "uid")
 # The other text fields may be omitted and default to '' (user data has no task or answer-only variant).

@@ -18,22 +18,14 @@ import os
 import jax
 import ml_collections as mlc
 
-from atlas_jax import plots
+from atlas_jax import plots, run_config
 from atlas_jax.jobs import la_grpo, sft
 
 log = logging.getLogger("atlas_jax")
 
 
 def _stage(c: mlc.ConfigDict, job: str, **overrides) -> mlc.ConfigDict:
-    s = mlc.ConfigDict(c.to_dict())
-    s.job = job
-    for key, value in overrides.items():
-        node = s
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return s
+    return run_config.apply_overrides(c, {"job": job, **overrides}, where=f"recipe stage {job}")
 
 
 def _latest_eval(workdir: str, prefix: str) -> dict | None:

@@ -17,7 +17,6 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from atlas_jax.model.config import VisionConfig
@@ -157,88 +156,3 @@ class VisionTower(nnx.Module):
         inverse_bu = jnp.argsort(window_index_bu, axis=1)
         y_buo = jnp.take_along_axis(y_buo, inverse_bu[:, :, None], axis=1)
         return jnp.where(layout["unit_valid"][:, :, None], y_buo, 0).astype(self.dtype)
-
-
-# ----------------------------------------------------------------------------- HF weights
-def hf_vision_params(state_dict: Mapping[str, np.ndarray], cfg: VisionConfig, prefix: str = "") -> dict:
-    """HF `Qwen2_5_VisionTransformerPretrainedModel` tensors -> {NNX param path: numpy array}.
-
-    Pure numpy, so a loader can place each array straight into a sharded target. `prefix` is
-    prepended to every HF name (e.g. "model.visual." or "visual."). Raises KeyError naming a
-    missing tensor and ValueError naming a tensor whose shape differs from `cfg`.
-    """
-    D, H, E, C = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.patch_dim
-
-    def get(name, shape):
-        key = prefix + name
-        if key not in state_dict:
-            raise KeyError(f"vision weights: missing tensor {key!r}")
-        a = np.asarray(state_dict[key])
-        if tuple(a.shape) != tuple(shape):
-            raise ValueError(f"vision weights: tensor {key!r} has shape {tuple(a.shape)}, expected {tuple(shape)}")
-        return a
-
-    I = cfg.intermediate_size
-    D4, O = D * cfg.merge_unit, cfg.out_hidden_size
-    conv = (D, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
-    # Conv3d weight order (c, t, h, w) equals the processor's flatten order of a patch.
-    out = {("patch_embed", "kernel"): get("patch_embed.proj.weight", conv).reshape(D, C).T}
-    for i in range(cfg.depth):
-        b = f"blocks.{i}."
-        p = ("blocks", i)
-        out[p + ("norm1", "scale")] = get(b + "norm1.weight", (D,))
-        out[p + ("norm2", "scale")] = get(b + "norm2.weight", (D,))
-        out[p + ("attn", "qkv", "kernel")] = get(b + "attn.qkv.weight", (3 * D, D)).T.reshape(D, 3, H, E)
-        out[p + ("attn", "qkv", "bias")] = get(b + "attn.qkv.bias", (3 * D,)).reshape(3, H, E)
-        out[p + ("attn", "proj", "kernel")] = get(b + "attn.proj.weight", (D, D)).T.reshape(H, E, D)
-        out[p + ("attn", "proj", "bias")] = get(b + "attn.proj.bias", (D,))
-        for name, shape in (("gate_proj", (I, D)), ("up_proj", (I, D)), ("down_proj", (D, I))):
-            out[p + ("mlp", name, "kernel")] = get(b + f"mlp.{name}.weight", shape).T
-            out[p + ("mlp", name, "bias")] = get(b + f"mlp.{name}.bias", shape[:1])
-    out[("merger", "ln_q", "scale")] = get("merger.ln_q.weight", (D,))
-    out[("merger", "fc1", "kernel")] = get("merger.mlp.0.weight", (D4, D4)).T
-    out[("merger", "fc1", "bias")] = get("merger.mlp.0.bias", (D4,))
-    out[("merger", "fc2", "kernel")] = get("merger.mlp.2.weight", (O, D4)).T
-    out[("merger", "fc2", "bias")] = get("merger.mlp.2.bias", (O,))
-    return out
-
-
-def load_hf_vision_weights(tower: VisionTower, state_dict: Mapping[str, np.ndarray], prefix: str = "") -> None:
-    """Copies HF vision weights into `tower` in place, keeping each parameter's dtype and sharding."""
-    arrays = hf_vision_params(state_dict, tower.cfg, prefix)
-    params = dict(nnx.to_flat_state(nnx.state(tower, nnx.Param)))
-    missing = sorted(set(params) - set(arrays), key=str)
-    if missing:
-        raise KeyError(f"vision weights: no HF tensor maps to tower parameters {missing}")
-    for path, value in arrays.items():
-        var = params[path]
-        old = var[...]
-        new = jnp.asarray(value, dtype=old.dtype)
-        sharding = getattr(old, "sharding", None)
-        var[...] = jax.device_put(new, sharding) if sharding is not None else new
-
-
-def hf_vision_state_dict(tower: VisionTower, prefix: str = "") -> dict[str, np.ndarray]:
-    """The inverse of `hf_vision_params`: tower parameters -> HF names and layouts (numpy, on host)."""
-    cfg = tower.cfg
-    D, H, E = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-    conv = (D, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
-    params = {path: np.asarray(jax.device_get(v[...])) for path, v in nnx.to_flat_state(nnx.state(tower, nnx.Param))}
-    out = {"patch_embed.proj.weight": params[("patch_embed", "kernel")].T.reshape(conv)}
-    for i in range(cfg.depth):
-        b, p = f"blocks.{i}.", ("blocks", i)
-        out[b + "norm1.weight"] = params[p + ("norm1", "scale")]
-        out[b + "norm2.weight"] = params[p + ("norm2", "scale")]
-        out[b + "attn.qkv.weight"] = params[p + ("attn", "qkv", "kernel")].reshape(D, 3 * D).T
-        out[b + "attn.qkv.bias"] = params[p + ("attn", "qkv", "bias")].reshape(3 * D)
-        out[b + "attn.proj.weight"] = params[p + ("attn", "proj", "kernel")].reshape(D, D).T
-        out[b + "attn.proj.bias"] = params[p + ("attn", "proj", "bias")]
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            out[b + f"mlp.{name}.weight"] = params[p + ("mlp", name, "kernel")].T
-            out[b + f"mlp.{name}.bias"] = params[p + ("mlp", name, "bias")]
-    out["merger.ln_q.weight"] = params[("merger", "ln_q", "scale")]
-    out["merger.mlp.0.weight"] = params[("merger", "fc1", "kernel")].T
-    out["merger.mlp.0.bias"] = params[("merger", "fc1", "bias")]
-    out["merger.mlp.2.weight"] = params[("merger", "fc2", "kernel")].T
-    out["merger.mlp.2.bias"] = params[("merger", "fc2", "bias")]
-    return {prefix + k: np.ascontiguousarray(v) for k, v in out.items()}

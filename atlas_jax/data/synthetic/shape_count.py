@@ -74,7 +74,7 @@ def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Dra
                           f"Count the {target} shapes that lie inside the black rectangle.",
                           f"Inside the black rectangle, how many {target} objects are there?"))
     intent = pick(rng, (f"To count only the {target} objects in the rectangle, I outline that region.",
-                        f"I mark the region bounded by the black rectangle so that objects outside it are ignored.",
+                        "I mark the region bounded by the black rectangle so that objects outside it are ignored.",
                         f"Only the rectangle matters here, so I highlight its inside before counting {target} objects."))
     response = (f"{intent} <|Shape|> Inside the outlined region the {target} objects are {parts}, "
                 f"so there {'is' if count == 1 else 'are'} {count}. {boxed(str(count))}")
