@@ -11,7 +11,7 @@ from atlas_jax.jobs.recipe import _latest_eval, results_table
 
 
 def main(argv):
-    runs = dict(a.split("=", 1) for a in argv)
+    runs = dict(a.rsplit("=", 1) for a in argv)  # names may contain "="
     results = {name: _latest_eval(d, "") for name, d in runs.items()}
     missing = [n for n, r in results.items() if r is None]
     if missing:
