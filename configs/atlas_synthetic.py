@@ -1,5 +1,5 @@
 """The whole ATLAS recipe on the built-in synthetic suite: SFT, then LA-GRPO, then evaluation
-(tiny model, CPU, about 10 minutes on 2 cores). The README's main command:
+(tiny model, CPU, a few minutes on 2 cores). The README's main command:
 
     python -m atlas_jax.main --config=configs/atlas_synthetic.py --workdir=/tmp/atlas
 
