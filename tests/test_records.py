@@ -257,17 +257,6 @@ def test_boxed_content(text, want):
     assert boxed_content(text) == want
 
 
-def test_boxed_content_agrees_with_the_reward_extractor():
-    """Validation and grading must read the same box, or a valid record could score zero."""
-    from atlas_jax.rl.rewards import extract_boxed
-
-    rng = np.random.default_rng(0)
-    pieces = ["\\boxed{", "\\boxed {", "{", "}", "\\{", "\\}", "3", " x ", "\\frac", "\\\\"]
-    texts = ["".join(rng.choice(pieces, size=rng.integers(1, 12))) for _ in range(2000)]
-    for text in texts:
-        assert boxed_content(text) == extract_boxed(text), text
-
-
 def test_special_token_list_covers_the_tokenizer_and_is_qwen_shaped():
     from atlas_jax import tokenizer
 

@@ -41,6 +41,7 @@ from PIL import Image, ImageFile
 
 from atlas_jax.data.sample import BadRecordError, Sample
 from atlas_jax.functional_tokens import QWEN_ADDED_TOKENS, token_strings
+from atlas_jax.rl.rewards import extract_boxed as boxed_content  # the reward's reading, so a valid record is graded alike
 
 QWEN_SPECIAL_TOKENS = QWEN_ADDED_TOKENS
 
@@ -50,7 +51,6 @@ REQUIRED_FIELDS: tuple[str, ...] = ("images", "question", "response", "answer")
 
 # Anything in the Qwen special-token style, known or not.
 _TOKEN_SHAPED = re.compile(r"<\|[^<>|\s]{1,64}\|>")
-_BOXED = re.compile(r"\\boxed\s*\{")
 
 log = logging.getLogger(__name__)
 
@@ -143,28 +143,6 @@ def decode_record(
         answer_mismatch=answer_mismatch,
     )
     return sample
-
-
-def boxed_content(text: str) -> str | None:
-    """The content of the last complete top-level `\\boxed{...}` in `text`, or None.
-
-    Same reading as the reward's `extract_boxed` (tested to agree), so a record that validates is
-    graded the same way: braces nest, a backslash escapes the next character (`\\{` is a literal
-    brace), and scanning stops at an unclosed box.
-    """
-    last, pos = None, 0
-    while (match := _BOXED.search(text, pos)) is not None:
-        depth, i = 1, match.end()
-        while i < len(text) and depth:
-            if text[i] == "\\":
-                i += 2
-                continue
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth:
-            break
-        last, pos = text[match.end() : i - 1], i
-    return last
 
 
 def validate_sample(
