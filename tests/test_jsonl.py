@@ -57,6 +57,8 @@ def test_good_file_round_trips(folder):
     assert report == ImportReport(path=path, num_lines=3, num_records=2, num_skipped=0)
     first, second = records
     assert first["uid"] == "data.jsonl:1" and second["uid"] == "custom-7"
+    # The line is kept apart from the uid (which the user may set), for later error messages.
+    assert (first["origin"], second["origin"]) == (f"{path}:1", f"{path}:3")
     assert (first["task"], second["task"], second["response_answer_only"]) == ("", "mine", "\\boxed{3}")
     assert "extra" not in second
     # Stored bytes are the user's files, untouched.

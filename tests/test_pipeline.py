@@ -379,6 +379,12 @@ def _long_question():
     return s
 
 
+def _long_response():
+    s = random_sample(0)
+    s.response = "I outline the region. <|Shape|> " + "Then I count them again. " * 40 + "\\boxed{0}"
+    return s
+
+
 def _functional_in_question():
     s = random_sample(0)
     s.question = "What does <|Line|> do?"
@@ -397,7 +403,8 @@ BAD_CASES = [
     ("too many images", _two_images, {"max_images": 1}, "images"),
     ("too elongated", _elongated, {}, "images[0]"),
     ("too many patches", _big_image, {"image": ImageProcessorConfig()}, "images"),
-    ("too long", _long_question, {"max_length": 100}, "response"),
+    ("question too long", _long_question, {"max_length": 100}, "question"),
+    ("response too long", _long_response, {"max_length": 100}, "response"),
     ("functional token in question", _functional_in_question, {}, "question"),
     ("empty answer-only target", _no_answer_only, {"sft_target": "answer_only"}, "response_answer_only"),
 ]

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image, ImageFile
 
 from atlas_jax.data import records
-from atlas_jax.data.records import QWEN_SPECIAL_TOKENS, boxed_content, decode_image, decode_record, encode_sample, validate_sample
+from atlas_jax.data.records import (QWEN_SPECIAL_TOKENS, boxed_content, decode_image, decode_record, encode_sample, record_location,
+                                    validate_sample)
 from atlas_jax.data.sample import BadRecordError, Sample
 from atlas_jax.data.synthetic import generate_split, task_names
 from atlas_jax.functional_tokens import token_strings
@@ -143,9 +144,19 @@ def test_optional_fields_default_to_empty():
     assert (sample.task, sample.response_answer_only, sample.uid) == ("", "", "")
 
 
+def test_origin_is_optional_kept_and_named_in_locations():
+    assert decode_record(_record(), "ds", 0).origin == ""
+    sample = decode_record(_record(origin="/data/a:b.jsonl:12"), "ds", 0)
+    assert sample.origin == "/data/a:b.jsonl:12" and encode_sample(sample)["origin"] == sample.origin
+    assert record_location("ds:train", 4, sample.origin, "mine") == ("/data/a:b.jsonl", "line 12 (uid 'mine'; stored as ds:train record 4)")
+    assert record_location("ds:train", 4, "/data/x.jsonl:7", "x.jsonl:7") == ("/data/x.jsonl", "line 7 (stored as ds:train record 4)")
+    assert record_location("ds:train", 4, "", "u1") == ("ds:train", "4 (uid 'u1')")
+    assert record_location("ds:train", 4) == ("ds:train", "4")
+
+
 @pytest.mark.parametrize(
     "field,value",
-    [("question", 5), ("question", b"bytes"), ("response", None), ("answer", 3), ("task", ["t"]), ("uid", 1)],
+    [("question", 5), ("question", b"bytes"), ("response", None), ("answer", 3), ("task", ["t"]), ("uid", 1), ("origin", 2)],
 )
 def test_text_field_of_wrong_type(field, value):
     with pytest.raises(BadRecordError) as info:

@@ -3,8 +3,11 @@
 `ExampleBuilder` turns a record (a `Sample`, or a stored record dict) into numpy arrays: HF-exact
 image preprocessing, the chat encoding with loss and functional-token masks, M-RoPE positions and
 the vision tower's index tables. Anything that does not fit the configured shapes is a
-`BadRecordError` naming the record. `collate` pads a list of examples into the batch layout the
-SFT / RL steps read (shapes below, B = per-host batch, T = length bucket, P = max_patches,
+`BadRecordError` naming the record (its JSONL file and line when it was imported, see
+`records.record_location`) and the field at fault (for an over-long sample: `question` when the
+prompt alone is longer than max_length, `images` when it is even without the question's text,
+else the response). `collate` pads a list of examples into the batch layout the SFT / RL steps
+read (shapes below, B = per-host batch, T = length bucket, P = max_patches,
 D = 3 * 2 * 14 * 14 = 1176, N = max_images, U = P / 4):
 
   input_ids         int32[B, T]     pad id after the sequence (SFT) or before it (RL)
@@ -96,19 +99,28 @@ class ExampleBuilder:
             answer_mismatch=self.answer_mismatch,
         )
         if isinstance(record, Sample):
-            records.validate_sample(record, self.source_name, index, **kw)
+            records.validate_sample(record, *self.location(index, record.origin, record.uid), **kw)
             return record
         if isinstance(record, Mapping):
-            return records.decode_record(record, self.source_name, index, **kw)
+            origin, uid = record.get(records.ORIGIN_FIELD, ""), record.get("uid", "")
+            if not isinstance(origin, str) or not isinstance(uid, str):
+                origin, uid = "", ""  # decode_record names the bad field
+            return records.decode_record(record, *self.location(index, origin, uid), **kw)
         raise BadRecordError(
             self.source_name, index, "<record>", f"wrong type: expected a Sample or a record dict, got {type(record).__name__}"
         )
 
+    def location(self, index: int, origin: str = "", uid: str = "") -> tuple[str, str]:
+        """(source, record) naming record `index` in errors: its JSONL file and line when known."""
+        from atlas_jax.data import records
+
+        return records.record_location(self.source_name, index, origin, uid)
+
     def build(self, index: int, sample: Sample) -> dict:
-        name = f"{index} (uid {sample.uid!r})" if sample.uid else index
+        source, name = self.location(index, sample.origin, sample.uid)
 
         def bad(field: str, problem: str) -> BadRecordError:
-            return BadRecordError(self.source_name, name, field, problem)
+            return BadRecordError(source, name, field, problem)
 
         if len(sample.images) > self.max_images:
             raise bad("images", f"too many images: {len(sample.images)}, at most max_images={self.max_images}")
@@ -140,13 +152,9 @@ class ExampleBuilder:
         chat = tokenizer_lib.encode_chat(
             self.tok, sample.question, counts, response, functional_ids=self.functional_ids
         )
-        length = int(chat.input_ids.shape[0])
+        length, prompt_len = int(chat.input_ids.shape[0]), int(chat.prompt_len)
         if length > self.max_length:
-            raise bad(
-                field,
-                f"too long: {length} tokens (prompt {chat.prompt_len}, of which {sum(counts)} image tokens) "
-                f"> max_length={self.max_length}",
-            )
+            raise self._too_long(bad, sample, field, length, prompt_len, sum(counts))
         positions = rope.mrope_positions(
             chat.input_ids,
             grids,
@@ -169,6 +177,24 @@ class ExampleBuilder:
             "task": sample.task,
             "uid": sample.uid or f"{self.source_name}:{index}",
         }
+
+    def _too_long(self, bad, sample: Sample, response_field: str, length: int, prompt_len: int, image_tokens: int):
+        """The error for a sample over max_length, blaming the part that overflows: the images, the
+        question (the prompt alone is too long), or the response (the prompt fits, the whole does not)."""
+        limit = self.max_length
+        if prompt_len <= limit:
+            return bad(
+                response_field,
+                f"too long: {length} tokens = prompt {prompt_len} + response {length - prompt_len} > max_length={limit}; "
+                f"after this prompt the response may have at most {limit - prompt_len} tokens",
+            )
+        question_tokens = len(tokenizer_lib.encode_untrusted(self.tok, sample.question))
+        parts = f"question {question_tokens}, images {image_tokens}, chat template {prompt_len - question_tokens - image_tokens}"
+        if prompt_len - question_tokens > limit:  # even an empty question would not fit
+            return bad("images", f"too long: the prompt is {prompt_len} tokens ({parts}) > max_length={limit} "
+                                 "without the question's text; lower image max_pixels or raise max_length")
+        return bad("question", f"too long: the prompt alone is {prompt_len} tokens ({parts}) > max_length={limit}; "
+                               f"the question may have at most {limit - (prompt_len - question_tokens)} tokens")
 
 
 def bucket_length(longest: int, max_length: int, pad_to_multiple: int) -> int:

@@ -6,7 +6,9 @@ Each non-blank line is a JSON object:
      "question": "...", "response": "... \\\\boxed{42}", "answer": "42",
      "task": "...", "response_answer_only": "...", "uid": "..."}   # these three are optional
 
-Other keys are ignored. Images are stored as the file's original bytes (no re-encoding), after
+Other keys are ignored. Each record also keeps `origin` = '<path>:<line>' (path as given), so an
+error found later (e.g. a sample too long for the pipeline's max_length) names the JSONL line even
+when the user chose the uid. Images are stored as the file's original bytes (no re-encoding), after
 checking that they decode fully. Every rule of `records.validate_sample` applies, plus: valid JSON,
 existing image files, and unique `uid`s (default `<file name>:<line>`). A bad line raises
 `BadRecordError` naming the file, the line and the field, or with `skip_bad_records=True` is
@@ -26,7 +28,7 @@ import os
 import re
 from collections.abc import Iterator
 
-from atlas_jax.data.records import REQUIRED_FIELDS, decode_record
+from atlas_jax.data.records import ORIGIN_FIELD, REQUIRED_FIELDS, decode_record
 from atlas_jax.data.sample import BadRecordError
 
 log = logging.getLogger(__name__)
@@ -168,4 +170,5 @@ def _line_record(line: str, path: str, line_no: int, base_dir: str, min_images: 
     }
     # Decoding validates every field and image; the decoded Sample itself is not kept.
     decode_record(record, path, where, min_images=min_images, max_images=max_images)
+    record[ORIGIN_FIELD] = f"{path}:{line_no}"
     return record

@@ -5,6 +5,9 @@ A *record* is what the TFDS/ArrayRecord datasets and the JSONL import hold:
     images:               list[bytes]  encoded images (PNG for the synthetic suite, the user's
                                        original file bytes for imported data), in order
     question, response, answer, task, response_answer_only, uid:   str
+    origin:               str, optional: 'FILE:LINE' the record was imported from (JSONL only;
+                                       the synthetic suite has none). Kept apart from the
+                                       user-settable uid so errors can always name the line.
 
 Every record is validated when it is decoded, so a bad one is rejected with a `BadRecordError`
 naming the source (file or dataset split), the record and the field, never turned into a silent
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 
@@ -48,6 +52,8 @@ QWEN_SPECIAL_TOKENS = QWEN_ADDED_TOKENS
 TEXT_FIELDS: tuple[str, ...] = ("question", "response", "answer", "task", "response_answer_only", "uid")
 # The other text fields may be omitted and default to '' (user data has no task or answer-only variant).
 REQUIRED_FIELDS: tuple[str, ...] = ("images", "question", "response", "answer")
+# Only imported records carry it; stored only by the user-data builder.
+ORIGIN_FIELD = "origin"
 
 # Anything in the Qwen special-token style, known or not.
 _TOKEN_SHAPED = re.compile(r"<\|[^<>|\s]{1,64}\|>")
@@ -62,7 +68,7 @@ def encode_sample(sample: Sample, image_format: str = "PNG") -> dict:
         buffer = io.BytesIO()
         image.save(buffer, format=image_format)
         images.append(buffer.getvalue())
-    return {
+    record = {
         "images": images,
         "question": sample.question,
         "response": sample.response,
@@ -71,6 +77,23 @@ def encode_sample(sample: Sample, image_format: str = "PNG") -> dict:
         "response_answer_only": sample.response_answer_only,
         "uid": sample.uid,
     }
+    if sample.origin:
+        record[ORIGIN_FIELD] = sample.origin
+    return record
+
+
+def record_location(source: str, index: int | str, origin: str = "", uid: str = "") -> tuple[str, str]:
+    """(source, record) for a BadRecordError about a stored record: the original file and line
+    when `origin` is 'FILE:LINE', else `source` and `index`; the uid and the stored position are
+    added when they say something more, e.g.
+    ('/data/train.jsonl', "line 7 (uid 'q-17'; stored as atlas_user_data/mine:train record 3)")."""
+    file, sep, line = origin.rpartition(":")
+    if sep and file and line.isdigit():
+        # The import's default uid ('<file name>:<line>') would only repeat the line.
+        extra = [f"uid {uid!r}"] if uid and uid != f"{os.path.basename(file)}:{line}" else []
+        extra.append(f"stored as {source} record {index}")
+        return file, f"line {line} ({'; '.join(extra)})"
+    return source, f"{index} (uid {uid!r})" if uid else str(index)
 
 
 def decode_image(data: bytes, source: str, index: int | str, field: str = "images") -> Image.Image:
@@ -120,6 +143,9 @@ def decode_record(
         value = record.get(field, "")
         if not isinstance(value, str):
             raise BadRecordError(source, index, field, f"wrong type: expected a string, got {type(value).__name__}")
+    origin = record.get(ORIGIN_FIELD, "")
+    if not isinstance(origin, str):
+        raise BadRecordError(source, index, ORIGIN_FIELD, f"wrong type: expected a string, got {type(origin).__name__}")
     raw_images = record["images"]
     if not isinstance(raw_images, (list, tuple)):
         raise BadRecordError(source, index, "images", f"wrong type: expected a list of encoded images, got {type(raw_images).__name__}")
@@ -132,6 +158,7 @@ def decode_record(
         task=record.get("task", ""),
         response_answer_only=record.get("response_answer_only", ""),
         uid=record.get("uid", ""),
+        origin=origin,
     )
     validate_sample(
         sample,

@@ -16,6 +16,8 @@ class Sample:
     task: the task family name (e.g. 'shape_count'); '' for user data.
     response_answer_only: the trajectory without functional tokens or reasoning, for baselines.
     uid: a stable identifier (split/task/seed/index) used in error messages.
+    origin: where the record was first read, as 'FILE:LINE' (set by the JSONL import, never by the
+      user: a uid may be anything); '' when generated. Errors about the record name it.
     """
 
     images: list[Image.Image]
@@ -25,6 +27,7 @@ class Sample:
     task: str = ""
     response_answer_only: str = ""
     uid: str = ""
+    origin: str = ""
 
 
 class BadRecordError(ValueError):

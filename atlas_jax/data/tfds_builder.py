@@ -26,7 +26,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from atlas_jax.data import jsonl
-from atlas_jax.data.records import TEXT_FIELDS, encode_sample
+from atlas_jax.data.records import ORIGIN_FIELD, TEXT_FIELDS, encode_sample
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 DATASET_VERSION = "1.0.0"
@@ -38,10 +38,11 @@ log = logging.getLogger(__name__)
 _CODE_PATH = epath.Path(__file__)
 
 
-def record_features() -> tfds.features.FeaturesDict:
-    """The stored record: encoded image bytes plus the text fields of `records.py`."""
+def record_features(with_origin: bool = False) -> tfds.features.FeaturesDict:
+    """The stored record: encoded image bytes plus the text fields of `records.py` (and `origin`,
+    the JSONL file:line, for imported data)."""
     fields = {"images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_))}
-    fields.update({name: tfds.features.Text() for name in TEXT_FIELDS})
+    fields.update({name: tfds.features.Text() for name in TEXT_FIELDS + ((ORIGIN_FIELD,) if with_origin else ())})
     return tfds.features.FeaturesDict(fields)
 
 
@@ -183,7 +184,7 @@ class AtlasUserData(tfds.core.GeneratorBasedBuilder):
     # reading goes through the files (TFDS reads a config unknown to the code from disk).
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=record_features())
+        return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=record_features(with_origin=True))
 
     def _split_generators(self, dl_manager):
         del dl_manager
@@ -205,6 +206,7 @@ class AtlasUserData(tfds.core.GeneratorBasedBuilder):
 
 
 _REPORTS_FILE = "import_reports.json"
+_USER_LAYOUT = "origin"  # what the stored records hold beyond TEXT_FIELDS
 
 
 def build_user_dataset(
@@ -225,7 +227,8 @@ def build_user_dataset(
     in place, pass `overwrite=True`. Reports are kept in `import_reports.json` beside the data.
     """
     paths = {split: os.path.abspath(os.fspath(path)) for split, path in splits.items()}
-    digest = hashlib.sha256(json.dumps([sorted(paths.items()), skip_bad_records, min_images]).encode())
+    # _USER_LAYOUT is in the fingerprint so a build stored by older code (no `origin`) is redone.
+    digest = hashlib.sha256(json.dumps([sorted(paths.items()), skip_bad_records, min_images, _USER_LAYOUT]).encode())
     for split in sorted(paths):
         try:
             with open(paths[split], "rb") as f:
@@ -291,7 +294,8 @@ class RecordSource(Sequence):
 
 
 def _to_record(item: Mapping) -> dict:
-    record = {name: item[name].decode("utf-8") if isinstance(item[name], bytes) else str(item[name]) for name in TEXT_FIELDS}
+    names = TEXT_FIELDS + ((ORIGIN_FIELD,) if ORIGIN_FIELD in item else ())  # imported data only
+    record = {name: item[name].decode("utf-8") if isinstance(item[name], bytes) else str(item[name]) for name in names}
     record["images"] = [bytes(data) for data in item["images"]]
     return record
 
