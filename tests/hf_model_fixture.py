@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -121,3 +122,27 @@ def hf_logits(model, e: Example) -> np.ndarray:
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
     return out.logits[0].float().numpy()
+
+
+def jax_logits(model, batch) -> np.ndarray:
+    """The JAX model's logits float32[B, T, V] on a `jax_batch`."""
+    logits, _, _ = model(
+        jnp.asarray(batch["input_ids"]),
+        jnp.asarray(batch["positions"]),
+        jnp.asarray(batch["attention_mask"]),
+        pixel_values=None if "pixel_values" not in batch else jnp.asarray(batch["pixel_values"]),
+        vision=None if "vision" not in batch else {k: jnp.asarray(v) for k, v in batch["vision"].items()},
+    )
+    return np.asarray(logits)
+
+
+def assert_logits_match(model, torch_model, examples: list[Example], *, pad_left: bool, atol: float = 1e-4) -> None:
+    """The JAX model on a padded batch of `examples` gives the reference's logits on each one alone
+    (max abs difference <= atol at every real position)."""
+    batch = jax_batch(examples, model.cfg, pad_left=pad_left)
+    got = jax_logits(model, batch)
+    T = batch["input_ids"].shape[1]
+    for b, e in enumerate(examples):
+        n = len(e.ids)
+        sl = slice(T - n, T) if pad_left else slice(0, n)
+        np.testing.assert_allclose(got[b, sl], hf_logits(torch_model, e), atol=atol, rtol=0, err_msg=f"example {b}")

@@ -1,5 +1,6 @@
 """Hugging Face interop: exact round trip, functional-token rows, and clear errors for bad checkpoints."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,13 +13,11 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from atlas_jax import hf_checkpoint, sharding
+from atlas_jax.functional_tokens import DEFAULT_TOKENS
 from atlas_jax.model import extend
 from atlas_jax.safetensors_io import SafetensorsFile, save_file
-from hf_model_fixture import example, hf_logits, jax_batch, make_hf_checkpoint
+from hf_model_fixture import assert_logits_match, example, make_hf_checkpoint
 from hf_tokenizer_fixture import make_tokenizer
-
-MESH = None
-
 
 def _mesh():
     return sharding.make_mesh((1, 1, 1), jax.devices()[:1])
@@ -63,50 +62,139 @@ def test_bfloat16_checkpoint_loads_and_round_trips(ckpt, tmp_path):
         assert t[k].tobytes() == b[k].tobytes(), k
 
 
-@pytest.mark.parametrize("spare_rows", [True, False])
-def test_functional_rows_keep_transformers_parity(tmp_path, spare_rows):
-    tok = make_tokenizer(tmp_path / "tok", functional=False)
+# ---------------------------------------------------------------------- functional-token rows
+@dataclasses.dataclass
+class Extended:
+    """A tiny HF checkpoint (`base_torch`, at `src`) extended with the five functional tokens (`model`,
+    gates at zero), exported to `out` and loaded back by transformers (`ref`)."""
+
+    tok: object
+    n: int  # tokenizer entries before the functional tokens
+    src: str
+    out: str
+    base_torch: object
+    model: object
+    ref: object
+    spare_rows: bool
+    tie: bool
+
+
+@pytest.fixture(
+    scope="module",
+    params=[(True, False), (False, False), (False, True)],
+    ids=["spare_rows", "grown", "grown_tied"],
+)
+def extended(request, tmp_path_factory):
+    spare_rows, tie = request.param
+    tmp = tmp_path_factory.mktemp("functional")
+    tok = make_tokenizer(tmp / "tok", functional=False)
     n = len(tok)
-    vocab = n + 16 if spare_rows else n
     ids = tuple(tok.convert_tokens_to_ids(s) for s in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"))
-    src = str(tmp_path / "base")
-    make_hf_checkpoint(src, seed=3, vocab=vocab, ids=ids)
+    src = str(tmp / "base")
+    base_torch = make_hf_checkpoint(src, seed=3, vocab=n + 16 if spare_rows else n, ids=ids, tie=tie)
     base = hf_checkpoint.from_hf(src, mesh=_mesh())
     model = extend.add_functional_tokens(base, tok, layer=1, num_heads=2, head_dim=16)
-    func = model.cfg.visual_ops.token_ids
-    assert len(func) == 5 and all(len(tok.encode(tok.convert_ids_to_tokens(i), add_special_tokens=False)) == 1 for i in func)
-    V = model.cfg.text.vocab_size
-    assert V == (vocab if spare_rows else -(-(n + 5) // 128) * 128)
-
-    # New rows are the mean of the descriptive words' rows; old rows unchanged.
-    emb = np.asarray(model.embed.embedding[...])
-    old = np.asarray(base.embed.embedding[...])
-    line = func[1]
-    words = [i for w in ("line", "draw", "segment") for f in (w, " " + w) for i in tok.encode(f, add_special_tokens=False)]
-    np.testing.assert_allclose(emb[line], old[sorted(set(words))].mean(0), atol=1e-6)
-    np.testing.assert_array_equal(emb[:n], old[:n])
-
-    out = str(tmp_path / "exported")
+    out = str(tmp / "exported")
     hf_checkpoint.to_hf(model, out, tokenizer=tok)
-    assert os.path.exists(os.path.join(out, hf_checkpoint.VISUAL_OPS_FILE))
     ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, attn_implementation="eager").eval()
-    assert ref.config.text_config.vocab_size == V
+    return Extended(tok, n, src, out, base_torch, model, ref, spare_rows, tie)
 
-    rng = np.random.default_rng(0)
-    e = example(rng, 4, [(1, 4, 6)], 3, image_ids=(ids[0], ids[2], ids[3]))
-    e.ids += [func[1], 9, 10, func[3], func[4], 11, func[0], func[2]]
-    batch = jax_batch([e], model.cfg, pad_left=False)
-    got, _, _ = model(
-        *(jnp.asarray(batch[k]) for k in ("input_ids", "positions", "attention_mask")),
-        pixel_values=jnp.asarray(batch["pixel_values"]),
-        vision={k: jnp.asarray(v) for k, v in batch["vision"].items()},
-    )
-    np.testing.assert_allclose(np.asarray(got)[0], hf_logits(ref, e), atol=1e-4, rtol=0)
 
-    # The visual-op modules (config in the file's metadata, weights) come back from their own file.
-    again = hf_checkpoint.from_hf(out, mesh=_mesh())
-    assert again.cfg.visual_ops == model.cfg.visual_ops
-    np.testing.assert_array_equal(np.asarray(again.visual_ops.wq[...]), np.asarray(model.visual_ops.wq[...]))
+def _word_ids(tok, words):
+    """Ids of each word as written alone and mid-sentence (" word"), deduplicated."""
+    return sorted({i for w in words for form in (w, " " + w) for i in tok.encode(form, add_special_tokens=False)})
+
+
+def test_functional_rows_are_word_means_end_to_end(extended):
+    """In the checkpoint transformers loads, each new embedding row and output-head row is the mean
+    of the source checkpoint's rows for the token's descriptive words; old rows are unchanged."""
+    x = extended
+    func = x.model.cfg.visual_ops.token_ids
+    assert [x.tok.convert_ids_to_tokens(i) for i in func] == [t.token for t in DEFAULT_TOKENS]
+    assert all(len(x.tok.encode(t.token, add_special_tokens=False)) == 1 for t in DEFAULT_TOKENS)
+    V = x.model.cfg.text.vocab_size
+    V0 = x.base_torch.config.text_config.vocab_size
+    assert V == (V0 if x.spare_rows else -(-(x.n + 5) // 128) * 128)
+    assert x.ref.config.text_config.vocab_size == V
+    assert x.ref.config.tie_word_embeddings == x.tie
+
+    with torch.no_grad():
+        tables = {
+            "embedding": (x.base_torch.get_input_embeddings().weight.numpy(), x.ref.get_input_embeddings().weight.numpy()),
+            "output head": (x.base_torch.get_output_embeddings().weight.numpy(), x.ref.get_output_embeddings().weight.numpy()),
+        }
+    if x.tie:
+        assert x.ref.get_output_embeddings().weight.data_ptr() == x.ref.get_input_embeddings().weight.data_ptr()
+    else:  # untied: the head's rows come from the head, not from the embedding
+        assert not np.allclose(tables["embedding"][0], tables["output head"][0])
+    for what, (old, new) in tables.items():
+        assert new.shape == (V, old.shape[1]), what
+        for t, i in zip(DEFAULT_TOKENS, func):
+            np.testing.assert_allclose(new[i], old[_word_ids(x.tok, t.words)].mean(0), atol=1e-6, rtol=0, err_msg=f"{what} {t.token}")
+        np.testing.assert_array_equal(new[: x.n], old[: x.n], err_msg=what)
+        rest = [i for i in range(x.n + 5, V)]
+        if x.spare_rows:  # spare rows no token took keep their values
+            np.testing.assert_array_equal(new[rest], old[rest], err_msg=what)
+        else:  # grown rows no token took hold the mean of all old rows
+            np.testing.assert_allclose(new[rest], np.broadcast_to(old.mean(0), (len(rest), old.shape[1])), atol=1e-6, rtol=0, err_msg=what)
+
+
+def _with_functional(e, func, vstart, vend, rng):
+    """`e` with a functional token before and after each image and three among trailing text."""
+    out, k = [], 0
+
+    def take():
+        nonlocal k
+        k += 1
+        return int(func[(k - 1) % len(func)])
+
+    for t in e.ids:
+        if t == vstart:
+            out.append(take())
+        out.append(t)
+        if t == vend:
+            out.append(take())
+    for _ in range(3):
+        out += [take(), int(rng.integers(0, 256))]
+    e.ids = out
+    return e
+
+
+def _examples(x, case):
+    image, vstart, vend = (x.tok.convert_tokens_to_ids(s) for s in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"))
+    func = x.model.cfg.visual_ops.token_ids
+    rng = np.random.default_rng(10)
+    grids = {
+        "text_only": [[]],
+        "one_image": [[(1, 8, 12)]],
+        "two_images_of_different_sizes": [[(1, 8, 12), (1, 6, 4)]],
+        "padded_batch": [[(1, 4, 6)], [(1, 8, 8), (1, 4, 4)], []],
+    }[case]
+    return [
+        _with_functional(example(rng, 3 + 4 * i, g, 2 * i, image_ids=(image, vstart, vend)), func, vstart, vend, rng)
+        for i, g in enumerate(grids)
+    ]
+
+
+@pytest.mark.parametrize(
+    "case, pad_left",
+    [("text_only", False), ("one_image", False), ("two_images_of_different_sizes", False), ("padded_batch", False), ("padded_batch", True)],
+)
+def test_functional_rows_keep_transformers_parity(extended, case, pad_left):
+    """With the new rows in place and the gates at zero, the model still computes what transformers
+    computes from the exported checkpoint (which ignores the visual-op file), functional tokens included."""
+    examples = _examples(extended, case)
+    func = set(extended.model.cfg.visual_ops.token_ids)
+    assert all(func & set(e.ids) for e in examples)
+    assert_logits_match(extended.model, extended.ref, examples, pad_left=pad_left, atol=1e-4)
+
+
+def test_visual_ops_come_back_from_their_own_file(extended):
+    """The visual-op modules (config in the file's metadata, weights) are restored by from_hf."""
+    again = hf_checkpoint.from_hf(extended.out, mesh=_mesh())
+    assert again.cfg.visual_ops == extended.model.cfg.visual_ops
+    for name in ("wq", "wk", "wv", "wo", "gate", "query_norm", "image_norm"):
+        np.testing.assert_array_equal(np.asarray(getattr(again.visual_ops, name)[...]), np.asarray(getattr(extended.model.visual_ops, name)[...]))
 
 
 # ---------------------------------------------------------------------- bad checkpoints

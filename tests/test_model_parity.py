@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from atlas_jax import hf_checkpoint, sharding
-from hf_model_fixture import IMAGE, example, hf_logits, jax_batch, make_hf_checkpoint
+from hf_model_fixture import IMAGE, assert_logits_match, example, jax_batch, make_hf_checkpoint
 
 TOL = 1e-4
 
@@ -24,26 +24,8 @@ def jax_model(ckpt):
     return hf_checkpoint.from_hf(ckpt[0], mesh=sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
 
 
-def _forward(model, batch):
-    logits, _, _ = model(
-        jnp.asarray(batch["input_ids"]),
-        jnp.asarray(batch["positions"]),
-        jnp.asarray(batch["attention_mask"]),
-        pixel_values=None if "pixel_values" not in batch else jnp.asarray(batch["pixel_values"]),
-        vision=None if "vision" not in batch else {k: jnp.asarray(v) for k, v in batch["vision"].items()},
-    )
-    return np.asarray(logits)
-
-
 def _check(model, torch_model, examples, pad_left):
-    batch = jax_batch(examples, model.cfg, pad_left=pad_left)
-    got = _forward(model, batch)
-    T = batch["input_ids"].shape[1]
-    for b, e in enumerate(examples):
-        ref = hf_logits(torch_model, e)
-        n = len(e.ids)
-        sl = slice(T - n, T) if pad_left else slice(0, n)
-        np.testing.assert_allclose(got[b, sl], ref, atol=TOL, rtol=0)
+    assert_logits_match(model, torch_model, examples, pad_left=pad_left, atol=TOL)
 
 
 def test_text_only(ckpt, jax_model):
