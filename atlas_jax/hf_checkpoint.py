@@ -2,8 +2,9 @@
 
 `from_hf(dir)` reads `config.json` and the safetensors weights (one file, or shards listed in
 `model.safetensors.index.json`) and places every parameter directly in its shards: the model is
-built abstractly (`nnx.eval_shape`), each tensor is read from a memory map and handed to
-`jax.make_array_from_callback`, so no device ever holds an unsharded copy of the model.
+built abstractly (`nnx.eval_shape`), each tensor stays a lazy view of a memory map, and
+`jax.make_array_from_callback` copies out only the slices of the devices a host addresses, so
+neither a device nor a host ever holds an unsharded copy of the model.
 
 `to_hf(model, dir)` writes the released-checkpoint layout that every `transformers` version
 loads; the functional-token rows live inside the embedding / head tables, and the
@@ -172,17 +173,37 @@ def read_config(path: str, **overrides) -> ModelConfig:
         # An atlas-jax export: its functional-token modules are described in the ops file's metadata.
         meta = _open(ops_file).metadata.get("visual_ops")
         if meta:
-            fields = json.loads(meta)
-            fields["token_ids"] = tuple(fields["token_ids"])
-            overrides["visual_ops"] = VisualOpConfig(**fields)
+            overrides["visual_ops"] = _visual_op_config(ops_file, meta)
     try:
         return ModelConfig.from_hf_dict(d, source=cfg_path, **overrides)
     except ConfigError as e:  # its message names config.json already
         raise CheckpointError(str(e)) from e
 
 
-def open_weights(path: str) -> dict[str, tuple[SafetensorsFile, str]]:
-    """Canonical tensor name -> (file, name in file), over a single file or a sharded index."""
+def _visual_op_config(ops_file: str, meta: str) -> VisualOpConfig:
+    """The VisualOpConfig stored (as JSON) in the ops file's 'visual_ops' metadata."""
+    try:
+        fields = json.loads(meta)
+        fields["token_ids"] = tuple(fields["token_ids"])
+        return VisualOpConfig(**fields)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        names = ", ".join(f.name for f in dataclasses.fields(VisualOpConfig))
+        raise CheckpointError(
+            f"{ops_file}: metadata 'visual_ops' is not a VisualOpConfig (expected a JSON object with {names}): {e}"
+        ) from e
+
+
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    """A checkpoint's base tensors: canonical name -> (file, name in that file); `source` is the file
+    that lists them (model.safetensors, or the shard index), named when a tensor is missing."""
+
+    tensors: dict[str, tuple[SafetensorsFile, str]]
+    source: str
+
+
+def open_weights(path: str) -> Weights:
+    """The base tensors of a checkpoint directory, over a single file or a sharded index."""
     single, index = os.path.join(path, WEIGHTS_FILE), os.path.join(path, INDEX_FILE)
     if os.path.exists(index):
         try:
@@ -190,21 +211,25 @@ def open_weights(path: str) -> dict[str, tuple[SafetensorsFile, str]]:
                 weight_map = json.load(f)["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid shard index (expected a 'weight_map' object): {e}") from e
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: 'weight_map' is a {type(weight_map).__name__}, expected an object name -> shard file")
         files: dict[str, SafetensorsFile] = {}
         out = {}
         for name, fname in weight_map.items():
-            fpath = os.path.join(path, fname)
+            fpath = os.path.join(path, str(fname))
             if fname not in files:
                 if not os.path.exists(fpath):
                     raise CheckpointError(f"{index}: incomplete shard index: shard {fname} (for {name}) is missing")
                 files[fname] = _open(fpath)
             if name not in files[fname]:
-                raise CheckpointError(f"{index}: incomplete shard index: {name} is not in shard {fname}")
+                raise CheckpointError(
+                    f"{index}: incomplete shard index: weight_map puts tensor {name} in {fpath}, which does not hold it"
+                )
             out[_canonical(name)] = (files[fname], name)
-        return out
+        return Weights(out, index)
     if os.path.exists(single):
         f = _open(single)
-        return {_canonical(n): (f, n) for n in f}
+        return Weights({_canonical(n): (f, n) for n in f}, single)
     pickles = [p for p in PICKLE_FILES if os.path.exists(os.path.join(path, p))]
     if pickles:
         raise CheckpointError(
@@ -222,18 +247,32 @@ def _open(path: str) -> SafetensorsFile:
         raise CheckpointError(str(e)) from e
 
 
-def _read(weights, entry: Entry, want_shape, want_dtype) -> np.ndarray:
-    if entry.hf_name not in weights:
-        raise CheckpointError(f"checkpoint is missing tensor {entry.hf_name}")
-    f, name = weights[entry.hf_name]
+def _check_float(path: str, name: str, dtype: np.dtype) -> None:
+    if not np.issubdtype(dtype, np.floating) and dtype.name != "bfloat16":
+        raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}, expected a floating-point dtype")
+
+
+def _read(weights: Weights, entry: Entry, want_shape) -> np.ndarray:
+    """The tensor for `entry` in the JAX layout, as a lazy view of the memory-mapped file: nothing is
+    read until a shard's slice of it is (see `_sharded`)."""
+    if entry.hf_name not in weights.tensors:
+        where = "the shard index has no entry for it" if weights.source.endswith(INDEX_FILE) else "the file does not hold it"
+        raise CheckpointError(f"{weights.source}: missing tensor {entry.hf_name} ({where})")
+    f, name = weights.tensors[entry.hf_name]
     shape, dtype = f.info(name)
     if shape != entry.hf_shape:
         raise CheckpointError(f"{f.path}: tensor {name} has shape {shape}, expected {entry.hf_shape} from config.json")
-    if not np.issubdtype(dtype, np.floating) and dtype.name != "bfloat16":
-        raise CheckpointError(f"{f.path}: tensor {name} has dtype {dtype}, expected a floating-point dtype")
-    arr = entry.to_jax(np.asarray(f[name]))
+    _check_float(f.path, name, dtype)
+    arr = entry.to_jax(f[name])
     assert arr.shape == tuple(want_shape), (entry.hf_name, arr.shape, want_shape)
-    return arr.astype(want_dtype)
+    return arr
+
+
+def _sharded(view: np.ndarray, sharding, dtype) -> jax.Array:
+    """A global array from a host view (e.g. a memory map): each addressable device copies, and
+    converts to `dtype`, only its own slice, so no host reads or holds the whole tensor. The slice is
+    copied (never handed to JAX as a view of the read-only map, which a backend might alias)."""
+    return jax.make_array_from_callback(view.shape, sharding, lambda idx: np.array(view[idx], dtype=dtype, order="C"))
 
 
 def load_into(model_abstract: VLM, path: str, mesh, rules=shd.RULES) -> VLM:
@@ -256,18 +295,22 @@ def load_into(model_abstract: VLM, path: str, mesh, rules=shd.RULES) -> VLM:
                 continue
             key = "visual_ops." + ".".join(map(str, path_[1:]))
             if key not in ops_weights:
-                raise CheckpointError(f"{ops_file}: missing tensor {key}")
-            if tuple(ops_weights.info(key)[0]) != tuple(var.shape):
                 raise CheckpointError(
-                    f"{ops_file}: tensor {key} has shape {ops_weights.info(key)[0]}, expected {tuple(var.shape)} "
+                    f"{ops_file}: missing tensor {key} (is visual_ops configured like the run that saved it?)"
+                )
+            shape, dtype = ops_weights.info(key)
+            if shape != tuple(var.shape):
+                raise CheckpointError(
+                    f"{ops_file}: tensor {key} has shape {shape}, expected {tuple(var.shape)} "
                     "(is visual_ops configured like the run that saved it?)"
                 )
-            arr = np.asarray(ops_weights[key]).astype(var.dtype)
+            _check_float(ops_file, key, dtype)
+            view = ops_weights[key]
         else:
             if path_ not in entries:
                 raise CheckpointError(f"no Hugging Face name known for parameter {'/'.join(map(str, path_))}")
-            arr = _read(weights, entries[path_], var.shape, var.dtype)
-        leaves.append((path_, jax.make_array_from_callback(arr.shape, sharding, lambda idx, a=arr: a[idx])))
+            view = _read(weights, entries[path_], var.shape)
+        leaves.append((path_, _sharded(view, sharding, var.dtype)))
 
     if any(a is None for _, a in leaves):  # fresh visual-op modules on a base checkpoint
         fresh = shd.sharded_init(lambda: VisualOps(cfg, rngs=nnx.Rngs(0)), mesh, rules)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import mmap
 import os
 import shutil
 
@@ -10,11 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from atlas_jax import hf_checkpoint, sharding
 from atlas_jax.functional_tokens import DEFAULT_TOKENS
 from atlas_jax.model import extend
+from atlas_jax.model.config import VisualOpConfig
 from atlas_jax.safetensors_io import SafetensorsFile, save_file
 from hf_model_fixture import assert_logits_match, example, make_hf_checkpoint
 from hf_tokenizer_fixture import make_tokenizer
@@ -246,7 +249,7 @@ def test_dtype_mismatch(ckpt, tmp_path):
     t = _tensors(d)
     t["model.norm.weight"] = t["model.norm.weight"].astype(np.int32)
     save_file(t, os.path.join(d, "model.safetensors"))
-    _raises(d, "model.norm.weight", "int32", "floating")
+    _raises(d, os.path.join(d, "model.safetensors"), "model.norm.weight", "int32", "floating")
 
 
 def test_missing_tensor(ckpt, tmp_path):
@@ -254,7 +257,7 @@ def test_missing_tensor(ckpt, tmp_path):
     t = _tensors(d)
     del t["visual.merger.mlp.2.bias"]
     save_file(t, os.path.join(d, "model.safetensors"))
-    _raises(d, "visual.merger.mlp.2.bias")
+    _raises(d, os.path.join(d, "model.safetensors") + ": missing tensor visual.merger.mlp.2.bias")
 
 
 def test_truncated_weights_file(ckpt, tmp_path):
@@ -313,4 +316,138 @@ def test_incomplete_shard_index(ckpt, tmp_path):
     wm2 = dict(wm)
     wm2.pop("model.norm.weight")
     json.dump({"weight_map": wm2}, open(index, "w"))
-    _raises(d2, "model.norm.weight")
+    _raises(d2, index + ": missing tensor model.norm.weight", "no entry")
+
+
+def test_index_entry_in_a_shard_without_the_tensor(ckpt, tmp_path):
+    d, wm = _shard(ckpt, tmp_path)
+    index = os.path.join(d, "model.safetensors.index.json")
+    other = {f for f in wm.values() if f != wm["model.norm.weight"]}.pop()
+    json.dump({"weight_map": dict(wm, **{"model.norm.weight": other})}, open(index, "w"))
+    _raises(d, index, "incomplete shard index", "model.norm.weight", os.path.join(d, other))
+    json.dump({"weight_map": [["model.norm.weight", other]]}, open(index, "w"))
+    _raises(d, index, "weight_map")
+
+
+# ---------------------------------------------------------------------- the visual-op file
+OPS = hf_checkpoint.VISUAL_OPS_FILE
+
+
+@pytest.fixture(scope="module")
+def ops_ckpt(ckpt, tmp_path_factory):
+    """`ckpt` with three fresh visual-op modules, exported (so it has an atlas_visual_ops file)."""
+    ops = VisualOpConfig(token_ids=(310, 311, 312), layer=1, num_heads=2, head_dim=16)
+    model = hf_checkpoint.from_hf(ckpt, mesh=_mesh(), visual_ops=ops)
+    model.visual_ops.gate[...] = jnp.array([0.5, -1.0, 2.0])
+    out = str(tmp_path_factory.mktemp("ops_export"))
+    hf_checkpoint.to_hf(model, out)
+    return out
+
+
+def _edit_ops(d, edit):
+    f = SafetensorsFile(os.path.join(d, OPS))
+    t, meta = {k: np.asarray(v) for k, v in f.items()}, dict(f.metadata)
+    edit(t, meta)
+    save_file(t, os.path.join(d, OPS), metadata=meta)
+
+
+def test_visual_ops_file_round_trips(ops_ckpt, tmp_path):
+    model = hf_checkpoint.from_hf(ops_ckpt, mesh=_mesh())
+    assert model.cfg.visual_ops.token_ids == (310, 311, 312)
+    np.testing.assert_array_equal(np.asarray(model.visual_ops.gate[...]), [0.5, -1.0, 2.0])
+    out = str(tmp_path / "again")
+    hf_checkpoint.to_hf(model, out)
+    a, b = (SafetensorsFile(os.path.join(p, OPS)) for p in (ops_ckpt, out))
+    assert sorted(a) == sorted(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def test_visual_ops_file_missing_tensor(ops_ckpt, tmp_path):
+    d = _copy(ops_ckpt, tmp_path)
+    _edit_ops(d, lambda t, m: t.pop("visual_ops.wk"))
+    _raises(d, os.path.join(d, OPS) + ": missing tensor visual_ops.wk")
+
+
+def test_visual_ops_file_wrong_shape(ops_ckpt, tmp_path):
+    d = _copy(ops_ckpt, tmp_path)
+    _edit_ops(d, lambda t, m: t.update({"visual_ops.wo": t["visual_ops.wo"][:, :1]}))
+    _raises(d, os.path.join(d, OPS), "visual_ops.wo", "shape (3, 1, 16, 64), expected (3, 2, 16, 64)")
+
+
+def test_visual_ops_file_config_disagrees_with_the_weights(ops_ckpt, tmp_path):
+    """Metadata (or an override) with more heads than the saved weights: the shapes are named."""
+    d = _copy(ops_ckpt, tmp_path)
+    with pytest.raises(hf_checkpoint.CheckpointError) as e:
+        hf_checkpoint.from_hf(d, mesh=_mesh(), visual_ops=VisualOpConfig(token_ids=(310, 311, 312), layer=1, num_heads=4, head_dim=16))
+    msg = str(e.value)
+    assert msg.startswith(os.path.join(d, OPS) + ": tensor visual_ops.w"), msg
+    assert "shape (3, 64, 2, 16), expected (3, 64, 4, 16)" in msg, msg
+
+
+def test_visual_ops_file_wrong_dtype(ops_ckpt, tmp_path):
+    d = _copy(ops_ckpt, tmp_path)
+    _edit_ops(d, lambda t, m: t.update({"visual_ops.gate": t["visual_ops.gate"].astype(np.int32)}))
+    _raises(d, os.path.join(d, OPS), "visual_ops.gate", "int32", "floating")
+
+
+@pytest.mark.parametrize("meta", ["{not json", json.dumps({"mode": "module"}), json.dumps({"token_ids": [1], "heads": 2})])
+def test_visual_ops_file_bad_metadata(ops_ckpt, tmp_path, meta):
+    d = _copy(ops_ckpt, tmp_path)
+    _edit_ops(d, lambda t, m: m.update(visual_ops=meta))
+    _raises(d, os.path.join(d, OPS), "metadata 'visual_ops'", "token_ids")
+
+
+def test_visual_ops_file_truncated(ops_ckpt, tmp_path):
+    d = _copy(ops_ckpt, tmp_path)
+    p = os.path.join(d, OPS)
+    data = open(p, "rb").read()
+    open(p, "wb").write(data[: len(data) - 100])
+    _raises(d, p, "truncated")
+
+
+# ---------------------------------------------------------------------- sharded loading
+def _file_view(a) -> bool:
+    """True when `a` is a view of a memory-mapped file (so nothing of it has been copied yet)."""
+    while isinstance(a, np.ndarray):
+        a = a.base
+    return isinstance(a, mmap.mmap)
+
+
+@pytest.mark.parametrize("layout", ["single_file", "shard_index", "visual_ops"])
+def test_load_reads_only_each_devices_slice(ckpt, ops_ckpt, tmp_path, monkeypatch, layout):
+    """On a 2x2x2 mesh every parameter equals the single-device load, has the sharding its logical
+    axes give, and is built from per-device slices of lazy file views (no whole-tensor copy)."""
+    d = {"single_file": ckpt, "shard_index": lambda: _shard(ckpt, tmp_path)[0], "visual_ops": ops_ckpt}[layout]
+    d = d() if callable(d) else d
+    full = hf_checkpoint.from_hf(d, mesh=_mesh())
+
+    read, sliced = hf_checkpoint._read, []
+
+    def read_spy(*a, **k):
+        view = read(*a, **k)
+        assert _file_view(view), "the tensor was copied before slicing"
+        return view
+
+    make = jax.make_array_from_callback
+
+    def make_spy(shape, sh, cb):
+        def one(idx):
+            x = cb(idx)
+            assert x.shape == sh.shard_shape(shape), (shape, sh, x.shape)
+            sliced.append(x.size < int(np.prod(shape)))
+            return x
+
+        return make(shape, sh, one)
+
+    monkeypatch.setattr(hf_checkpoint, "_read", read_spy)
+    monkeypatch.setattr(jax, "make_array_from_callback", make_spy)
+    mesh = sharding.make_mesh((2, 2, 2))
+    model = hf_checkpoint.from_hf(d, mesh=mesh)
+    monkeypatch.undo()
+
+    assert sum(sliced) > len(sliced) // 2, "most callbacks read a proper slice"
+    want = dict(nnx.to_flat_state(sharding.state_shardings(nnx.state(model, nnx.Param), mesh)))
+    a, b = dict(nnx.to_flat_state(nnx.state(full, nnx.Param))), nnx.to_flat_state(nnx.state(model, nnx.Param))
+    for path, var in b:
+        x = var.get_value()
+        assert x.sharding == want[path].get_value(), path
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(a[path].get_value()), err_msg=str(path))
