@@ -9,7 +9,7 @@ from flax import nnx
 
 from atlas_jax import sharding
 from atlas_jax.model import vlm
-from hf_model_fixture import example, jax_batch
+from hf_model_fixture import IMAGE, VEND, VSTART, Example, example, jax_batch
 from test_kv_cache import FUNC, tiny_cfg
 
 def _mesh1():
@@ -55,6 +55,60 @@ def test_open_gate_changes_only_positions_from_a_functional_token(batch):
         n = batch["attention_mask"][b].sum()
         assert diff[b, :first].max() == 0.0, "positions before the first functional token must not change"
         assert (diff[b, first:n] > 1e-6).all(), "positions at and after a functional token must change"
+
+
+def _image(rng, t, h, w):
+    """Token ids and patch rows of one image (t*h*w patches, t*h*w/4 merged units)."""
+    return [VSTART] + [IMAGE] * (t * h * w // 4) + [VEND], rng.standard_normal((t * h * w, 1176)).astype(np.float32)
+
+
+def test_a_functional_token_never_sees_a_later_image():
+    """The module at a functional token attends only to image tokens before it: a later image (moved,
+    altered or absent) leaves every logit at and before the token unchanged, while an earlier image
+    changes what the open module writes there."""
+    rng = np.random.default_rng(7)
+    ids_a, rows_a = _image(rng, 1, 4, 6)
+    ids_b, rows_b = _image(rng, 1, 4, 4)
+    prefix = [1, 2, 3] + ids_a + [4, 5, 6, FUNC[0]]
+    f = len(prefix) - 1
+    after = [7, 8]
+    noise = lambda r: r + rng.standard_normal(r.shape).astype(np.float32)
+    samples = {  # name: (ids, patch rows, grids)
+        "base": (prefix + ids_b + after, [rows_a, rows_b], [(1, 4, 6), (1, 4, 4)]),
+        "later_altered": (prefix + ids_b + after, [rows_a, noise(rows_b)], [(1, 4, 6), (1, 4, 4)]),
+        "later_moved": (prefix + [9, 10, 11] + _image(rng, 1, 4, 8)[0] + after, [rows_a, rng.standard_normal((32, 1176)).astype(np.float32)], [(1, 4, 6), (1, 4, 8)]),
+        "no_later": (prefix + after, [rows_a], [(1, 4, 6)]),
+        "earlier_altered": (prefix + ids_b + after, [noise(rows_a), rows_b], [(1, 4, 6), (1, 4, 4)]),
+    }
+    names = list(samples)
+    examples = [Example(list(ids), rows, grids) for ids, rows, grids in samples.values()]
+    batch = jax_batch(examples, tiny_cfg("module"), pad_left=False)
+    model = vlm.create(tiny_cfg("module"), _mesh1(), seed=3)
+    closed = np.asarray(_run(model, batch)[0])
+    model.visual_ops.gate[...] = jnp.ones(3)
+    opened, _, aux = _run(model, batch)
+    opened = np.asarray(opened)
+    row = {n: i for i, n in enumerate(names)}
+
+    # The attention map of the token: all its mass on the earlier image's 6 units, none on the later one's.
+    attn, pos = np.asarray(aux["ops"]["attn"]), np.asarray(aux["ops"]["position"])
+    for n in ("base", "later_altered", "later_moved"):
+        assert pos[row[n], 0] == f
+        np.testing.assert_allclose(attn[row[n], 0, :6].sum(), 1.0, atol=1e-6)
+        assert (attn[row[n], 0, 6:] == 0).all(), f"{n}: attention on an image after the functional token"
+
+    base = opened[row["base"], : f + 1]
+    for n in ("later_altered", "later_moved", "no_later"):
+        np.testing.assert_allclose(opened[row[n], : f + 1], base, atol=1e-6, rtol=0, err_msg=n)
+    # The later image did change what follows it (the comparison above is not vacuous).
+    n_b = len(prefix) + len(ids_b)
+    assert np.abs(opened[row["later_altered"], n_b:] - opened[row["base"], n_b:]).max() > 1e-3
+
+    # What the open module writes at the token depends on the earlier image.
+    written = opened[:, f] - closed[:, f]
+    assert np.abs(written[row["base"]]).max() > 1e-3
+    assert np.abs(written[row["earlier_altered"]] - written[row["base"]]).max() > 1e-3
+    np.testing.assert_allclose(closed[row["earlier_altered"], :4], closed[row["base"], :4], atol=1e-6, rtol=0)
 
 
 def _loss(model, batch):
