@@ -10,6 +10,8 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
+from scipy import ndimage
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -179,3 +181,85 @@ def test_difficulty_overrides_and_errors():
         generate("line_side", "train", 0, difficulty=3)
     with pytest.raises(ValueError, match="index"):
         generate("shape_count", "train", -1)
+
+
+# ---- the arrow checkers read the graph from the pixels, not from the scene ------------------------
+
+def _scene_graph(task, scene):
+    """(label -> centre, labelled edges, chain) as the generator says it drew them."""
+    if task == "arrow_chain":
+        centers = {n: tuple(c) for n, c in scene["nodes"].items()}
+        edges = [tuple(e) for e in scene["edges"]]
+    else:
+        centers = {str(n["label"]): tuple(n["center"]) for n in scene["nodes"]}
+        edges = [(str(u), str(v)) for u, v in scene["edges"]]
+    return centers, edges, synthetic_checks.follow(edges, str(scene["start"]))
+
+
+READ_GRAPH = {"arrow_chain": ([synthetic_checks.BLACK], synthetic_checks.ARROW_CHAIN_LETTERS),
+              "arrow_label": ([synthetic_checks.BLACK, synthetic_checks.START_RING_RGB], "123456789")}
+
+
+@pytest.mark.parametrize("task", ["arrow_chain", "arrow_label"])
+def test_arrow_graph_read_from_pixels_is_the_drawn_one(task):
+    for split in SPLITS:
+        for i in range(6):
+            sample, scene = generate_with_scene(task, split, i, seed=21, image_size=112 if i % 2 else 168)
+            labels, centers, edges = synthetic_checks.read_graph(synthetic_checks.pixels(sample), *READ_GRAPH[task])
+            want_centers, want_edges, _ = _scene_graph(task, scene)
+            assert sorted(edges) == sorted(want_edges), sample.uid
+            for label, c in zip(labels, centers):
+                assert np.hypot(*np.subtract(c, want_centers[label])) < 1.0, (sample.uid, label)
+
+
+def _clear_of_nodes(centers, a, b, radius):
+    return all(synthetic_checks._segment_dist(c, centers[a], centers[b]) > 2 * radius
+               for n, c in centers.items() if n not in (a, b))
+
+
+@pytest.mark.parametrize("task", ["arrow_chain", "arrow_label"])
+def test_arrow_checkers_see_an_extra_or_a_missing_arrow(task):
+    """Redraw an image with one arrow more (from the chain's end onwards) or one fewer (the chain's
+    last one erased): the checker's answer follows the pixels, not the unchanged scene."""
+    from PIL import ImageDraw
+
+    from atlas_jax.data.synthetic import canvas
+    from atlas_jax.data.synthetic.graph_layout import draw_graph
+
+    check = synthetic_checks.CHECKERS[task]
+
+    def answer_for(path):
+        return path[-1] if task == "arrow_chain" else str(sum(int(v) for v in path))
+
+    extra = missing = False
+    for i in range(40):
+        sample, scene = generate_with_scene(task, "train", i, seed=3)
+        centers, edges, chain = _scene_graph(task, scene)
+        radius = scene["radius"]
+        end = chain[-1]
+        # One more arrow: from the end of the chain to a node whose own path does not come back.
+        targets = [n for n in centers if end not in synthetic_checks.follow(edges, n)
+                   and _clear_of_nodes(centers, end, n, radius)]
+        if targets and not extra:
+            image = sample.images[0].copy()
+            draw_graph(ImageDraw.Draw(image), [centers[end], centers[targets[0]]], [(0, 1)], radius, 1.0)
+            path = synthetic_checks.follow(edges + [(end, targets[0])], chain[0])
+            got = check(dataclasses.replace(sample, images=[image]), scene)
+            assert got == (answer_for(path), len(path) - 1) and got[0] != sample.answer, sample.uid
+            extra = True
+        # One fewer: erase the last chain arrow, if it touches no other arrow.
+        px = np.asarray(sample.images[0]).copy()
+        arrows, _ = ndimage.label(np.all(px == canvas.ARROW_GREY, -1), structure=np.ones((3, 3)))
+        (x0, y0), (x1, y1) = centers[chain[-2]], centers[chain[-1]]
+        ids = set(np.unique(arrows[round((y0 + y1) / 2) - 2:round((y0 + y1) / 2) + 3,
+                                   round((x0 + x1) / 2) - 2:round((x0 + x1) / 2) + 3])) - {0}
+        if len(chain) > 2 and not missing and len(ids) == 1:
+            ys, xs = np.nonzero(arrows == ids.pop())
+            if synthetic_checks._segment_dist((xs, ys), centers[chain[-2]], centers[chain[-1]]).max() <= 3.5 + 1.5:
+                px[ys, xs] = canvas.WHITE
+                got = check(dataclasses.replace(sample, images=[Image.fromarray(px)]), scene)
+                assert got == (answer_for(chain[:-1]), len(chain) - 2) and got[0] != sample.answer, sample.uid
+                missing = True
+        if extra and missing:
+            return
+    pytest.fail(f"no suitable {task} sample for the mutation checks (extra={extra}, missing={missing})")
