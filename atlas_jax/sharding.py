@@ -104,22 +104,26 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=RULES) -> nnx.State:
     return jax.tree.map(one, state, is_leaf=_is_var)
 
 
-def sharded_init(make: Callable[[], nnx.Module], mesh: Mesh, rules=RULES) -> nnx.Module:
-    """Builds a module with every parameter created directly in its shards.
+def init_program(make: Callable[[], nnx.Module], mesh: Mesh, rules=RULES) -> tuple[nnx.GraphDef, Callable[[], nnx.State]]:
+    """(graphdef, init): `init()` is the jitted constructor whose outputs are laid out in their shards.
 
-    Shapes first (`nnx.eval_shape`), then shardings from the logical axes, then a jitted
-    constructor whose outputs are sharded: no device ever holds the full unsharded model.
+    Shapes come first (`nnx.eval_shape`), then the shardings from the logical axes; `init` has
+    them as out_shardings, so XLA partitions the constructor itself (random bits included, with
+    JAX's partitionable RNG) and each device computes only its own shards. Call it (or `.lower()`
+    it) under `jax.set_mesh(mesh)`.
     """
     abstract = nnx.eval_shape(make)
     graphdef, abstract_state = nnx.split(abstract)
     shardings = state_shardings(abstract_state, mesh, rules)
+    return graphdef, jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)
 
-    @jax.jit
-    def init():
-        return nnx.split(make())[1]
 
+def sharded_init(make: Callable[[], nnx.Module], mesh: Mesh, rules=RULES) -> nnx.Module:
+    """Builds a module with every parameter created directly in its shards (see `init_program`):
+    no device ever holds the full unsharded model."""
+    graphdef, init = init_program(make, mesh, rules)
     with jax.set_mesh(mesh):
-        state = jax.jit(init, out_shardings=shardings)()
+        state = init()
     return nnx.merge(graphdef, state)
 
 
