@@ -132,6 +132,7 @@ def read_node(px, center, radius, chars) -> str:
     ink = mask_of(px, BLACK) & disc(px.shape[:2], center, radius + 1)
     # Drop the node's black outline: the one component as wide as the node.
     keep = [b["mask"] for b in blobs(ink) if b["bbox"][2] - b["bbox"][0] < 1.5 * radius]
+    assert keep, f"no label apart from the outline of the node at {center}"
     return read_glyphs(np.any(keep, axis=0), chars)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from atlas_jax.data.synthetic import canvas, glyphs
 from atlas_jax.data.synthetic.family import Drawn, boxed, pick, require, scale_of
-from atlas_jax.data.synthetic.graph_layout import draw_graph, layout_graph
+from atlas_jax.data.synthetic.graph_layout import MIN_RADIUS, draw_graph, layout_graph
 
 CHAIN_LENGTHS = {"train": (1, 2, 3), "validation": (4,), "test": (5,)}
 # Letters that cannot be confused with digits or each other at 5x7.
@@ -21,7 +21,8 @@ LETTERS = "ABCDEFGHJKLMNPRSTUVWXYZ"
 
 @dataclasses.dataclass(frozen=True)
 class Difficulty:
-    """num_nodes: nodes drawn (chain + distractors); distractor_prob: chance a distractor node has an arrow."""
+    """num_nodes: nodes drawn (chain + distractors); distractor_prob: chance a distractor node has an arrow;
+    radius: node radius in px at 112 (>= graph_layout.MIN_RADIUS)."""
 
     num_nodes: int = 8
     distractor_prob: float = 0.7
@@ -31,6 +32,8 @@ class Difficulty:
 def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Drawn:
     require(max(CHAIN_LENGTHS[split]) + 1 <= d.num_nodes <= len(LETTERS), "arrow_chain", "num_nodes",
             f"{max(CHAIN_LENGTHS[split]) + 1}..{len(LETTERS)} for split {split!r}", d.num_nodes)
+    require(d.radius >= MIN_RADIUS, "arrow_chain", "radius", f">= {MIN_RADIUS} (px at 112; smaller nodes' letters touch their outline)",
+            d.radius)
     s = scale_of(size)
     length = int(rng.choice(CHAIN_LENGTHS[split]))
     radius = d.radius * s

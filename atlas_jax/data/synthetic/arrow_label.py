@@ -13,7 +13,7 @@ import numpy as np
 
 from atlas_jax.data.synthetic import canvas, glyphs
 from atlas_jax.data.synthetic.family import Drawn, boxed, pick, require, scale_of
-from atlas_jax.data.synthetic.graph_layout import draw_graph, layout_graph
+from atlas_jax.data.synthetic.graph_layout import MIN_RADIUS, draw_graph, layout_graph
 
 CHAIN_LENGTHS = {"train": (1, 2), "validation": (3,), "test": (4,)}
 START_RGB = (30, 150, 60)
@@ -21,7 +21,8 @@ START_RGB = (30, 150, 60)
 
 @dataclasses.dataclass(frozen=True)
 class Difficulty:
-    """num_nodes: nodes drawn, at most 9 (labels are the distinct digits 1-9)."""
+    """num_nodes: nodes drawn, at most 9 (labels are the distinct digits 1-9); distractor_prob: chance
+    a node off the chain has an arrow; radius: node radius in px at 112 (>= graph_layout.MIN_RADIUS)."""
 
     num_nodes: int = 7
     distractor_prob: float = 0.7
@@ -31,6 +32,8 @@ class Difficulty:
 def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Drawn:
     require(max(CHAIN_LENGTHS[split]) + 1 <= d.num_nodes <= 9, "arrow_label", "num_nodes",
             f"{max(CHAIN_LENGTHS[split]) + 1}..9 for split {split!r} (labels are distinct digits)", d.num_nodes)
+    require(d.radius >= MIN_RADIUS, "arrow_label", "radius", f">= {MIN_RADIUS} (px at 112; smaller nodes' digits touch their outline)",
+            d.radius)
     s = scale_of(size)
     length = int(rng.choice(CHAIN_LENGTHS[split]))
     radius = d.radius * s

@@ -13,6 +13,9 @@ import numpy as np
 
 from atlas_jax.data.synthetic import canvas
 
+# Node radius (px at 112) below which a 5x7 label touches the node's outline.
+MIN_RADIUS = 6.5
+
 
 def _segment_point_dist(p, a, b) -> float:
     (px, py), (ax, ay), (bx, by) = p, a, b
