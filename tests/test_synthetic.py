@@ -137,6 +137,31 @@ def test_held_out_splits_differ_in_layout(task):
     assert not seen["train"] & seen["test"], (task, seen)
 
 
+HELD_OUT_COLOURS = {"shape_count": {"cyan", "pink", "brown"}, "label_sum": {"cyan", "pink", "brown"},
+                    "zoom_count": {"cyan", "pink"}}
+
+
+@pytest.mark.parametrize("task", sorted(HELD_OUT_COLOURS))
+def test_held_out_colours_are_never_drawn_in_train(task):
+    """A second held-out property, measured from pixels: the colour asked about in validation /
+    test is one that no training image contains at all."""
+    from atlas_jax.data.synthetic import canvas
+
+    held_out = HELD_OUT_COLOURS[task]
+    for split in SPLITS:
+        for i in range(12):
+            sample = generate(task, split, i, seed=5)
+            px = synthetic_checks.pixels(sample)
+            drawn = {name for name, rgb in canvas.PALETTE.items() if synthetic_checks.mask_of(px, rgb).any()}
+            target_rgb = synthetic_checks.colour_in_question(sample.question)
+            target = next(name for name, rgb in canvas.PALETTE.items() if rgb == target_rgb)
+            assert target in drawn, sample.uid
+            if split == "train":
+                assert not drawn & held_out, (sample.uid, drawn)
+            else:
+                assert target in held_out, (sample.uid, target)
+
+
 @pytest.mark.parametrize("task", task_names())
 def test_image_size_and_mode(task):
     s = generate(task, "validation", 2)

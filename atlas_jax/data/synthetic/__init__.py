@@ -2,12 +2,15 @@
 and exact answers, deterministic by seed (same arguments -> byte-identical images and text).
 
     family        tokens                  held-out layout (validation / test vs train)
-    shape_count   <|Shape|>               target count in the region: {5} / {6} vs {1..4}
+    shape_count   <|Shape|>               target count in the region: {5} / {6} vs {1..4};
+                                          target colour cyan / pink / brown, never drawn in train
     arrow_chain   <|Arrow|>               chain length: {4} / {5} vs {1, 2, 3}
     line_side     <|Line|>                angle of AB: 45-60 / 70-88 deg vs 0-35 deg
-    label_sum     <|Text|>                labels added: {4} / {5} vs {2, 3}
+    label_sum     <|Text|>                labels added: {4} / {5} vs {2, 3};
+                                          colour added cyan / pink / brown, never drawn in train
     zoom_read     <|Manip|>               frame in the bottom-right quadrant (test: 2x clutter) vs elsewhere
-    zoom_count    <|Manip|> <|Shape|>     dots in the frame: {4} / {5} vs {1, 2, 3}
+    zoom_count    <|Manip|> <|Shape|>     dots in the frame: {4} / {5} vs {1, 2, 3};
+                                          target dot colour cyan / pink, never drawn in train
     arrow_label   <|Arrow|> <|Text|>      chain length: {3} / {4} vs {1, 2}
     line_count    <|Line|> <|Shape|>      dots above the line: {4} / {5} vs {1, 2, 3}
 

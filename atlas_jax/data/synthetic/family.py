@@ -42,6 +42,15 @@ def join_words(items: Sequence[str]) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def split_colors(rng: np.random.Generator, split: str, n: int, pool: Sequence[str], held_out: Sequence[str]) -> list[str]:
+    """n distinct colour names, the target first. train draws all of them from `pool`, so the
+    `held_out` colours never appear in training images; validation / test take the target from
+    `held_out` (an unseen colour to count or add) and the others from `pool`."""
+    if split == "train":
+        return [str(c) for c in rng.choice(list(pool), size=n, replace=False)]
+    return [pick(rng, held_out)] + [str(c) for c in rng.choice(list(pool), size=n - 1, replace=False)]
+
+
 def boxed(answer: str) -> str:
     return "\\boxed{" + answer + "}"
 

@@ -1,7 +1,7 @@
 """`label_sum` (<|Text|>): shapes carry digit labels; add the labels of the shapes of one colour.
 
-Held-out layout: how many labels are added.
-train {2, 3}, validation {4}, test {5}.
+Held-out layout: how many labels are added, train {2, 3}, validation {4}, test {5}; and the
+colour of the shapes to add, never drawn in train: cyan, pink or brown.
 """
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ import dataclasses
 import numpy as np
 
 from atlas_jax.data.synthetic import canvas, glyphs
-from atlas_jax.data.synthetic.family import Drawn, boxed, join_words, pick, require, scale_of
+from atlas_jax.data.synthetic.family import Drawn, boxed, join_words, pick, require, scale_of, split_colors
 
 TERMS = {"train": (2, 3), "validation": (4,), "test": (5,)}
+HELD_OUT_COLORS = ("cyan", "pink", "brown")
+TRAIN_COLORS = tuple(c for c in canvas.PALETTE if c not in HELD_OUT_COLORS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,12 +27,12 @@ class Difficulty:
 
 
 def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Drawn:
-    require(2 <= d.num_colors <= len(canvas.PALETTE), "label_sum", "num_colors", f"2..{len(canvas.PALETTE)}", d.num_colors)
+    require(2 <= d.num_colors <= len(TRAIN_COLORS), "label_sum", "num_colors", f"2..{len(TRAIN_COLORS)}", d.num_colors)
     s = scale_of(size)
     scale = max(1, round(s))
     # Half-width that keeps a ring of colour around the glyph, so each shape stays one blob.
     radius = 7.0 * scale
-    colors = [str(c) for c in rng.choice(list(canvas.PALETTE), size=d.num_colors, replace=False)]
+    colors = split_colors(rng, split, d.num_colors, TRAIN_COLORS, HELD_OUT_COLORS)
     target = colors[0]
     k = int(rng.choice(TERMS[split]))
     centers = canvas.place_points(rng, k + d.distractors, (radius + 2, radius + 2), (size - radius - 3, size - radius - 3),

@@ -1,7 +1,7 @@
 """`shape_count` (<|Shape|>): count the objects of one colour inside a black rectangle.
 
-Held-out layout: the number of target objects inside the region.
-train {1, 2, 3, 4}, validation {5}, test {6}.
+Held-out layout: the number of target objects inside the region, train {1, 2, 3, 4},
+validation {5}, test {6}; and the target's colour, never drawn in train: cyan, pink or brown.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from collections import Counter
 import numpy as np
 
 from atlas_jax.data.synthetic import canvas
-from atlas_jax.data.synthetic.family import Drawn, boxed, join_words, pick, plural, require, scale_of
+from atlas_jax.data.synthetic.family import Drawn, boxed, join_words, pick, plural, require, scale_of, split_colors
 
 COUNTS = {"train": (1, 2, 3, 4), "validation": (5,), "test": (6,)}
+HELD_OUT_COLORS = ("cyan", "pink", "brown")
+TRAIN_COLORS = tuple(c for c in canvas.PALETTE if c not in HELD_OUT_COLORS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,12 +31,12 @@ class Difficulty:
 
 
 def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Drawn:
-    require(2 <= d.num_colors <= len(canvas.PALETTE), "shape_count", "num_colors", f"2..{len(canvas.PALETTE)}", d.num_colors)
+    require(2 <= d.num_colors <= len(TRAIN_COLORS), "shape_count", "num_colors", f"2..{len(TRAIN_COLORS)}", d.num_colors)
     require(0 < d.radius[0] <= d.radius[1], "shape_count", "radius", "(low, high) with 0 < low <= high", d.radius)
     s = scale_of(size)
     image, draw = canvas.new_canvas(size)
-    colors = list(rng.choice(list(canvas.PALETTE), size=d.num_colors, replace=False))
-    target = str(colors[0])
+    colors = split_colors(rng, split, d.num_colors, TRAIN_COLORS, HELD_OUT_COLORS)
+    target = colors[0]
     count = int(rng.choice(COUNTS[split]))
     border = max(1, round(s))
 

@@ -1,8 +1,8 @@
 """`zoom_count` (<|Manip|> + <|Shape|>): count tiny dots of one colour inside a small red frame in a
 large cluttered image; the same colour appears outside the frame too.
 
-Held-out layout: the number of target dots inside the frame.
-train {1, 2, 3}, validation {4}, test {5}.
+Held-out layout: the number of target dots inside the frame, train {1, 2, 3}, validation {4},
+test {5}; and the target dots' colour, never drawn in train: cyan or pink.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ import dataclasses
 import numpy as np
 
 from atlas_jax.data.synthetic import canvas
-from atlas_jax.data.synthetic.family import Drawn, boxed, pick, plural, scale_of
+from atlas_jax.data.synthetic.family import Drawn, boxed, pick, plural, scale_of, split_colors
 
 COUNTS = {"train": (1, 2, 3), "validation": (4,), "test": (5,)}
 FRAME_RGB = (220, 40, 40)
 DOT_COLORS = ("blue", "green", "orange", "purple")  # never red: red is the frame
+HELD_OUT_COLORS = ("cyan", "pink")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,7 @@ class Difficulty:
 
 def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Drawn:
     s = scale_of(size)
-    colors = [str(c) for c in rng.choice(DOT_COLORS, size=3, replace=False)]
+    colors = split_colors(rng, split, 3, DOT_COLORS, HELD_OUT_COLORS)
     target = colors[0]
     count = int(rng.choice(COUNTS[split]))
     r = 1.5 * s  # dots a few pixels wide: too small to count reliably without zooming
