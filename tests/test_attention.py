@@ -9,7 +9,7 @@ from atlas_jax.model import decoder
 from atlas_jax.model.layers import masked_softmax_attention
 
 
-@pytest.mark.parametrize("T", [64, 200, 256, 1024])
+@pytest.mark.parametrize("T", [64, 200, 256, 520])
 def test_causal_blocks_equal_dense_attention_values_and_gradients(T):
     B, K, G, E = 2, 2, 3, 8
     kq, kk, kv, kc = jax.random.split(jax.random.key(0), 4)
@@ -52,3 +52,34 @@ def test_block_count():
             assert len(seen) == {100: 1, 256: 4, 4096: 8}[T], (T, seen)
     finally:
         decoder.masked_softmax_attention = orig
+
+
+@pytest.mark.parametrize("grids", [[(1, 16, 24), (1, 6, 4), (2, 10, 8)], [(1, 4, 4)]], ids=["three_images", "small"])
+def test_vision_window_bands_equal_dense_segment_attention(grids):
+    """Window blocks attend over bands of the window-order row: same values and gradients as
+    the dense block-diagonal mask, on a real layout (partial edge windows, two frames, padding)."""
+    from atlas_jax.model.config import VisionConfig
+    from atlas_jax.model.vision import segment_attention
+    from atlas_jax.model.vision_layout import batch_vision_layout
+
+    cfg = VisionConfig(depth=1, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=16, window_size=56)
+    band = 16  # 56 px windows: 2x2 merged units of 4 patches
+    P = sum(t * h * w for t, h, w in grids) + 8  # room for every patch, plus padding
+    layout = batch_vision_layout([grids, grids[:1]], cfg, P)
+    seg = jnp.asarray(layout["window_segments"])
+    kq, kk, kv, kc = jax.random.split(jax.random.key(1), 4)
+    q, k, v, cot = (jax.random.normal(key, (2, P, 2, 8)) for key in (kq, kk, kv, kc))
+
+    def loss(q, k, v, band):
+        return jnp.sum(segment_attention(q, k, v, seg, 0.35, band) * cot)
+
+    banded, dense = segment_attention(q, k, v, seg, 0.35, band), segment_attention(q, k, v, seg, 0.35, None)
+    np.testing.assert_allclose(banded, dense, atol=2e-6, rtol=0)
+    assert np.all(np.asarray(dense)[np.asarray(seg) == 0] == 0)  # padding sees nothing
+    for gb, gd in zip(jax.grad(loss, (0, 1, 2))(q, k, v, band), jax.grad(loss, (0, 1, 2))(q, k, v, None)):
+        np.testing.assert_allclose(gb, gd, atol=2e-5, rtol=0)
+    # Every window is a contiguous run no longer than the band (what the banding relies on).
+    for row in np.asarray(seg):
+        for w in set(row[row > 0].tolist()):
+            at = np.flatnonzero(row == w)
+            assert at[-1] - at[0] + 1 == len(at) <= band

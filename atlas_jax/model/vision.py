@@ -25,34 +25,61 @@ from atlas_jax.model.layers import Dense, RMSNorm, SwiGLU, apply_rotary, masked_
 LAYOUT_KEYS = ("window_index", "rope_hw", "full_segments", "window_segments", "unit_valid")
 
 
-class VisionAttention(nnx.Module):
-    """Fused-qkv multi-head self-attention restricted to equal, positive segment ids."""
+def segment_attention(q_bphe, k_bphe, v_bphe, seg_bp, scale: float, band: int | None = None) -> jax.Array:
+    """Attention where query i sees key j iff seg[i] == seg[j] > 0 (one frame or window).
 
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+    q, k, v: [B, P, H, E]; seg: int[B, P] (0 = padding, which sees nothing). With `band`, every
+    segment must be a contiguous run of at most `band` positions (the windows of a window-order
+    row, see `vision_layout`): then query block [lo, hi) can only see keys in
+    [lo - band + 1, hi + band - 1), and blocks of 4 * band queries attend to those alone instead
+    of the whole row. The result is the same; the work falls from P^2 to about 1.5 * band * P.
+    Returns [B, P, H, E].
+    """
+
+    def attend(lo, hi, k_lo, k_hi):
+        seg_q, seg_k = seg_bp[:, lo:hi, None], seg_bp[:, None, k_lo:k_hi]
+        mask_bqk = (seg_q == seg_k) & (seg_q > 0)
+        out = masked_softmax_attention(
+            q_bphe[:, lo:hi, :, None], k_bphe[:, k_lo:k_hi], v_bphe[:, k_lo:k_hi], mask_bqk[:, None, None], scale
+        )
+        return out[:, :, :, 0]
+
+    P = q_bphe.shape[1]
+    n = P // (4 * band) if band else 1
+    if n <= 1:
+        return attend(0, P, 0, P)
+    bounds = [P * i // n for i in range(n + 1)]
+    blocks = [attend(lo, hi, max(0, lo - band + 1), min(P, hi + band - 1)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return jnp.concatenate(blocks, axis=1)
+
+
+class VisionAttention(nnx.Module):
+    """Fused-qkv multi-head self-attention restricted to equal, positive segment ids.
+
+    window_band: None in full-attention blocks; in window blocks the most patches one window
+    holds, so attention runs over bands of the row (`segment_attention`)."""
+
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype, window_band: int | None = None):
         D, H, E = cfg.hidden_size, cfg.num_heads, cfg.head_dim
         kw = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.qkv = Dense((D,), (3, H, E), ("embed", "qkv", "heads", "head_dim"), **kw)
         self.proj = Dense((H, E), (D,), ("heads", "head_dim", "embed"), **kw)
         self.scale = E**-0.5
+        self.window_band = window_band
 
     def __call__(self, x_bpd, cos_bpe, sin_bpe, seg_bp):
         qkv_bp3he = self.qkv(x_bpd)
         q_bphe = apply_rotary(qkv_bp3he[:, :, 0], cos_bpe, sin_bpe)
         k_bphe = apply_rotary(qkv_bp3he[:, :, 1], cos_bpe, sin_bpe)
         v_bphe = qkv_bp3he[:, :, 2]
-        # Query i sees key j iff both lie in the same frame/window; padding (0) sees nothing.
-        mask_bpp = (seg_bp[:, :, None] == seg_bp[:, None, :]) & (seg_bp[:, :, None] > 0)
-        out_bph1e = masked_softmax_attention(
-            q_bphe[:, :, :, None], k_bphe, v_bphe, mask_bpp[:, None, None], self.scale
-        )
-        return self.proj(out_bph1e[:, :, :, 0])
+        return self.proj(segment_attention(q_bphe, k_bphe, v_bphe, seg_bp, self.scale, self.window_band))
 
 
 class VisionBlock(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype, window_band: int | None = None):
         kw = dict(rngs=rngs, param_dtype=param_dtype)
         self.norm1 = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
-        self.attn = VisionAttention(cfg, dtype=dtype, **kw)
+        self.attn = VisionAttention(cfg, dtype=dtype, window_band=window_band, **kw)
         self.norm2 = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
         self.mlp = SwiGLU(
             cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act, use_bias=True, dtype=dtype, **kw
@@ -111,7 +138,12 @@ class VisionTower(nnx.Module):
         self.remat = remat
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.patch_embed = Dense((cfg.patch_dim,), (cfg.hidden_size,), ("patch", "embed"), use_bias=False, **kw)
-        self.blocks = nnx.List([VisionBlock(cfg, **kw) for _ in range(cfg.depth)])
+        # The most patches one attention window holds (fewer at image edges), as in vision_layout.
+        band = (cfg.window_size // cfg.spatial_merge_size // cfg.patch_size) ** 2 * cfg.merge_unit
+        self.blocks = nnx.List([
+            VisionBlock(cfg, window_band=None if i in cfg.fullatt_block_indexes else band, **kw)
+            for i in range(cfg.depth)
+        ])
         self.merger = PatchMerger(cfg, **kw)
 
     def rotary(self, rope_hw_bp2):
