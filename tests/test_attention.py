@@ -9,7 +9,7 @@ from atlas_jax.model import decoder
 from atlas_jax.model.layers import masked_softmax_attention
 
 
-@pytest.mark.parametrize("T", [64, 200, 256, 520])
+@pytest.mark.parametrize("T", [64, 200, 384])
 def test_causal_blocks_equal_dense_attention_values_and_gradients(T):
     B, K, G, E = 2, 2, 3, 8
     kq, kk, kv, kc = jax.random.split(jax.random.key(0), 4)
