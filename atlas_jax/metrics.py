@@ -80,7 +80,10 @@ def check_finite(metrics: Mapping[str, float], step: int) -> None:
 
 
 class Progress:
-    """A one-line progress report every `every` steps: loss, step time, tokens/s, MFU."""
+    """A one-line progress report every `every` steps: loss, step time, tokens/s, MFU.
+
+    Tokens are the GLOBAL batch's (every host's), so tokens/s is the whole job's throughput and
+    MFU = tokens/s * flops_per_token / (peak per device * all devices of all hosts)."""
 
     def __init__(self, total_steps: int, *, flops_per_token: float | None, every: int = 10):
         self.total = total_steps
@@ -88,17 +91,20 @@ class Progress:
         self.flops_per_token = flops_per_token
         self.peak = peak_flops_per_device()
         self._t = time.perf_counter()
-        self._tokens = 0.0
+        self._tokens: list = []
         self._steps = 0
 
-    def update(self, step: int, metrics: Mapping[str, float], tokens: float) -> dict[str, float]:
-        """Accumulates; every `every` steps logs and returns throughput metrics (else {})."""
-        self._tokens += tokens
+    def update(self, step: int, metrics: Mapping[str, float], tokens) -> dict[str, float]:
+        """Accumulates; every `every` steps logs and returns throughput metrics (else {}).
+        tokens: this step's token count over the global batch, a number or a device scalar (read
+        only when logging, so the loop does not wait on the device every step)."""
+        self._tokens.append(tokens)
         self._steps += 1
         if step % self.every and step != self.total:
             return {}
         dt = time.perf_counter() - self._t
-        out = {"perf/step_time_s": dt / self._steps, "perf/tokens_per_s": self._tokens / dt}
+        tokens = float(sum(float(t) for t in jax.device_get(self._tokens)))
+        out = {"perf/step_time_s": dt / self._steps, "perf/tokens_per_s": tokens / dt}
         if self.flops_per_token and self.peak:
             out["perf/mfu"] = out["perf/tokens_per_s"] * self.flops_per_token / (self.peak * jax.device_count())
         if jax.process_index() == 0:
@@ -108,5 +114,5 @@ class Progress:
                 "step %d/%d (%.0f%%) loss %.4f | %.3f s/step %.0f tok/s%s",
                 step, self.total, pct, float(metrics.get("loss", np.nan)), out["perf/step_time_s"], out["perf/tokens_per_s"], mfu,
             )
-        self._t, self._tokens, self._steps = time.perf_counter(), 0.0, 0
+        self._t, self._tokens, self._steps = time.perf_counter(), [], 0
         return out

@@ -14,10 +14,11 @@ import logging
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections as mlc
 from flax import nnx
 
-from atlas_jax import builders, checkpoint, metrics as metrics_lib, sharding as shd
+from atlas_jax import builders, checkpoint, metrics as metrics_lib, multihost, sharding as shd
 from atlas_jax.data import pipeline
 from atlas_jax.jobs import evaluate
 from atlas_jax.train import optimizer, sft, train_state
@@ -96,8 +97,8 @@ def main(c: mlc.ConfigDict, workdir: str) -> dict:
         if step % c.train.log_every == 0 or step == c.train.steps:  # the only host syncs of the loop
             last = {k: float(v) for k, v in jax.device_get(m).items()}
             metrics_lib.check_finite(last, step)
-            last["data/skipped_records"] = float(data_it.num_skipped)
-        perf = progress.update(step, last, float(host_batch["attention_mask"].sum()))
+            last["data/skipped_records"] = float(multihost.sum_over_hosts(data_it.num_skipped))
+        perf = progress.update(step, last, _count_tokens(batch["attention_mask"]))
         if perf:
             writer.write(step, {**last, **perf})
         ckpt.save(step, state, data_state=pipeline.pipeline_state(data_it), config=c.to_dict())
@@ -118,6 +119,12 @@ def main(c: mlc.ConfigDict, workdir: str) -> dict:
         last.update({f"eval/{k}": v for k, v in results.items()})
     writer.close()
     return last
+
+
+@jax.jit
+def _count_tokens(attention_mask: jax.Array) -> jax.Array:
+    """The global batch's real (non-padding) tokens, on device: throughput counts every host's."""
+    return jnp.sum(attention_mask, dtype=jnp.int32)
 
 
 def _device(batch: dict) -> dict:
