@@ -58,6 +58,60 @@ def test_interrupted_and_resumed_run_repeats_the_uninterrupted_losses(tmp_path):
     assert all(f"accuracy/{t}" in ev["results"] for t in tasks)
     assert ev["results"]["accuracy"] == sum(s["correct"] for s in ev["samples"]) / 8
 
+    # Heat maps for the first 2 samples: from the generated functional tokens, else (a model this
+    # young rarely emits one) teacher-forced on the reference trajectory, named so.
+    _assert_heatmaps(b, "sft_step4", ev["samples"][:2])
+    # The eval job on the newest checkpoint scores the same parameters the same way.
+    res = entry.run_job(_config(**{"data.data_dir": data, "job": "eval", "eval.num_per_task": 1, "eval.heatmaps": 2}), b)
+    assert res == ev["results"]
+    _assert_heatmaps(b, "final", ev["samples"][:2])
+
+
+def _assert_heatmaps(workdir: str, tag: str, samples: list[dict]) -> None:
+    from PIL import Image
+
+    from atlas_jax import functional_tokens
+
+    strings = functional_tokens.token_strings(functional_tokens.DEFAULT_TOKENS)
+    names = sorted(n for n in os.listdir(os.path.join(workdir, "heatmaps")) if n.startswith(f"{tag}_"))
+    want = [f"{tag}_{k:02d}_{s['task']}" + ("" if any(t in s["completion"] for t in strings) else "_reference") + ".png"
+            for k, s in enumerate(samples)]
+    # A generated functional token gets a map unless it is the completion's last token; every
+    # sample without one gets its reference trajectory's.
+    assert set(names) <= set(want)
+    assert [w for w in want if w.endswith("_reference.png")] == [n for n in names if n.endswith("_reference.png")]
+    assert names, f"no heat maps for {tag}"
+    for n in names:
+        with Image.open(os.path.join(workdir, "heatmaps", n)) as im:
+            assert im.width > im.height > 0  # the image and at least one map side by side
+
+
+def test_throughput_and_mfu_count_the_global_batch(monkeypatch):
+    """tokens/s = the global batch's tokens (a device scalar, every host's rows) per second;
+    MFU = tokens/s * flops per token / (peak per device * every device of every host)."""
+    import time
+
+    import jax
+    import numpy as np
+
+    from atlas_jax import metrics as metrics_lib, sharding
+    from atlas_jax.jobs import sft
+
+    clock = iter([100.0, 104.0, 104.0])  # start, the log at step 2, the restart
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(metrics_lib, "peak_flops_per_device", lambda: 1e12)
+    mesh = sharding.make_mesh((2, 2, 2))
+    mask = np.zeros((8, 16), bool)
+    mask[:, :10] = True  # 80 real tokens, 1 row per device
+    global_mask = jax.device_put(mask, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp", "tensor"))))
+    progress = metrics_lib.Progress(2, flops_per_token=5e6, every=2)
+    assert progress.update(1, {"loss": 1.0}, sft._count_tokens(global_mask)) == {}
+    out = progress.update(2, {"loss": 1.0}, 120)
+    assert out["perf/step_time_s"] == 2.0
+    assert out["perf/tokens_per_s"] == (80 + 120) / 4.0
+    assert out["perf/mfu"] == pytest.approx(50.0 * 5e6 / (1e12 * jax.device_count()))
+    assert jax.device_count() == 8
+
 
 def test_bad_config_is_rejected_before_anything_runs(tmp_path):
     with pytest.raises(ConfigError, match="data.batch_size"):

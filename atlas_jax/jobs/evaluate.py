@@ -9,6 +9,8 @@ As a job it evaluates the newest checkpoint in the workdir; trainers call `evalu
 from __future__ import annotations
 
 import collections
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -19,7 +21,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from atlas_jax import builders, checkpoint, heatmaps, sampling
+from atlas_jax import builders, checkpoint, heatmaps, multihost, sampling
 from atlas_jax import functional_tokens as ft
 from atlas_jax import tokenizer as tokenizer_lib
 from atlas_jax.data import pipeline
@@ -29,61 +31,74 @@ log = logging.getLogger("atlas_jax")
 
 
 def evaluate(graphdef, params, tok, c: mlc.ConfigDict, workdir: str, mesh, *, tag: str, split: str | None = None) -> dict:
-    """Greedy-decodes `c.eval.num_per_task` prompts per task of `split`; returns (and writes to
-    WORKDIR/eval_<tag>.json) accuracy overall / per task and functional-token usage."""
+    """Greedy-decodes `c.eval.num_per_task` prompts per task of `split`; returns (the same on
+    every host) accuracy overall / per task and functional-token usage, which process 0 also
+    writes, with every scored sample, to WORKDIR/eval_<tag>.json.
+
+    Each host scores the prompts it fed (its own answers); the scored samples of all hosts are
+    gathered and put in the order of the eval stream, so the results do not depend on the number
+    of hosts. Heat maps: see `_HeatMaps`."""
     split = split or c.eval.split
     model_cfg = graphdef_cfg(graphdef, params)
     src = builders.source(c, workdir, split)
-    picked = _per_task(src, c.eval.num_per_task, c.eval.batch_size)
+    picked, uids = _per_task(src, c.eval.num_per_task, c.eval.batch_size)
     pcfg = builders.pipeline_config(c, model_cfg, fmt="rl", batch_size=c.eval.batch_size, shuffle=False, num_epochs=1)
     ds = pipeline.make_dataset(_Subset(src, picked), tok, pcfg, model_cfg, source_name=f"{split} (eval subset)")
 
     names = tuple(c.model.functional_tokens)
     func_ids = tokenizer_lib.functional_token_ids(tok, ft.by_name(names))
     stop = tuple(i for i in (tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")) if i is not None)
-    with_maps = model_cfg.visual_ops.enabled and c.eval.heatmaps > 0
+    maps = _HeatMaps(c, model_cfg, names, workdir, tag)
     scfg = sampling.SamplingConfig(
-        max_new_tokens=c.eval.max_new_tokens, greedy=True, stop_ids=stop, pad_id=tok.pad_token_id or 0, return_op_attention=with_maps
+        max_new_tokens=c.eval.max_new_tokens, greedy=True, stop_ids=stop, pad_id=tok.pad_token_id or 0,
+        return_op_attention=maps.enabled,
     )
-    correct, count = collections.Counter(), collections.Counter()
-    usage = collections.Counter()
-    completions_with_func = 0
-    rows = []
-    seen = set()
-    for host in ds:
+    hosts, me = jax.process_count(), jax.process_index()
+    per_host = c.eval.batch_size // hosts
+    mine = []
+    for k, host in enumerate(ds):
         batch = pipeline.to_global(host, mesh)
-        out = jax.device_get(sampling.generate(graphdef, params, batch, None, scfg))
-        for r in range(out["tokens"].shape[0]):
-            if host["uid"][r] in seen:  # padding of the last batch repeats earlier samples
-                continue
-            seen.add(host["uid"][r])
-            ids = out["tokens"][r][out["mask"][r]].tolist()
+        out = sampling.generate(graphdef, params, batch, None, scfg)
+        tokens, mask = multihost.gather((out["tokens"], out["mask"]))
+        rows = multihost.host_rows(batch["input_ids"])  # global row of each host row
+        for j, r in enumerate(rows):
+            ids = tokens[r][mask[r]].tolist()
             text = tok.decode([i for i in ids if i not in stop], skip_special_tokens=False)
-            ok = rewards.accuracy_reward(text, host["answer"][r])
-            task = host["task"][r]
-            correct[task] += ok
-            count[task] += 1
-            n_func = 0
-            for name, fid in zip(names, func_ids):
-                k = ids.count(fid)
-                usage[name] += k
-                n_func += k
-            completions_with_func += n_func > 0
-            rows.append({"uid": host["uid"][r], "task": task, "answer": host["answer"][r], "completion": text, "correct": ok})
-            if with_maps and len(rows) <= c.eval.heatmaps:
-                _save_heatmaps(src, host, out, r, len(rows) - 1, names, func_ids, tok, workdir, tag)
-    n = max(sum(count.values()), 1)
+            mine.append({
+                # Host h's j-th record of batch k sits at this position of the eval stream
+                # (`pipeline.global_stream`: host h takes positions h, h + hosts, ...).
+                "position": (k * per_host + j) * hosts + me, "host": me,
+                "uid": str(host["uid"][j]), "task": host["task"][j], "answer": host["answer"][j], "completion": text,
+                "correct": rewards.accuracy_reward(text, host["answer"][j]),
+                "functional": {name: ids.count(fid) for name, fid in zip(names, func_ids)},
+            })
+        maps.collect(k, per_host, host, rows, out)
+
+    # The padding of the last batch repeats earlier samples: each uid is scored once.
+    samples, seen = [], set()
+    for row in sorted(sum(multihost.gather_objects(mine), []), key=lambda row: row["position"]):
+        if row["uid"] not in seen:
+            seen.add(row["uid"])
+            samples.append(row)
+    correct, count, usage = collections.Counter(), collections.Counter(), collections.Counter()
+    for row in samples:
+        correct[row["task"]] += row["correct"]
+        count[row["task"]] += 1
+        usage.update(row["functional"])
+    n = max(len(samples), 1)
     results = {
         "accuracy": sum(correct.values()) / n,
         **{f"accuracy/{t}": correct[t] / count[t] for t in sorted(count)},
         "functional_per_completion": sum(usage.values()) / n,
-        "completions_with_functional": completions_with_func / n,
+        "completions_with_functional": sum(sum(row["functional"].values()) > 0 for row in samples) / n,
         **{f"functional/{k}": usage[k] / n for k in names},
-        "num_samples": sum(count.values()),
+        "num_samples": len(samples),
     }
-    if jax.process_index() == 0:
+    maps.draw(graphdef, params, tok, src, uids, samples, mesh)
+    if me == 0:
+        written = [{k: row[k] for k in ("uid", "task", "answer", "completion", "correct")} for row in samples]
         with open(os.path.join(workdir, f"eval_{tag}.json"), "w") as f:
-            json.dump({"results": results, "samples": rows}, f, indent=1)
+            json.dump({"results": results, "samples": written}, f, indent=1)
     log.info("eval %s on %s: accuracy %.3f, functional tokens per completion %.2f", tag, split, results["accuracy"], results["functional_per_completion"])
     return results
 
@@ -92,19 +107,20 @@ def graphdef_cfg(graphdef, params):
     return nnx.merge(graphdef, params).cfg
 
 
-def _per_task(src, num_per_task: int, batch_size: int) -> list[int]:
+def _per_task(src, num_per_task: int, batch_size: int) -> tuple[list[int], dict[str, int]]:
     """Indices of the first `num_per_task` records of every task, padded (with repeats, skipped
-    when scoring) to a whole number of batches."""
+    when scoring) to a whole number of batches; and the index of each picked record's uid."""
     taken: dict[str, int] = collections.Counter()
-    picked = []
+    picked, uids = [], {}
     for i in range(len(src)):
-        task = src[i]["task"]
-        if taken[task] < num_per_task:
-            taken[task] += 1
+        record = src[i]
+        if taken[record["task"]] < num_per_task:
+            taken[record["task"]] += 1
             picked.append(i)
+            uids[str(record["uid"])] = i
     n = len(picked)
     picked += [picked[k % n] for k in range((-n) % batch_size)]
-    return picked
+    return picked, uids
 
 
 class _Subset:
@@ -121,19 +137,97 @@ class _Subset:
         return self.src[self.indices[i]]
 
 
-def _save_heatmaps(src, host, out, r, k, names, func_ids, tok, workdir, tag) -> None:
-    """One PNG per evaluated sample: the image and one panel per functional token generated."""
-    ops = out["op"][r]
-    if not (ops >= 0).any() or jax.process_index() != 0:
-        return
-    processed = _first_image(host, r)
-    grid = host["grid_thw"][r][0]
-    panels = [processed]
-    for n in np.flatnonzero(ops >= 0)[:6]:
-        name = names[int(ops[n])]
-        panels.append(heatmaps.overlay(processed, out["op_attention"][r, n], grid, title=f"{name} @ {n}"))
-    os.makedirs(os.path.join(workdir, "heatmaps"), exist_ok=True)
-    heatmaps.strip(panels).save(os.path.join(workdir, "heatmaps", f"{tag}_{k:02d}_{host['task'][r]}.png"))
+class _HeatMaps:
+    """PNG heat maps of the visual-op modules' attention for the first `c.eval.heatmaps` samples
+    that process 0 holds (it has their images), written by process 0 to WORKDIR/heatmaps/.
+
+    A sample whose greedy completion holds functional tokens gets one panel per token, from the
+    sampler (`<tag>_<k>_<task>.png`). One without (common early in training) is drawn from a full
+    forward of its REFERENCE trajectory instead (teacher forcing, `<tag>_<k>_<task>_reference.png`),
+    so the maps always show where the modules look. The forward runs on every host (the
+    parameters are sharded over all of them); the other hosts feed copies of the same records."""
+
+    def __init__(self, c: mlc.ConfigDict, model_cfg, names, workdir: str, tag: str):
+        self.enabled = model_cfg.visual_ops.enabled and c.eval.heatmaps > 0
+        self.c, self.model_cfg, self.names, self.tag = c, model_cfg, names, tag
+        self.dir = os.path.join(workdir, "heatmaps")
+        self.generated: dict[str, tuple] = {}  # uid -> (image, grid_thw, op[N], attention[N, P]) on process 0
+
+    def collect(self, k: int, per_host: int, host: dict, rows, out: dict) -> None:
+        """Keeps process 0's first samples' images and op attention. A collective (every host
+        calls it for every batch); only the first batches, which hold those samples, gather."""
+        if not self.enabled or k * per_host >= self.c.eval.heatmaps:
+            return
+        op, attn = multihost.gather((out["op"], out["op_attention"]))
+        if jax.process_index() != 0:
+            return
+        for j, r in enumerate(rows):
+            uid = str(host["uid"][j])
+            if len(self.generated) < self.c.eval.heatmaps and uid not in self.generated:
+                self.generated[uid] = (_first_image(host, j), host["grid_thw"][j][0], op[r], attn[r])
+
+    def draw(self, graphdef, params, tok, src, uids: dict[str, int], samples: list[dict], mesh) -> None:
+        """Writes the maps of process 0's first samples (`samples`: every host's, gathered)."""
+        if not self.enabled:
+            return
+        chosen = [row for row in samples if row["host"] == 0][: self.c.eval.heatmaps]
+        reference = [row for row in chosen if not sum(row["functional"].values())]
+        forced = self._teacher_forced(graphdef, params, tok, src, [uids[row["uid"]] for row in reference], mesh)
+        if jax.process_index() != 0:
+            return
+        os.makedirs(self.dir, exist_ok=True)
+        for k, row in enumerate(chosen):
+            forced_row = forced.get(row["uid"])
+            if forced_row is None and row["uid"] not in self.generated:
+                continue  # a repeat of another host's sample: scored there
+            image, grid, op, attn, position = forced_row or (*self.generated[row["uid"]], None)
+            steps = np.flatnonzero(op >= 0)[:6]
+            panels = [image] + [
+                heatmaps.overlay(image, attn[m], grid, title=f"{self.names[int(op[m])]} @ {m if position is None else position[m]}")
+                for m in steps
+            ]
+            if len(panels) == 1:
+                continue  # e.g. a functional token generated last, or a reference without one
+            suffix = "_reference" if forced_row else ""
+            heatmaps.strip(panels).save(os.path.join(self.dir, f"{self.tag}_{k:02d}_{row['task']}{suffix}.png"))
+        log.info("heat maps %s: %d from generated functional tokens, %d teacher-forced on the reference trajectory "
+                 "(no functional token generated)", self.tag, len(chosen) - len(reference), len(reference))
+
+    def _teacher_forced(self, graphdef, params, tok, src, indices: list[int], mesh) -> dict[str, tuple]:
+        """uid -> (image, grid_thw, op[M], attention[M, P], position[M]) from a full forward of
+        the reference trajectories of src[indices] (on process 0; {} elsewhere)."""
+        if not indices:
+            return {}
+        c = self.c
+        per_host = c.eval.batch_size // jax.process_count()
+        cfg = dataclasses.replace(
+            builders.pipeline_config(c, self.model_cfg, fmt="sft", batch_size=per_host, shuffle=False, num_epochs=1),
+            sft_target="trajectory", pad_to_multiple=0,
+        )
+        forced = {}
+        for first in range(0, len(indices), per_host):
+            chunk = indices[first : first + per_host]
+            # Every host builds the same host batch (process_count=1): the global batch holds copies.
+            padded = _Subset(src, [chunk[i % len(chunk)] for i in range(per_host)])
+            host = next(iter(pipeline.make_dataset(padded, tok, cfg, self.model_cfg, source_name="reference trajectories",
+                                                   process_index=0, process_count=1)))
+            batch = pipeline.to_global(host, mesh)
+            with jax.set_mesh(mesh):
+                ops = multihost.gather(_op_attention(graphdef, params, sampling.model_inputs(batch)))
+            if jax.process_index() == 0:
+                for j, r in enumerate(multihost.host_rows(batch["input_ids"])[: len(chunk)]):
+                    forced[str(host["uid"][j])] = (
+                        _first_image(host, j), host["grid_thw"][j][0], ops["op"][r], ops["attn"][r], ops["position"][r])
+        return forced
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _op_attention(graphdef, params, inputs: dict) -> dict:
+    """The visual-op modules' aux of a full forward: attn float32[B, M, P], op / position int32[B, M]."""
+    model = nnx.merge(graphdef, params)
+    _, _, aux = model(inputs["input_ids"], inputs["positions"], inputs["attention_mask"],
+                      pixel_values=inputs["pixel_values"], vision=inputs["vision"])
+    return aux["ops"]
 
 
 def _first_image(host, r) -> Image.Image:
