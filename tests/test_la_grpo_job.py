@@ -36,11 +36,22 @@ def _rows(workdir):
         return {r["step"]: r for r in map(json.loads, f)}
 
 
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("la_grpo_data"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data) -> str:
+    """Three rollout batches, one update each, in one go."""
+    workdir = str(tmp_path_factory.mktemp("la_grpo_a"))
+    entry.run_job(_config(**{"data.data_dir": data}), workdir)
+    return workdir
+
+
 @pytest.mark.slow
-def test_three_iterations_checkpoint_and_resume_identically(tmp_path):
-    data = str(tmp_path / "data")
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    entry.run_job(_config(**{"data.data_dir": data}), a)
+def test_three_iterations_checkpoint_and_resume_identically(tmp_path, data, uninterrupted):
+    a, b = uninterrupted, str(tmp_path / "b")
     entry.run_job(_config(**{"data.data_dir": data, "train.stop_at": 2}), b)
     assert sorted(_rows(b)) == [1, 2]
     entry.run_job(_config(**{"data.data_dir": data}), b)
@@ -49,5 +60,31 @@ def test_three_iterations_checkpoint_and_resume_identically(tmp_path):
     for step in ra:
         for key in ("loss", "reward_mean", "kl", "anchor_loss", "grad_norm", "reward/functional_usage", "completion_length"):
             assert ra[step][key] == rb[step][key], (step, key)
+        assert ra[step]["data/skipped_records"] == 0
     assert any(r["grad_norm"] > 0 for r in ra.values()), "the updates must not all be zero"
     assert os.path.exists(os.path.join(a, "checkpoints", "3"))
+
+
+@pytest.mark.slow
+def test_two_updates_per_rollout_batch_log_the_pre_update_gap_and_resume(tmp_path, data, uninterrupted):
+    over = {"data.data_dir": data, "rl.num_iterations": 2, "rl.steps": 2, "rl.warmup_steps": 0}  # the first update moves
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    entry.run_job(_config(**over), a)
+    entry.run_job(_config(**over, **{"train.stop_at": 1}), b)
+    assert sorted(_rows(b)) == [1]
+    entry.run_job(_config(**over), b)
+    ra, rb, once = _rows(a), _rows(b), _rows(uninterrupted)
+    assert sorted(ra) == sorted(rb) == [1, 2]
+    assert sorted(os.listdir(os.path.join(a, "checkpoints")))[-1] == "4"  # 2 rollout batches x 2 updates
+
+    # Rollout batch 1 is sampled from the same parameters as in the one-update run: the same
+    # rollouts, and the logged gap is the first update's (sampler vs trainer, nothing else) ...
+    assert ra[1]["reward_mean"] == once[1]["reward_mean"]
+    assert ra[1]["loss/first"] == once[1]["loss"]
+    assert ra[1]["logp_gap/mean_abs"] == once[1]["logp_gap/mean_abs"] < 1e-4
+    # ... while the second update sees the log-probs the first one moved.
+    for row in ra.values():
+        assert row["logp_gap/last_update"] > 10 * row["logp_gap/mean_abs"]
+        assert row["loss"] == pytest.approx((row["loss/first"] + row["loss/last"]) / 2)
+    for step in ra:
+        assert ra[step] == rb[step], step
