@@ -1,17 +1,25 @@
-"""One JAX process of a multi-host SFT run on CPU, started by tests/test_multihost.py.
+"""One JAX process of a multi-host run on CPU, started by tests/test_multihost.py.
 
     python tests/multihost_worker.py --spec=SPEC.json --process_id=0
 
 SPEC.json: {"num_processes": 2, "devices": 4, "coordinator": "127.0.0.1:PORT" (multi-process only),
-"workdir": ..., "out": ..., "overrides": {"train.steps": 3, ...}}.
+"init": "env" | "config", "config": "sft_synthetic.py:module", "workdir": ..., "out": ...,
+"overrides": {"train.steps": 3, ...}}.
 
-The worker runs the real entry point (`atlas_jax.main.run_job`) and records, for the test:
-  out/records_p<i>.json   the uids of every host batch this process fed to the step, in order;
+The worker runs the real entry point (`atlas_jax.main.run_job`), which connects the processes
+itself (`initialize_distributed`): from the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+JAX_PROCESS_ID environment the test sets ("env"), or from the config fields
+`coordinator_address`, `num_processes`, `process_id` the worker sets ("config"). It records, for
+the test:
+  out/records_p<i>.json   the uids of every host batch this process fed to `pipeline.to_global`;
   out/writes_p<i>.json    every file under the workdir this process opened for writing (an audit
                           hook: proves that process 1 writes no metrics or TensorBoard files);
+  out/result_p<i>.json    what `run_job` returned on this process (the last metrics, eval results);
+  out/rollouts_p<i>.json  LA-GRPO only: each rollout batch's global completion tokens and the
+                          global reward array fed to the update step, as this process saw them;
   out/params.npz          process 0 only: the final parameters, gathered from every process.
-Two changes to the job, both for a like-with-like comparison with a one-process run:
-shuffling off, and batches padded to max_length (`data.pad_to_multiple=0`, set by the test).
+One change to the job, for a like-with-like comparison with a one-process run: batches padded to
+max_length (`data.pad_to_multiple=0`, set by the test).
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ def main() -> None:
         spec = json.load(f)
     pid, nproc = args.process_id, spec["num_processes"]
 
-    # Before any backend exists: CPU only, this process's share of the devices.
+    # Before any backend exists: CPU only, this process's share of the devices. The processes
+    # connect inside run_job (config.distributed), not here.
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import jax
@@ -39,10 +48,6 @@ def main() -> None:
     jax.config.update("jax_num_cpu_devices", spec["devices"])
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/atlas_jax/jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    if nproc > 1:
-        jax.distributed.initialize(spec["coordinator"], num_processes=nproc, process_id=pid, initialization_timeout=120)
-    assert jax.process_count() == nproc and jax.process_index() == pid
-    assert jax.device_count() == nproc * spec["devices"], jax.devices()
 
     from absl import flags
 
@@ -52,18 +57,10 @@ def main() -> None:
     os.makedirs(out, exist_ok=True)
     writes = _watch_writes(workdir)
 
-    from atlas_jax import builders, checkpoint
+    from atlas_jax import checkpoint, multihost
     from atlas_jax import main as entry
     from atlas_jax.data import pipeline
-
-    # -- the two changes to the job (see the module docstring)
-    make_pipeline_config = builders.pipeline_config
-
-    def unshuffled(*a, **kw):
-        kw["shuffle"] = False
-        return make_pipeline_config(*a, **kw)
-
-    builders.pipeline_config = unshuffled
+    from atlas_jax.jobs import la_grpo as la_grpo_job
 
     records: list[list[str]] = []
     make_global = pipeline.to_global
@@ -74,7 +71,17 @@ def main() -> None:
 
     pipeline.to_global = recording_to_global
 
-    # -- the state of the last save is the run's final state (sft.main force-saves it at the end)
+    rollouts: list[dict] = []
+    make_rollout_batch = la_grpo_job._rollout_batch
+
+    def recording_rollout_batch(sampled, prompt_batch, rewards_r):
+        tokens, rewards = multihost.gather((sampled["tokens"], rewards_r))
+        rollouts.append({"tokens": tokens.tolist(), "rewards": rewards.tolist()})
+        return make_rollout_batch(sampled, prompt_batch, rewards_r)
+
+    la_grpo_job._rollout_batch = recording_rollout_batch
+
+    # -- the state of the last save is the run's final state (every job force-saves it at the end)
     saved = {}
     save = checkpoint.Checkpointer.save
 
@@ -84,8 +91,20 @@ def main() -> None:
 
     checkpoint.Checkpointer.save = remembering_save
 
-    entry.run_job(_config(spec["overrides"]), workdir)
+    c = _config(spec["config"], spec["overrides"])
+    if nproc > 1:
+        c.distributed = True
+        if spec["init"] == "config":
+            c.coordinator_address, c.num_processes, c.process_id = spec["coordinator"], nproc, pid
+    result = entry.run_job(c, workdir)
+    assert jax.process_count() == nproc and jax.process_index() == pid
+    assert jax.device_count() == nproc * spec["devices"], jax.devices()
 
+    with open(os.path.join(out, f"result_p{pid}.json"), "w") as f:
+        json.dump(result, f)
+    if rollouts:
+        with open(os.path.join(out, f"rollouts_p{pid}.json"), "w") as f:
+            json.dump(rollouts, f)
     with open(os.path.join(out, f"records_p{pid}.json"), "w") as f:
         json.dump(records, f)
     with open(os.path.join(out, f"writes_p{pid}.json"), "w") as f:
@@ -108,15 +127,16 @@ def main() -> None:
     multihost_utils.sync_global_devices("multihost_worker_done")
 
 
-def _config(overrides: dict):
-    """configs/sft_synthetic.py with the test's overrides ('a.b' keys)."""
+def _config(name: str, overrides: dict):
+    """configs/<file>.py:<arg> with the test's overrides ('a.b' keys)."""
     import importlib.util
 
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "sft_synthetic.py")
-    spec = importlib.util.spec_from_file_location("sft_synthetic", path)
+    file, _, arg = name.partition(":")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", file)
+    spec = importlib.util.spec_from_file_location(file.removesuffix(".py"), path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    c = mod.get_config("module")
+    c = mod.get_config(arg) if arg else mod.get_config()
     for key, value in overrides.items():
         node = c
         *parents, last = key.split(".")
