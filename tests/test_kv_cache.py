@@ -13,9 +13,9 @@ from hf_model_fixture import IMAGE, VEND, VSTART, example, jax_batch
 FUNC = (310, 311, 312)
 
 
-def tiny_cfg(mode):
+def tiny_cfg(mode, max_positions=16):
     cfg = presets.tiny(vocab_size=320, image_token_id=IMAGE, vision_start_token_id=VSTART, vision_end_token_id=VEND, video_token_id=301)
-    return presets.with_visual_ops(cfg, FUNC, mode=mode, layer=1, num_heads=2, head_dim=16)
+    return presets.with_visual_ops(cfg, FUNC, mode=mode, layer=1, num_heads=2, head_dim=16, max_positions=max_positions)
 
 
 def _open_gates(model):
@@ -23,9 +23,15 @@ def _open_gates(model):
         model.visual_ops.gate[...] = jnp.array([0.7, -0.5, 1.1])
 
 
-@pytest.mark.parametrize("mode", ["vocab", "module"])
-def test_decode_matches_full_forward(mode):
-    cfg = tiny_cfg(mode)
+@pytest.mark.parametrize(
+    "mode,max_positions,cont",
+    [("vocab", 16, 8), ("module", 16, 8), ("module", 3, 6)],
+    ids=["vocab", "module", "module_capped"],
+)
+def test_decode_matches_full_forward(mode, max_positions, cont):
+    """capped: 5 functional tokens per sample, 1 in the prefilled prompt and 4 decoded, with the
+    modules acting on the first 3 only: the cache's count keeps decoding on the same 3."""
+    cfg = tiny_cfg(mode, max_positions)
     model = vlm.create(cfg, sharding.make_mesh((1, 1, 1), jax.devices()[:1]), seed=1)
     _open_gates(model)
     rng = np.random.default_rng(0)
@@ -34,7 +40,6 @@ def test_decode_matches_full_forward(mode):
         e = example(rng, n_before, grids, 2)
         e.ids += [FUNC[0], 5, 6, FUNC[2], 7, FUNC[1], FUNC[1], 9]  # continuation with functional tokens
         examples.append(e)
-    cont = 8
     batch = jax_batch(examples, cfg, pad_left=True)
     ids, pos, mask = (jnp.asarray(batch[k]) for k in ("input_ids", "positions", "attention_mask"))
     pv = jnp.asarray(batch["pixel_values"])

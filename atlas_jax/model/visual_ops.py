@@ -13,7 +13,10 @@ All operations' weights are stacked on a leading 'ops' axis (O) and run as one b
 computation: queries and keys are computed for every operation and the one belonging to each
 position is selected with a one-hot contraction. Only the first `max_positions` (M)
 functional positions of each sample are processed, which keeps the cost independent of the
-sequence length; `count_dropped` reports positions beyond that cap.
+sequence length. The count runs over the whole sequence: a cached forward passes how many
+functional tokens the cache already holds, so decoding token by token acts on exactly the
+positions a full forward over the same tokens acts on (a completion that spams functional
+tokens gets the same log-probs from the sampler and from the trainer).
 
 Einsum letters: B batch, T positions, M selected functional positions, P image tokens,
 O operations, D model width, H heads, E head dim.
@@ -73,10 +76,9 @@ class VisualOps(nnx.Module):
             op = jnp.where(tokens_bt == tid, o, op)
         return op
 
-    def count_dropped(self, tokens_bt: jax.Array) -> jax.Array:
-        """int32[B]: functional positions beyond the per-sample cap (not processed)."""
-        n = jnp.sum(self.op_index(tokens_bt) >= 0, axis=1)
-        return jnp.maximum(n - self.max_positions, 0)
+    def count(self, tokens_bt: jax.Array) -> jax.Array:
+        """int32[B]: functional tokens among `tokens_bt`."""
+        return jnp.sum(self.op_index(tokens_bt) >= 0, axis=1).astype(jnp.int32)
 
     def image_memory(self, img_bpd: jax.Array, valid_bp: jax.Array, slot_bp: jax.Array) -> ImageMemory:
         x = img_bpd.astype(self.dtype)
@@ -86,12 +88,19 @@ class VisualOps(nnx.Module):
         return ImageMemory(k, v, valid_bp, slot_bp)
 
     def __call__(
-        self, h_btd: jax.Array, tokens_bt: jax.Array, query_slot_t: jax.Array, memory: ImageMemory
+        self,
+        h_btd: jax.Array,
+        tokens_bt: jax.Array,
+        query_slot_t: jax.Array,
+        memory: ImageMemory,
+        seen_b: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Applies the operations at functional positions.
 
         h_btd: residual stream after layer `cfg.layer`; tokens_bt: input token ids;
-        query_slot_t: int32[T] sequence slot of each position (causality w.r.t. image tokens).
+        query_slot_t: int32[T] sequence slot of each position (causality w.r.t. image tokens);
+        seen_b: int32[B] functional tokens before these T positions (a cache's; None = 0): only
+        the sequence's first `max_positions` functional positions are processed.
         Returns the updated stream and {'attn': float32[B, M, P] head-averaged attention over
         image tokens, 'position': int32[B, M] position of each selected op, 'op': int32[B, M]
         (-1 where the slot is unused)}.
@@ -103,7 +112,9 @@ class VisualOps(nnx.Module):
         # The first M functional positions of each sample, in order (stable sort of "not functional").
         pos_bm = jnp.argsort(op_bt < 0, axis=1, stable=True)[:, :M].astype(jnp.int32)
         op_bm = jnp.take_along_axis(op_bt, pos_bm, axis=1)
-        used_bm = op_bm >= 0
+        rank_bm = jnp.arange(M, dtype=jnp.int32)[None] + (0 if seen_b is None else seen_b[:, None])
+        used_bm = (op_bm >= 0) & (rank_bm < self.max_positions)
+        op_bm = jnp.where(used_bm, op_bm, -1)
         onehot_bmo = jax.nn.one_hot(op_bm, O, dtype=self.dtype)  # all-zero rows where unused
 
         x_bmd = jnp.take_along_axis(h_btd, pos_bm[..., None], axis=1).astype(self.dtype)
@@ -129,5 +140,5 @@ class VisualOps(nnx.Module):
 
         b_idx = jnp.arange(B)[:, None]
         h_btd = h_btd.at[b_idx, pos_bm].add(delta_bmd.astype(h_btd.dtype))
-        aux = {"attn": p_bmhp.mean(axis=2), "position": pos_bm, "op": jnp.where(used_bm, op_bm, -1)}
+        aux = {"attn": p_bmhp.mean(axis=2), "position": pos_bm, "op": op_bm}
         return h_btd, aux

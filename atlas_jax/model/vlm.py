@@ -27,12 +27,14 @@ from atlas_jax.model.visual_ops import ImageMemory, VisualOps
 class Cache(NamedTuple):
     """layers: per decoder layer k, v [B, S, K, E]; key_mask: bool[B, S] slots holding real
     tokens; index: int32 next slot to write; memory: the visual-operation image memory
-    (None in 'vocab' mode)."""
+    (None in 'vocab' mode); functional_seen: int32[B] functional tokens written so far (the
+    visual operations act on each sample's first `max_positions` only)."""
 
     layers: tuple[LayerCache, ...]
     key_mask: jax.Array
     index: jax.Array
     memory: ImageMemory | None
+    functional_seen: jax.Array
 
 
 class Embed(nnx.Module):
@@ -87,7 +89,7 @@ class VLM(nnx.Module):
         dtype = dtype or self.cfg.compute_dtype
         shape = (batch, length, t.num_kv_heads, t.head_dim)
         layers = tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(t.num_layers))
-        return Cache(layers, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32), None)
+        return Cache(layers, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32), None, jnp.zeros((batch,), jnp.int32))
 
     def _image_memory(self, img_bpd, ids_bt, vision, index) -> ImageMemory:
         B, P = img_bpd.shape[:2]
@@ -140,8 +142,10 @@ class VLM(nnx.Module):
             key_mask = jax.lax.dynamic_update_slice(cache.key_mask, attention_mask_bt, (0, index))
         mask = AttentionMask(index + jnp.arange(T, dtype=jnp.int32), key_mask, index)
 
-        memory = None
+        memory, seen = None, None
         if self.visual_ops is not None:
+            op_tokens_bt = jnp.where(attention_mask_bt, input_ids_bt, -1)  # padding holds no operation
+            seen = cache.functional_seen if cache is not None else None
             if cache is not None and cache.memory is not None:
                 memory = cache.memory
             elif img_bpd is not None:
@@ -159,7 +163,7 @@ class VLM(nnx.Module):
             x_btd, layer_cache = layer_fn(layer, x_btd, cos, sin, mask, layer_cache)
             new_layers.append(layer_cache)
             if self.visual_ops is not None and i == cfg.visual_ops.layer:
-                x_btd, aux["ops"] = self.visual_ops(x_btd, input_ids_bt, mask.query_slot, memory)
+                x_btd, aux["ops"] = self.visual_ops(x_btd, op_tokens_bt, mask.query_slot, memory, seen)
 
         h_btd = self.final_norm(x_btd)
         logits = self.embed.attend(h_btd) if self.lm_head is None else self.lm_head(h_btd)
@@ -167,7 +171,10 @@ class VLM(nnx.Module):
             aux["hidden"] = h_btd
         new_cache = None
         if cache is not None:
-            new_cache = Cache(tuple(new_layers), key_mask, index + T, memory)
+            seen = cache.functional_seen
+            if self.visual_ops is not None:
+                seen = seen + self.visual_ops.count(op_tokens_bt)
+            new_cache = Cache(tuple(new_layers), key_mask, index + T, memory, seen)
         return logits.astype(jnp.float32), new_cache, aux
 
 
