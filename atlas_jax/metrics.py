@@ -79,8 +79,23 @@ def check_finite(metrics: Mapping[str, float], step: int) -> None:
         raise FloatingPointError(f"step {step}: non-finite metrics {bad}; stopping (lower the learning rate or check the data)")
 
 
+def progress_bar(step: int, total: int, width: int = 20) -> str:
+    """'[#####---------------]  25% 75/300': a text bar that reads the same in a log file."""
+    frac = min(max(step / max(total, 1), 0.0), 1.0)
+    filled = int(round(frac * width))
+    return f"[{'#' * filled}{'-' * (width - filled)}] {100 * frac:3.0f}% {step}/{total}"
+
+
+def format_duration(seconds: float) -> str:
+    """'1h02m', '3m05s' or '12s'."""
+    s = int(round(max(seconds, 0.0)))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 class Progress:
-    """A one-line progress report every `every` steps: loss, step time, tokens/s, MFU.
+    """A progress line every `every` steps: a bar, loss, step time, tokens/s, MFU, time left.
 
     Tokens are the GLOBAL batch's (every host's), so tokens/s is the whole job's throughput and
     MFU = tokens/s * flops_per_token / (peak per device * all devices of all hosts)."""
@@ -108,11 +123,12 @@ class Progress:
         if self.flops_per_token and self.peak:
             out["perf/mfu"] = out["perf/tokens_per_s"] * self.flops_per_token / (self.peak * jax.device_count())
         if jax.process_index() == 0:
-            pct = 100.0 * step / max(self.total, 1)
             mfu = f" mfu {100 * out['perf/mfu']:.1f}%" if "perf/mfu" in out else ""
+            eta = (self.total - step) * out["perf/step_time_s"]
             log.info(
-                "step %d/%d (%.0f%%) loss %.4f | %.3f s/step %.0f tok/s%s",
-                step, self.total, pct, float(metrics.get("loss", np.nan)), out["perf/step_time_s"], out["perf/tokens_per_s"], mfu,
+                "%s loss %.4f | %.3f s/step %.0f tok/s%s | eta %s",
+                progress_bar(step, self.total), float(metrics.get("loss", np.nan)), out["perf/step_time_s"],
+                out["perf/tokens_per_s"], mfu, format_duration(eta),
             )
         self._t, self._tokens, self._steps = time.perf_counter(), [], 0
         return out

@@ -113,6 +113,15 @@ def test_throughput_and_mfu_count_the_global_batch(monkeypatch):
     assert jax.device_count() == 8
 
 
+def test_progress_bar_and_eta_text():
+    from atlas_jax import metrics as metrics_lib
+
+    assert metrics_lib.progress_bar(75, 300) == "[#####---------------]  25% 75/300"
+    assert metrics_lib.progress_bar(300, 300) == "[####################] 100% 300/300"
+    assert metrics_lib.progress_bar(0, 0) == "[--------------------]   0% 0/0"
+    assert [metrics_lib.format_duration(s) for s in (0.4, 12, 185, 3720)] == ["0s", "12s", "3m05s", "1h02m"]
+
+
 def test_bad_config_is_rejected_before_anything_runs(tmp_path):
     with pytest.raises(ConfigError, match="data.batch_size"):
         entry.run_job(_config(**{"data.batch_size": 6}), str(tmp_path))
