@@ -225,9 +225,9 @@ def main(c: mlc.ConfigDict, workdir: str) -> dict:
         last["data/skipped_records"] = float(multihost.sum_over_hosts(data_it.num_skipped))
         writer.write(rl_step, last)
         if rl_step % c.train.log_every == 0 or rl_step == r.steps:
-            log.info("rl step %d/%d reward %.3f accuracy %.3f functional/completion %.2f kl %.4f anchor %.4f",
-                     rl_step, r.steps, float(scores["total"].mean()), last["train_accuracy"], last["functional_per_completion"],
-                     last["kl"], last["anchor_loss"])
+            log.info("rl %s reward %.3f accuracy %.3f functional/completion %.2f kl %.4f anchor %.4f",
+                     metrics_lib.progress_bar(rl_step, r.steps), float(scores["total"].mean()), last["train_accuracy"],
+                     last["functional_per_completion"], last["kl"], last["anchor_loss"])
         ckpt.save(int(jax.device_get(state.step)), state, data_state=pipeline.pipeline_state(data_it), config=c.to_dict())
         if r.eval_every and rl_step % r.eval_every == 0 and rl_step < r.steps:
             res = evaluate.evaluate(graphdef, state.params, tok, c, workdir, mesh, tag=f"rl_step{rl_step}")
