@@ -60,26 +60,27 @@ def _dataset(tok, model_cfg, source, **kw):
     return make_dataset(source, tok, cfg, model_cfg, process_index=0, process_count=1)
 
 
+def _first_bad_record(tok, model_cfg, data_dir, split) -> BadRecordError:
+    source = load_split(data_dir, split, "e2e", dataset="atlas_user_data")
+    with pytest.raises(BadRecordError) as info:
+        list(iter(_dataset(tok, model_cfg, source)))
+    return info.value
+
+
 def test_too_long_sample_names_jsonl_line_and_field(tok, model_cfg, folder):
     train = _write(folder, "train.jsonl", [GOOD, LONG_QUESTION])
     test = _write(folder, "test.jsonl", [dict(LONG_RESPONSE, uid="q-long"), dict(GOOD, uid="fine")])
     data_dir = str(folder / "tfds")
     build_user_dataset(data_dir, {"train": train, "test": test}, name="e2e")
 
-    source = load_split(data_dir, "train", "e2e", dataset="atlas_user_data")
-    with pytest.raises(BadRecordError) as info:
-        list(iter(_dataset(tok, model_cfg, source)))
-    err = info.value
+    err = _first_bad_record(tok, model_cfg, data_dir, "train")
     assert (err.source, err.field) == (train, "question")
     assert re.fullmatch(r"line 2 \(stored as atlas_user_data/e2e:train record [01]\)", err.record), err.record
     assert re.match(r"too long: the prompt alone is \d+ tokens \(question \d+, images \d+, chat template \d+\) > max_length=100; "
                     r"the question may have at most \d+ tokens$", err.problem), err.problem
     assert str(err).startswith(f"{train}, record line 2 (")
 
-    source = load_split(data_dir, "test", "e2e", dataset="atlas_user_data")
-    with pytest.raises(BadRecordError) as info:
-        list(iter(_dataset(tok, model_cfg, source)))
-    err = info.value
+    err = _first_bad_record(tok, model_cfg, data_dir, "test")
     assert (err.source, err.field) == (test, "response")
     # A uid the user chose is shown beside the line (the default one would only repeat it).
     assert re.fullmatch(r"line 1 \(uid 'q-long'; stored as atlas_user_data/e2e:test record [01]\)", err.record), err.record
