@@ -47,7 +47,10 @@ class Embed(nnx.Module):
 
     def attend(self, x_btd: jax.Array) -> jax.Array:
         """Tied output head: x . embedding^T."""
-        return jnp.einsum("btd,vd->btv", x_btd, self.embedding[...].astype(self.dtype))
+        emb_vd = self.embedding[...].astype(self.dtype)
+        B, T, D = x_btd.shape
+        # Flat [B*T, D] x [D, V], as `layers.matmul_2d` and for the same reason (XLA:CPU's GEMM).
+        return jnp.dot(x_btd.reshape(B * T, D), emb_vd.T).reshape(B, T, -1)
 
 
 def _run_layer(layer, x, cos, sin, mask, cache):
