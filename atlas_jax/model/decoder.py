@@ -28,7 +28,7 @@ from atlas_jax.model.layers import (
 
 
 class LayerCache(NamedTuple):
-    """k, v: [B, S, K, E] for one decoder layer."""
+    """k, v: [B, K, S, E] for one decoder layer, head-major as `head_major_attention` reads them."""
 
     k: jax.Array
     v: jax.Array
@@ -110,13 +110,18 @@ class Attention(nnx.Module):
             out_btkge = causal_block_attention(q_btkge, k_btke, v_btke, mask, self.scale)
         else:
             zero = jnp.zeros((), jnp.int32)
-            at = (zero, mask.index, zero, zero)
-            k_bske = jax.lax.dynamic_update_slice(cache.k, k_btke.astype(cache.k.dtype), at)
-            v_bske = jax.lax.dynamic_update_slice(cache.v, v_btke.astype(cache.v.dtype), at)
-            cache = LayerCache(k_bske, v_bske)
-            out_btkge = masked_softmax_attention(
-                q_btkge, k_bske.astype(q_btkge.dtype), v_bske.astype(q_btkge.dtype), mask.dense(), self.scale
+            at = (zero, zero, mask.index, zero)
+            k_bkse = jax.lax.dynamic_update_slice(cache.k, jnp.swapaxes(k_btke, 1, 2).astype(cache.k.dtype), at)
+            v_bkse = jax.lax.dynamic_update_slice(cache.v, jnp.swapaxes(v_btke, 1, 2).astype(cache.v.dtype), at)
+            cache = LayerCache(k_bkse, v_bkse)
+            out_bkgte = head_major_attention(
+                jnp.transpose(q_btkge, (0, 2, 3, 1, 4)),
+                k_bkse.astype(q_btkge.dtype),
+                v_bkse.astype(q_btkge.dtype),
+                mask.dense(),
+                self.scale,
             )
+            out_btkge = jnp.transpose(out_bkgte, (0, 3, 1, 2, 4))
         return self.o_proj(out_btkge.reshape(B, T, K * self.num_groups, -1)), cache
 
 

@@ -90,7 +90,7 @@ class VLM(nnx.Module):
         """An empty cache of `length` slots (prompt + generated tokens)."""
         t = self.cfg.text
         dtype = dtype or self.cfg.compute_dtype
-        shape = (batch, length, t.num_kv_heads, t.head_dim)
+        shape = (batch, t.num_kv_heads, length, t.head_dim)
         layers = tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(t.num_layers))
         return Cache(layers, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32), None, jnp.zeros((batch,), jnp.int32))
 
