@@ -16,10 +16,23 @@ Both frameworks run the same model on the same weights and the same batch, on CP
 Each framework runs in its own worker process pinned to the same `--threads` cores (XLA sizes
 its CPU thread pool from the affinity mask; torch gets `set_num_threads`), so neither sees the
 other's thread pools or allocator. Before timing, the two losses must agree to 1e-4 and the
-global gradient norms to 1e-3 (relative): both sides measure the same computation. Timed steps
-alternate (JAX, torch, JAX, torch, ...) so that load from other processes on a shared machine
-hits both alike; warm-up steps (compilation, allocator growth) are excluded; medians are
-reported. Run from the repository root:
+global gradient norms to 1e-3 (relative): both sides measure the same computation.
+
+Timing takes turns: JAX runs `--turn` steps, then torch does, and so on, so that load from other
+processes on a shared machine hits both alike. The first step of every turn is run but not
+timed: it pays for the other process having just used the cores and memory (on the 2-core
+development machine the first JAX step after a PyTorch turn took 7.0 s against 5.0 s for the
+next ones at ~100M), a cost a training run, which never switches, does not see. `--turn 2` is
+the old strict alternation with that step dropped. Warm-up steps (compilation, allocator
+growth) are excluded; medians are reported, and the untimed first steps are printed too.
+
+`--malloc thp` (the default) starts both workers with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`:
+glibc then backs large allocations with transparent huge pages. XLA:CPU allocates a step's
+buffers afresh each step, so with 4 KiB pages every step faults its working set in again;
+PyTorch gains too, less. `--malloc default` leaves the allocator as it is. Both are in
+bench/RESULTS.md.
+
+Run from the repository root:
 
     python bench/bench_train_step.py --config tiny
     python bench/bench_train_step.py --config 100m
@@ -38,8 +51,9 @@ import numpy as np
 
 LOSS_TOL = 1e-4
 GRAD_NORM_RTOL = 1e-3
-# Defaults per config: (batch, seq, steps, warmup); each full run stays within ~5 minutes on 2 cores.
-DEFAULTS = {"tiny": (8, 256, 20, 3), "100m": (8, 256, 5, 1)}
+# Defaults per config: (batch, seq, steps, warmup, turn); each full run stays within ~5 minutes on 2 cores.
+DEFAULTS = {"tiny": (8, 256, 20, 3, 6), "100m": (8, 256, 4, 1, 3)}
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
 
 
 def model_config(name: str):
@@ -231,6 +245,9 @@ def main() -> None:
     ap.add_argument("--config", choices=sorted(DEFAULTS), default="tiny")
     ap.add_argument("--steps", type=int, help="timed steps per framework (default: per config)")
     ap.add_argument("--warmup", type=int, help="untimed steps per framework after the check step")
+    ap.add_argument("--turn", type=int, help="steps per framework per turn, the first one untimed (>= 2)")
+    ap.add_argument("--malloc", choices=("thp", "default"), default="thp",
+                    help="thp: both workers back large allocations with huge pages (GLIBC_TUNABLES)")
     ap.add_argument("--batch", type=int, help="sequences per batch")
     ap.add_argument("--seq", type=int, help="tokens per sequence")
     ap.add_argument("--image", type=int, default=112, help="image side in pixels, one image per sample (0: text only)")
@@ -238,10 +255,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="cores for each framework (default: all); both get the same number")
     args = ap.parse_args()
-    B, T, steps, warmup = DEFAULTS[args.config]
+    B, T, steps, warmup, turn = DEFAULTS[args.config]
     args.batch, args.seq = args.batch or B, args.seq or T
     args.steps = args.steps or steps
     args.warmup = warmup if args.warmup is None else args.warmup
+    args.turn = args.turn or turn
+    if args.turn < 2:
+        raise SystemExit(f"--turn {args.turn}: expected at least 2 (the first step of a turn is not timed)")
+    if args.malloc == "thp":
+        # Read by the dynamic loader when a worker starts, so it must be set before they spawn.
+        tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t]
+        os.environ["GLIBC_TUNABLES"] = ":".join([*tunables, HUGE_PAGES])
 
     cfg = model_config(args.config)
     with tempfile.TemporaryDirectory(prefix="bench_ckpt_") as ckpt_dir:
@@ -273,13 +297,17 @@ def main() -> None:
     if abs(jn - tn) > GRAD_NORM_RTOL * tn:
         raise SystemExit(f"gradient norms differ by {abs(jn - tn) / tn:.2e} (relative) > {GRAD_NORM_RTOL}")
 
-    # ---- alternating timing
+    # ---- timing in turns; the first step of each turn is run untimed
+    for _ in range(args.warmup):
+        for conn in conns.values():
+            call(conn, "time")
     times = {"jax": [], "torch": []}
-    for i in range(args.warmup + args.steps):
-        for name in ("jax", "torch"):
-            dt = call(conns[name], "time")
-            if i >= args.warmup:
-                times[name].append(dt)
+    first = {"jax": [], "torch": []}
+    while min(len(v) for v in times.values()) < args.steps:
+        for name, conn in conns.items():
+            first[name].append(call(conn, "time"))
+            for _ in range(min(args.turn - 1, args.steps - len(times[name]))):
+                times[name].append(call(conn, "time"))
     for name, (proc, conn) in workers.items():
         conn.send("stop")
         proc.join()
@@ -291,8 +319,9 @@ def main() -> None:
         v = times[name]
         print(f"{name:8}{med[name]:>14.4f}{min(v):>9.4f}{max(v):>9.4f}{tokens / med[name]:>11.0f}")
     print(f"ratio JAX/PyTorch tokens/s: {med['torch'] / med['jax']:.2f}x "
-          f"({args.steps} timed steps each, {args.warmup} warm-up, alternating)")
-
+          f"({args.steps} timed steps each in turns of {args.turn}, {args.warmup} warm-up, malloc={args.malloc})")
+    print("untimed first step of each turn, median s: "
+          + ", ".join(f"{name} {statistics.median(v):.4f}" for name, v in first.items()))
 
 if __name__ == "__main__":
     main()
