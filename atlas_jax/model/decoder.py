@@ -70,15 +70,12 @@ def causal_block_attention(q_btkge, k_bske, v_bske, mask: AttentionMask, scale: 
     n = max(1, min(MAX_CAUSAL_BLOCKS, T // MIN_CAUSAL_BLOCK))
     if n == 1:
         return masked_softmax_attention(q_btkge, k_bske, v_bske, dense, scale)
-    # Head-major once for all blocks (see `head_major_attention`); a block is a slice of T.
-    q_bkgte = jnp.transpose(q_btkge, (0, 2, 3, 1, 4))
-    k_bkse, v_bkse = jnp.swapaxes(k_bske, 1, 2), jnp.swapaxes(v_bske, 1, 2)
     bounds = [T * i // n for i in range(n + 1)]
     out = [
-        head_major_attention(q_bkgte[:, :, :, lo:hi], k_bkse[:, :, :hi], v_bkse[:, :, :hi], dense[..., lo:hi, :hi], scale)
+        masked_softmax_attention(q_btkge[:, lo:hi], k_bske[:, :hi], v_bske[:, :hi], dense[..., lo:hi, :hi], scale)
         for lo, hi in zip(bounds[:-1], bounds[1:])
     ]
-    return jnp.transpose(jnp.concatenate(out, axis=3), (0, 3, 1, 2, 4))
+    return jnp.concatenate(out, axis=1)
 
 
 class Attention(nnx.Module):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -153,53 +152,22 @@ def masked_softmax_attention(
     mask: bool, broadcastable to [B, K, G, T, S]. Softmax in float32. Rows with no allowed key
     (padding queries) produce zeros rather than NaN. Returns [B, T, K, G, Dh].
     """
-    out = head_major_attention(
-        jnp.transpose(q, (0, 2, 3, 1, 4)), jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask, scale
-    )
-    return jnp.transpose(out, (0, 3, 1, 2, 4))
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jnp.where(mask, probs, 0.0).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
 def head_major_attention(q_bkgte, k_bkse, v_bkse, mask, scale: float) -> jax.Array:
-    """`masked_softmax_attention` on head-major operands, with a hand-written backward.
+    """`masked_softmax_attention` on head-major operands, for the KV cache's layout.
 
     q: [B, K, G, T, E]; k, v: [B, K, S, E]; mask: bool, broadcastable to [B, K, G, T, S].
-    Returns [B, K, G, T, E].
-
-    Why by hand: in this layout every product, forward and backward, is a batched matrix
-    product over (B, K) with the G heads' queries of a key head stacked as its rows, and the
-    key and value gradients are formed transposed ([.., E, S], from the small q and dO), so no
-    score-sized [.., T, S] array is ever transposed. The softmax backward uses
-    rowsum(dP * P) = rowsum(dO * O) (as FlashAttention does), a reduction over E instead of S.
-    On XLA:CPU this runs the tiny model's attention 1.4x faster than autodiff of the plain
-    form (bench/RESULTS.md); tests/test_attention.py checks it against that autodiff.
+    Returns [B, K, G, T, E]. Decoding reads the whole cache every step: kept head-major, it is
+    read as it lies, where the [B, S, K, E] layout costs a transpose of the cache per layer
+    and step (tiny decode about 1.3x, bench/RESULTS.md).
     """
-    return _attention_fwd(q_bkgte, k_bkse, v_bkse, mask, scale)[0]
-
-
-def _attention_fwd(q, k, v, mask, scale):
-    logits = jnp.einsum("bkgte,bkse->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum("bkgte,bkse->bkgts", q_bkgte, k_bkse, preferred_element_type=jnp.float32) * scale
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)  # rows with no key: zeros
-    out = jnp.einsum("bkgts,bkse->bkgte", probs.astype(v.dtype), v)
-    return out, (q, k, v, probs, out)
-
-
-def _attention_bwd(scale, res, d_out):
-    q, k, v, probs, out = res
-    f32 = jnp.float32
-    d_probs = jnp.einsum("bkgte,bkse->bkgts", d_out, v, preferred_element_type=f32)
-    row = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)  # = rowsum(dP * P)
-    d_logits = (probs * (d_probs - row) * scale).astype(q.dtype)  # 0 where masked (probs == 0)
-    d_q = jnp.einsum("bkgts,bkse->bkgte", d_logits, k, preferred_element_type=f32)
-    d_kT = jnp.einsum("bkgte,bkgts->bkes", q, d_logits, preferred_element_type=f32)
-    d_vT = jnp.einsum("bkgte,bkgts->bkes", d_out, probs.astype(d_out.dtype), preferred_element_type=f32)
-    return (
-        d_q.astype(q.dtype),
-        jnp.swapaxes(d_kT, 2, 3).astype(k.dtype),
-        jnp.swapaxes(d_vT, 2, 3).astype(v.dtype),
-        None,  # the mask
-    )
-
-
-head_major_attention.defvjp(_attention_fwd, _attention_bwd)
+    probs = jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0).astype(v_bkse.dtype)
+    return jnp.einsum("bkgts,bkse->bkgte", probs, v_bkse)
