@@ -7,7 +7,7 @@ The forward+backward step of `bench_train_step.py` (tiny config, one 112 px imag
 compiled three times in one process:
 
 - `current`: the library as it is;
-- `tensordot`: `Dense` as `jnp.tensordot` over [B, T, D] (the form before `layers.matmul_2d`);
+- `tensordot`: `Dense` as `jnp.tensordot` over [B, T, D] (the form before `layers.tensordot_rows`);
 - `hand-written attention`: attention in a head-major layout ([B, K, G, T, E] queries) with a
   `jax.custom_vjp` backward (every product a plain batched GEMM, no score-sized transpose,
   FlashAttention's rowsum(dO * O)) in the decoder's query blocks and the vision tower. On its
@@ -86,7 +86,7 @@ def main() -> None:
     batch = b.make_batch(cfg, 8, 256, 112)
     patches = {
         "current": [],
-        "tensordot": [(layers, "matmul_2d", tensordot_matmul)],
+        "tensordot": [(layers, "tensordot_rows", tensordot_matmul)],
         "hand-written attention": [
             (decoder, "masked_softmax_attention", hand_written_attention),
             (vision, "masked_softmax_attention", hand_written_attention),

@@ -10,7 +10,6 @@ patch), 'ops' (the functional-token operation axis), 'norm' (a normalisation sca
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import jax
@@ -62,25 +61,24 @@ class Dense(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(self.dtype)
-        y = matmul_2d(x.astype(self.dtype), kernel, self.n_in)
+        y = tensordot_rows(x.astype(self.dtype), kernel, self.n_in)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
 
 
-def matmul_2d(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
-    """`tensordot(x, kernel, n_in)` computed as one [N, I] x [I, O] matrix product.
+def tensordot_rows(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
+    """`tensordot(x, kernel, n_in)` with x's leading axes flattened into one row axis first.
 
     x: [*lead, *in_shape]; kernel: [*in_shape, *out_shape] -> [*lead, *out_shape].
-    Flattening first matters on XLA:CPU: a tensordot over [B, T, D] leaves the weight
-    gradient with two contracting axes, which misses the fast GEMM and adds layout copies;
-    the flat form runs the forward and both gradients as plain GEMMs (1.2x on the tiny
-    model's train step, bench/RESULTS.md). Reshapes of leading or trailing axes are free.
+    Why: over [B, T, D] the weight gradient contracts two axes (B and T), which XLA:CPU sends
+    to a slow path with layout copies; over [B*T, D] every product, forward and backward, is a
+    plain GEMM (1.2x on the tiny model's train step, bench/RESULTS.md). Only the leading axes
+    are merged (batch-sharded, the major one), so the kernel's axes keep their shardings.
     """
-    lead, in_shape, out_shape = x.shape[: x.ndim - n_in], kernel.shape[:n_in], kernel.shape[n_in:]
-    n_i = math.prod(in_shape)
-    y = jnp.dot(x.reshape(-1, n_i), kernel.reshape(n_i, -1))
-    return y.reshape(*lead, *out_shape)
+    lead = x.shape[: x.ndim - n_in]
+    y = jnp.tensordot(x.reshape(-1, *x.shape[x.ndim - n_in :]), kernel, axes=n_in)
+    return y.reshape(*lead, *y.shape[1:])
 
 
 class RMSNorm(nnx.Module):

@@ -49,7 +49,7 @@ class Embed(nnx.Module):
         """Tied output head: x . embedding^T."""
         emb_vd = self.embedding[...].astype(self.dtype)
         B, T, D = x_btd.shape
-        # Flat [B*T, D] x [D, V], as `layers.matmul_2d` and for the same reason (XLA:CPU's GEMM).
+        # Flat [B*T, D] x [D, V], as `layers.tensordot_rows` and for the same reason (XLA:CPU's GEMM).
         return jnp.dot(x_btd.reshape(B * T, D), emb_vd.T).reshape(B, T, -1)
 
 
