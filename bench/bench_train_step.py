@@ -326,5 +326,6 @@ def main() -> None:
     print("untimed first step of each turn, median s: "
           + ", ".join(f"{name} {statistics.median(v):.4f}" for name, v in first.items()))
 
+
 if __name__ == "__main__":
     main()

@@ -150,15 +150,14 @@ def masked_softmax_attention(
     mask: bool, broadcastable to [B, K, G, T, S]. Softmax in float32. Rows with no allowed key
     (padding queries) produce zeros rather than NaN. Returns [B, T, K, G, Dh].
     """
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    probs = jnp.where(mask, probs, 0.0).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = head_major_attention(
+        jnp.transpose(q, (0, 2, 3, 1, 4)), jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask, scale
+    )
+    return jnp.transpose(out, (0, 3, 1, 2, 4))
 
 
 def head_major_attention(q_bkgte, k_bkse, v_bkse, mask, scale: float) -> jax.Array:
-    """`masked_softmax_attention` on head-major operands, for the KV cache's layout.
+    """`masked_softmax_attention` on head-major operands, the KV cache's layout.
 
     q: [B, K, G, T, E]; k, v: [B, K, S, E]; mask: bool, broadcastable to [B, K, G, T, S].
     Returns [B, K, G, T, E]. Decoding reads the whole cache every step: kept head-major, it is

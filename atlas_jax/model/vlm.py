@@ -18,7 +18,7 @@ from flax import nnx
 
 from atlas_jax.model.config import ModelConfig
 from atlas_jax.model.decoder import AttentionMask, DecoderLayer, LayerCache
-from atlas_jax.model.layers import Dense, RMSNorm, param
+from atlas_jax.model.layers import Dense, RMSNorm, param, tensordot_rows
 from atlas_jax.model.rope import mrope_cos_sin
 from atlas_jax.model.vision import VisionTower
 from atlas_jax.model.visual_ops import ImageMemory, VisualOps
@@ -47,10 +47,7 @@ class Embed(nnx.Module):
 
     def attend(self, x_btd: jax.Array) -> jax.Array:
         """Tied output head: x . embedding^T."""
-        emb_vd = self.embedding[...].astype(self.dtype)
-        B, T, D = x_btd.shape
-        # Flat [B*T, D] x [D, V], as `layers.tensordot_rows` and for the same reason (XLA:CPU's GEMM).
-        return jnp.dot(x_btd.reshape(B * T, D), emb_vd.T).reshape(B, T, -1)
+        return tensordot_rows(x_btd, self.embedding[...].astype(self.dtype).T, 1)
 
 
 def _run_layer(layer, x, cos, sin, mask, cache):
