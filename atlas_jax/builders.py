@@ -16,7 +16,7 @@ import ml_collections as mlc
 from flax import nnx
 
 from atlas_jax import functional_tokens as ft
-from atlas_jax import hf_checkpoint
+from atlas_jax import hf_checkpoint, multihost
 from atlas_jax import sharding as shd
 from atlas_jax import tokenizer as tokenizer_lib
 from atlas_jax.data import image_processing, pipeline, tfds_builder
@@ -26,8 +26,9 @@ from atlas_jax.model.config import ModelConfig, VisualOpConfig
 log = logging.getLogger("atlas_jax")
 
 
-def mesh(c: mlc.ConfigDict):
-    return shd.make_mesh(tuple(c.mesh))
+def make_mesh(c: mlc.ConfigDict, devices=None):
+    """The run's mesh over `devices` (default: all; the compile check passes a TPU topology's)."""
+    return shd.make_mesh(tuple(c.mesh), devices)
 
 
 def data_dir(c: mlc.ConfigDict, workdir: str) -> str:
@@ -52,10 +53,10 @@ def build_data(c: mlc.ConfigDict, workdir: str) -> None:
             if c.data.jsonl_eval:
                 splits[c.eval.split] = c.data.jsonl_eval
             tfds_builder.build_user_dataset(d, splits, skip_bad_records=c.data.skip_bad_records)
-    _barrier("atlas_jax_build_data")
+    multihost.barrier("atlas_jax_build_data")
 
 
-def source(c: mlc.ConfigDict, workdir: str, split: str):
+def load_split(c: mlc.ConfigDict, workdir: str, split: str):
     """Random-access records of one split."""
     d = data_dir(c, workdir)
     if c.data.source == "synthetic":
@@ -63,7 +64,7 @@ def source(c: mlc.ConfigDict, workdir: str, split: str):
     return tfds_builder.load_split(d, split, "user", dataset="atlas_user_data")
 
 
-def pipeline_config(c: mlc.ConfigDict, model_cfg: ModelConfig, *, fmt: str, batch_size: int | None = None, shuffle=True, num_epochs=None, seed_offset=0) -> pipeline.PipelineConfig:
+def make_pipeline_config(c: mlc.ConfigDict, model_cfg: ModelConfig, *, fmt: str, batch_size: int | None = None, shuffle=True, num_epochs=None, seed_offset=0) -> pipeline.PipelineConfig:
     d = c.data
     image = image_processing.ImageProcessorConfig.for_vision(
         model_cfg.vision, max_pixels=d.max_patches * model_cfg.vision.patch_size**2 // max(d.max_images, 1)
@@ -87,17 +88,18 @@ def pipeline_config(c: mlc.ConfigDict, model_cfg: ModelConfig, *, fmt: str, batc
 
 
 # ---------------------------------------------------------------------------- tokenizer
-def tokenizer(c: mlc.ConfigDict, workdir: str):
+def make_tokenizer(c: mlc.ConfigDict, workdir: str):
     """The run's tokenizer, with the functional tokens; saved in WORKDIR/tokenizer so a resumed
     run (and evaluation) uses exactly the same one. Taken from (first found): the workdir,
-    `tokenizer.path`, the run named by `rl.init_from` / `checkpoint.init_from`, the HF
+    `tokenizer.path`, the run named by `checkpoint.init_from`, the HF
     checkpoint; else trained on the synthetic training split."""
     tokens = ft.by_name(tuple(c.model.functional_tokens))
     saved = os.path.join(workdir, "tokenizer")
     if os.path.exists(os.path.join(saved, "tokenizer.json")):
         return tokenizer_lib.load_tokenizer(saved)
-    runs = [d for d in (c.rl.init_from, c.checkpoint.init_from) if d and os.path.exists(os.path.join(d, "tokenizer", "tokenizer.json"))]
-    path = c.tokenizer.path or (os.path.join(runs[0], "tokenizer") if runs else "") or c.model.init_from_hf
+    run = c.checkpoint.init_from
+    from_run = os.path.join(run, "tokenizer") if run and os.path.exists(os.path.join(run, "tokenizer", "tokenizer.json")) else ""
+    path = c.tokenizer.path or from_run or c.model.init_from_hf
     if path:
         tok = tokenizer_lib.load_tokenizer(path)
     else:
@@ -105,13 +107,13 @@ def tokenizer(c: mlc.ConfigDict, workdir: str):
     tokenizer_lib.add_functional_tokens(tok, tokens)
     if jax.process_index() == 0:
         tok.save_pretrained(saved)
-    _barrier("atlas_jax_tokenizer")
+    multihost.barrier("atlas_jax_tokenizer")
     return tokenizer_lib.load_tokenizer(saved)
 
 
 def _corpus(c, workdir):
     """Texts to train a from-scratch BPE on: the training split plus the functional words."""
-    src = source(c, workdir, "train")
+    src = load_split(c, workdir, "train")
     texts = []
     for i in range(len(src)):
         r = src[i]
@@ -121,29 +123,21 @@ def _corpus(c, workdir):
 
 
 # ---------------------------------------------------------------------------- model
-def model_config(c: mlc.ConfigDict, tok) -> ModelConfig:
-    """The from-scratch architecture for this tokenizer (ids and vocabulary from the tokenizer)."""
-    ids = tokenizer_lib.functional_token_ids(tok, ft.by_name(tuple(c.model.functional_tokens)))
-    vocab = -(-len(tok) // 128) * 128
-    special = {
-        "image_token_id": tok.convert_tokens_to_ids("<|image_pad|>"),
-        "video_token_id": tok.convert_tokens_to_ids("<|video_pad|>"),
-        "vision_start_token_id": tok.convert_tokens_to_ids("<|vision_start|>"),
-        "vision_end_token_id": tok.convert_tokens_to_ids("<|vision_end|>"),
-    }
+def model_config(c: mlc.ConfigDict, tokens: tokenizer_lib.RunTokens, vocab_size: int) -> ModelConfig:
+    """The from-scratch architecture for the run's tokenizer (`vocab_size` entries; ids from `tokens`)."""
     cfg = presets.get(
-        c.model.preset, vocab_size=vocab, dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat, **special
+        c.model.preset, vocab_size=-(-vocab_size // 128) * 128, dtype=c.model.dtype, param_dtype=c.model.param_dtype,
+        remat=c.model.remat, image_token_id=tokens.image_id, video_token_id=tokens.video_id,
+        vision_start_token_id=tokens.vision_start_id, vision_end_token_id=tokens.vision_end_id,
     )
-    return dataclasses.replace(cfg, visual_ops=_visual_ops(c, cfg, ids))
-
-
-def _visual_ops(c, cfg: ModelConfig, ids) -> VisualOpConfig:
     v = c.model.visual_ops
     layer = cfg.text.num_layers // 2 if v.layer < 0 else v.layer
-    return VisualOpConfig(mode=v.mode, token_ids=tuple(ids), layer=layer, num_heads=v.num_heads, head_dim=v.head_dim, max_positions=v.max_positions)
+    ops = VisualOpConfig(mode=v.mode, token_ids=tokens.functional_ids, layer=layer, num_heads=v.num_heads,
+                         head_dim=v.head_dim, max_positions=v.max_positions)
+    return dataclasses.replace(cfg, visual_ops=ops)
 
 
-def model(c: mlc.ConfigDict, tok, mesh_) -> vlm.VLM:
+def make_model(c: mlc.ConfigDict, tok, tokens: tokenizer_lib.RunTokens, mesh_) -> vlm.VLM:
     """A sharded model: from a Hugging Face checkpoint (+ functional tokens) or from scratch."""
     if c.model.init_from_hf:
         base = hf_checkpoint.from_hf(c.model.init_from_hf, mesh=mesh_, dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
@@ -151,22 +145,16 @@ def model(c: mlc.ConfigDict, tok, mesh_) -> vlm.VLM:
         if base.cfg.visual_ops.token_ids:  # an exported atlas-jax checkpoint: tokens already there
             return base
         return extend.add_functional_tokens(
-            base, tok, ft.by_name(tuple(c.model.functional_tokens)), mode=v.mode,
+            base, tok, ft.by_name(tokens.functional_names), mode=v.mode,
             layer=None if v.layer < 0 else v.layer, num_heads=v.num_heads, head_dim=v.head_dim, max_positions=v.max_positions,
         )
-    return vlm.create(model_config(c, tok), mesh_, seed=c.seed)
+    return vlm.create(model_config(c, tokens, len(tok)), mesh_, seed=c.seed)
 
 
-def abstract_model(c: mlc.ConfigDict, tok) -> vlm.VLM:
-    return nnx.eval_shape(lambda: vlm.VLM(model_config(c, tok), rngs=nnx.Rngs(0)))
+def make_abstract_model(model_cfg: ModelConfig) -> vlm.VLM:
+    """The model's shapes, no arrays (`nnx.eval_shape`)."""
+    return nnx.eval_shape(lambda: vlm.VLM(model_cfg, rngs=nnx.Rngs(0)))
 
 
 def num_params(model_: nnx.Module) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(model_, nnx.Param)))
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)

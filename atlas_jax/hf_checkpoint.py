@@ -166,8 +166,8 @@ def read_config(path: str, **overrides) -> ModelConfig:
     try:
         with open(cfg_path) as f:
             d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({type(e).__name__}: {e})") from e
     ops_file = os.path.join(path, VISUAL_OPS_FILE)
     if "visual_ops" not in overrides and os.path.exists(ops_file):
         # An atlas-jax export: its functional-token modules are described in the ops file's metadata.
@@ -176,8 +176,9 @@ def read_config(path: str, **overrides) -> ModelConfig:
             overrides["visual_ops"] = _visual_op_config(ops_file, meta)
     try:
         return ModelConfig.from_hf_dict(d, source=cfg_path, **overrides)
-    except ConfigError as e:  # its message names config.json already
-        raise CheckpointError(str(e)) from e
+    except ConfigError as e:  # the checks of ModelConfig.validate name the field but not the file
+        message = str(e)
+        raise CheckpointError(message if message.startswith(cfg_path) else f"{cfg_path}: {message}") from e
 
 
 def _visual_op_config(ops_file: str, meta: str) -> VisualOpConfig:
@@ -209,7 +210,7 @@ def open_weights(path: str) -> Weights:
         try:
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid shard index (expected a 'weight_map' object): {e}") from e
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: 'weight_map' is a {type(weight_map).__name__}, expected an object name -> shard file")

@@ -13,15 +13,19 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/ (optionally file.py:arg).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots and the tokenizer.")
+flags.DEFINE_bool("verbose", False, "Show the traceback of a rejected config, record or checkpoint.")
 FLAGS = flags.FLAGS
+USAGE_ERROR = 2  # exit status of a run stopped by bad input (a config field, a record, a checkpoint)
 
-JOB_MODULES = {"sft": "atlas_jax.jobs.sft", "la_grpo": "atlas_jax.jobs.la_grpo", "eval": "atlas_jax.jobs.evaluate", "pipeline": "atlas_jax.jobs.recipe"}
+JOB_MODULES = {"sft": "atlas_jax.jobs.sft", "la_grpo": "atlas_jax.jobs.la_grpo", "eval": "atlas_jax.jobs.evaluate", "pipeline": "atlas_jax.jobs.recipe",
+               "benchmark": "atlas_jax.jobs.benchmark"}
 
 
 def setup_logging(level: str) -> None:
@@ -70,6 +74,54 @@ def run_job(c, workdir: str):
     return job.main(c, workdir)
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean bad input a person can fix (each names the field, record or file)."""
+    from atlas_jax import checkpoint, hf_checkpoint
+    from atlas_jax.data.sample import BadRecordError
+    from atlas_jax.data.tfds_builder import StoredDatasetError
+    from atlas_jax.model.config import ConfigError
+
+    return ConfigError, BadRecordError, StoredDatasetError, checkpoint.CheckpointError, hf_checkpoint.CheckpointError
+
+
+def _reject(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(USAGE_ERROR)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad `--config.FIELD=VALUE` reported as one line (ml_collections
+    raises AttributeError / KeyError / ValueError with the field and a 'did you mean' inside)."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        _reject(str(e))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        if "--verbose" in argv:
+            raise
+        _reject(_unknown_override(argv) or f"bad config override: {e}")
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+    """The message naming the first `--config.KEY=...` whose KEY the loaded config lacks, if any."""
+    from atlas_jax import run_config
+    from atlas_jax.model.config import ConfigError
+
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    try:
+        config = config_flags.config_flags.ConfigFileFlagParser(name="config").parse(spec) if spec else None
+    except Exception:  # noqa: BLE001 - the config file itself is broken: absl's own message says how
+        return None
+    for arg in argv[1:]:
+        if arg.startswith("--config.") and "=" in arg:
+            key = arg[len("--config."):].split("=", 1)[0]
+            try:
+                run_config.lookup(config, key, where="--config")
+            except ConfigError as e:
+                return str(e)
+    return None
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.FIELD=VALUE overrides")
@@ -81,12 +133,17 @@ def main(argv):
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/atlas_jax/jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     _console_logging()
-    run_job(FLAGS.config, FLAGS.workdir)
+    try:
+        run_job(FLAGS.config, FLAGS.workdir)
+    except _user_errors() as e:
+        if FLAGS.verbose:
+            raise
+        _reject(str(e))
 
 
 def run():
     """Console-script entry point (`atlas-jax`)."""
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

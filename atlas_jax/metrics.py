@@ -42,6 +42,32 @@ def train_flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len
     return 6.0 * num_params + 6.0 * num_layers * seq_len * hidden
 
 
+def model_flops(cfg, batch: int, seq: int, patches: int) -> dict[str, float]:
+    """Training FLOPs of one step (forward + backward = 3x the forward's 2 FLOPs per MAC).
+
+    patches: vision patches per sample (before the 2x2 merge). Window attention in the vision
+    tower is counted over each window (`window_size` px) except in its full-attention blocks.
+    """
+    t, v = cfg.text, cfg.vision
+    tokens = batch * seq
+    H, K, E, D, F = t.num_heads, t.num_kv_heads, t.head_dim, t.hidden_size, t.intermediate_size
+    per_token = (D * (H + 2 * K) * E + H * E * D) + 3 * D * F  # q, k, v, o projections + SwiGLU
+    decoder = t.num_layers * (per_token * tokens + 2 * batch * seq * seq * H * E)  # + scores and values
+    head = tokens * D * t.vocab_size
+
+    Dv, Fv = v.hidden_size, v.intermediate_size
+    n = batch * patches
+    window = min(patches, (v.window_size // v.patch_size) ** 2)
+    vis_per_patch = v.patch_dim * Dv + v.depth * (4 * Dv * Dv + 3 * Dv * Fv)
+    full = len(v.fullatt_block_indexes)
+    vis_attn = 2 * n * Dv * (full * patches + (v.depth - full) * window)
+    D4 = Dv * v.merge_unit
+    merger = (n // v.merge_unit) * (D4 * D4 + D4 * v.out_hidden_size)
+    vision = n * vis_per_patch + vis_attn + merger
+    forward_macs = {"decoder": decoder, "lm_head": head, "vision": vision}
+    return {k: 6.0 * m for k, m in forward_macs.items()}
+
+
 class MetricsWriter:
     """Writes scalars to `workdir/metrics.jsonl` and TensorBoard event files (process 0 only)."""
 

@@ -9,17 +9,24 @@ with a message naming it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
+import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections as mlc
 
+from atlas_jax import sampling
+from atlas_jax.benchmarks.protocol import BenchmarkConfig
+from atlas_jax.data.synthetic import TASKS
 from atlas_jax.functional_tokens import DEFAULT_TOKENS
 from atlas_jax.model import presets
-from atlas_jax.model.config import ConfigError
+from atlas_jax.model.config import DTYPES, ConfigError
+from atlas_jax.rl import losses
 
-JOBS = ("sft", "la_grpo", "eval", "pipeline")
+JOBS = ("sft", "la_grpo", "eval", "pipeline", "benchmark")
 
 
 def base() -> mlc.ConfigDict:
@@ -89,26 +96,15 @@ def base() -> mlc.ConfigDict:
     c.checkpoint.async_save = True
     c.checkpoint.init_from = ""  # another run's workdir: start from its latest params
 
-    c.rl = mlc.ConfigDict()
-    c.rl.init_from = ""  # an SFT run's workdir: start (and the reference policy) from its latest params
-    c.rl.steps = 20  # rollout batches
+    c.rl = mlc.ConfigDict()  # LA-GRPO; train.steps counts rollout batches, optim.* and checkpoint.init_from apply as in SFT
     c.rl.prompts_per_step = 8  # global B; each gets group_size completions
     c.rl.group_size = 4
     c.rl.num_iterations = 1  # mu: updates per rollout batch (old log-probs reused)
-    c.rl.max_new_tokens = 96
-    c.rl.temperature = 1.0
-    c.rl.top_p = 1.0
-    c.rl.top_k = 0
-    c.rl.loss_type = "grpo"  # grpo | bnpo | dapo | dr_grpo
-    c.rl.epsilon_low = 0.2
-    c.rl.epsilon_high = 0.28
-    c.rl.beta = 0.0  # KL weight; 0 skips the reference model
-    c.rl.alpha = 0.1  # LA-GRPO anchor weight; 0 = plain GRPO
-    c.rl.scale_rewards = "group"
-    c.rl.lr = 1e-4
-    c.rl.warmup_steps = 2
-    c.rl.anchor_share = True
-    c.rl.eval_every = 0  # 0 = only at the end
+    c.rl.scale_rewards = "group"  # group | batch | none
+    c.rl.anchor_share = True  # also measure the anchor term's share of the parameter gradient
+    c.rl.sample = _section(sampling.SamplingConfig, ROLLOUT_SAMPLING)
+    c.rl.loss = _section(losses.GRPOLossConfig, tuple(f.name for f in dataclasses.fields(losses.GRPOLossConfig)
+                                                      if f.name != "max_completion_length"))  # that one is rl.sample's
     c.rl.rewards = mlc.ConfigDict(dict(accuracy=1.0, functional_usage=0.2, format=0.2, verbosity=0.5, spam=0.5))
 
     c.eval = mlc.ConfigDict()
@@ -117,8 +113,38 @@ def base() -> mlc.ConfigDict:
     c.eval.batch_size = 16
     c.eval.max_new_tokens = 96
     c.eval.heatmaps = 4  # samples whose visual-op attention is saved as PNG heat maps
-    c.eval.every = 0  # 0 = only at the end of training
+    c.eval.every = 0  # > 0: also evaluate every this many steps (SFT steps / LA-GRPO rollout batches); 0 = only at the end
+
+    # The benchmark job: V* / WeMath / BLINK files and the authors' protocol (atlas_jax/benchmarks/protocol.py).
+    c.benchmark = _section(BenchmarkConfig, tuple(f.name for f in dataclasses.fields(BenchmarkConfig)))
     return c
+
+
+ROLLOUT_SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p")  # the user's part of SamplingConfig
+
+
+def _section(cls, fields: tuple[str, ...]) -> mlc.ConfigDict:
+    """A config section holding `fields` of the dataclass `cls` with its defaults (their one home)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    return mlc.ConfigDict({name: defaults[name] for name in fields})
+
+
+def loss_config(c: mlc.ConfigDict) -> losses.GRPOLossConfig:
+    """`rl.loss` as the loss's dataclass (dr_grpo's length normaliser is the sampled length)."""
+    return _build(losses.GRPOLossConfig, c.rl.loss, "rl.loss", max_completion_length=c.rl.sample.max_new_tokens)
+
+
+def rollout_sampling(c: mlc.ConfigDict, tokens, **fields) -> sampling.SamplingConfig:
+    """`rl.sample` as the sampler's dataclass, with the run's stop / pad ids (`tokenizer.RunTokens`)."""
+    return _build(sampling.SamplingConfig, c.rl.sample, "rl.sample", stop_ids=tokens.stop_ids, pad_id=tokens.pad_id, **fields)
+
+
+def _build(cls, section: mlc.ConfigDict, where: str, **fields):
+    """cls(**section, **fields); its range checks' ValueError becomes a ConfigError naming the field."""
+    try:
+        return cls(**section.to_dict(), **fields)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.{where}.{e}") from None
 
 
 def synthetic_suite(c: mlc.ConfigDict) -> mlc.ConfigDict:
@@ -133,11 +159,18 @@ def synthetic_suite(c: mlc.ConfigDict) -> mlc.ConfigDict:
     c.optim.lr = 3e-3
     c.optim.warmup_steps = 20
     c.checkpoint.every = 100
-    c.rl.steps = 20
     c.rl.prompts_per_step = 8
     c.rl.group_size = 4
-    c.rl.max_new_tokens = 80
-    c.rl.lr = 5e-5
+    c.rl.sample.max_new_tokens = 80
+    return c
+
+
+def synthetic_rl_stage(c: mlc.ConfigDict) -> mlc.ConfigDict:
+    """The synthetic suite's LA-GRPO budget, on top of `synthetic_suite` (the recipe's second stage
+    and `configs/la_grpo_synthetic.py`)."""
+    c.train.steps = 20  # rollout batches
+    c.optim.lr = 5e-5
+    c.optim.warmup_steps = 2
     return c
 
 
@@ -156,45 +189,152 @@ def mesh_size(mesh, num_devices: int) -> tuple[int, int, int]:
     return tuple(shape)
 
 
-def validate(c: mlc.ConfigDict, num_devices: int) -> None:
-    """Raises ConfigError naming the first bad field."""
+def stage(c: mlc.ConfigDict, job: str, **overrides) -> mlc.ConfigDict:
+    """The config of one stage of the recipe (job 'pipeline'): `c` with job=`job`, the stage's own
+    settings from `c.stages.<job>` (a partial config tree, e.g. `stages.la_grpo.optim.lr`) and
+    `overrides` (dotted keys) applied, and without `stages`."""
+    flat = dict(_dotted(c.stages[job])) if "stages" in c and job in c.stages else {}
+    out = apply_overrides(c, {"job": job, **flat, **overrides}, where=f"config.stages.{job}")
+    with out.unlocked():
+        if "stages" in out:
+            del out["stages"]
+    return out
+
+
+def _dotted(section: mlc.ConfigDict, prefix: str = ""):
+    for key, value in section.items():
+        if isinstance(value, mlc.ConfigDict):
+            yield from _dotted(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def validate(c: mlc.ConfigDict, num_devices: int, *, paths: bool = True) -> None:
+    """Raises ConfigError naming the first bad field (for the recipe: of any stage). Needs no built
+    object (no data, tokenizer or model), so it runs in well under a second, before any work.
+    paths=False skips the checks that the files it names exist (the compile check reads none)."""
+    if c.job == "pipeline":
+        for job in ("sft", "la_grpo"):
+            validate(stage(c, job), num_devices, paths=paths)
     _need(c.job in JOBS, "job", c.job, f"one of {JOBS}")
-    _need(len(c.mesh) == 3 and list(c.mesh).count(-1) <= 1, "mesh", c.mesh, "(data, fsdp, tensor) with at most one -1")
+    _need(isinstance(c.seed, int) and c.seed >= 0, "seed", c.seed, "an integer >= 0")
+    batch_shards = _check_mesh(c, num_devices)
+    _check_model(c.model)
+    _check_data(c.data)
+    _check_training(c, batch_shards)
+    _check_rl(c.rl, batch_shards if c.job == "la_grpo" else 1)  # an SFT run's slice need not divide its rollouts
+    e = c.eval
+    _need(e.batch_size > 0 and e.batch_size % batch_shards == 0, "eval.batch_size", e.batch_size,
+          f"a positive multiple of data*fsdp={batch_shards}")
+    _need(e.every >= 0 and e.num_per_task >= 0 and e.heatmaps >= 0, "eval.every", e.every,
+          ">= 0 (and eval.num_per_task, eval.heatmaps >= 0)")
+    _need(e.max_new_tokens >= 1, "eval.max_new_tokens", e.max_new_tokens, ">= 1")
+    if c.job == "benchmark":
+        _check_benchmark(c.benchmark, batch_shards, paths)
+    if paths:
+        _check_paths(c)
+
+
+def _check_mesh(c: mlc.ConfigDict, num_devices: int) -> int:
+    """Checks the mesh; returns the number of batch shards (data * fsdp)."""
+    ok = len(c.mesh) == 3 and list(c.mesh).count(-1) <= 1 and all(isinstance(s, int) and (s >= 1 or s == -1) for s in c.mesh)
+    _need(ok, "mesh", c.mesh, "(data, fsdp, tensor) sizes >= 1, at most one of them -1")
     data, fsdp, tensor = mesh_size(c.mesh, num_devices)
     _need(data * fsdp * tensor == num_devices, "mesh", c.mesh, f"sizes whose product is the {num_devices} devices")
-    m, d, o, t = c.model, c.data, c.optim, c.train
+    return data * fsdp
+
+
+def _check_model(m: mlc.ConfigDict) -> None:
     _need(m.init_from_hf != "" or m.preset in presets.PRESETS, "model.preset", m.preset, f"one of {sorted(presets.PRESETS)}")
-    _need(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype, "'float32' or 'bfloat16'")
-    _need(m.param_dtype in ("float32", "bfloat16"), "model.param_dtype", m.param_dtype, "'float32' or 'bfloat16'")
+    _need(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {sorted(DTYPES)}")
+    _need(m.param_dtype in DTYPES, "model.param_dtype", m.param_dtype, f"one of {sorted(DTYPES)}")
     names = {tok.name for tok in DEFAULT_TOKENS}
     _need(all(n in names for n in m.functional_tokens), "model.functional_tokens", m.functional_tokens, f"names from {sorted(names)}")
-    _need(m.visual_ops.mode in ("module", "vocab"), "model.visual_ops.mode", m.visual_ops.mode, "'module' or 'vocab'")
+    v = m.visual_ops
+    _need(v.mode in ("module", "vocab"), "model.visual_ops.mode", v.mode, "'module' or 'vocab'")
+    for field in ("num_heads", "head_dim", "max_positions"):
+        _need(v[field] >= 1, f"model.visual_ops.{field}", v[field], ">= 1")
+    if not m.init_from_hf:  # a checkpoint's depth is only known once its config.json is read
+        layers = presets.get(m.preset).text.num_layers
+        _need(-1 <= v.layer < layers, "model.visual_ops.layer", v.layer, f"-1 (the middle) or a decoder layer 0..{layers - 1}")
+
+
+def _check_data(d: mlc.ConfigDict) -> None:
     _need(d.source in ("synthetic", "jsonl"), "data.source", d.source, "'synthetic' or 'jsonl'")
-    _need(d.source != "jsonl" or bool(d.jsonl_train), "data.jsonl_train", d.jsonl_train, "a JSONL path when data.source='jsonl'")
-    _need(d.batch_size > 0 and d.batch_size % (data * fsdp) == 0, "data.batch_size", d.batch_size,
-          f"a positive multiple of the batch-sharding mesh axes data*fsdp={data * fsdp}")
-    _need(o.grad_accum > 0 and d.batch_size % o.grad_accum == 0 and (d.batch_size // o.grad_accum) % (data * fsdp) == 0,
-          "optim.grad_accum", o.grad_accum, f"a divisor of data.batch_size={d.batch_size} leaving micro-batches divisible by {data * fsdp}")
     _need(d.max_length >= 32, "data.max_length", d.max_length, ">= 32 tokens (prompt + image + response)")
     _need(d.max_patches > 0 and d.max_patches % 4 == 0, "data.max_patches", d.max_patches, "a positive multiple of 4")
-    _need(d.image_size % 28 == 0, "data.image_size", d.image_size, "a multiple of 28")
-    _need((d.image_size // 14) ** 2 <= d.max_patches * max(d.max_images, 1), "data.max_patches", d.max_patches,
+    _need(d.max_images >= 1, "data.max_images", d.max_images, ">= 1")
+    smallest = max(spec.min_image_size for spec in TASKS.values()) if d.source == "synthetic" else 28
+    _need(d.image_size % 28 == 0 and d.image_size >= smallest, "data.image_size", d.image_size,
+          f"a multiple of 28, >= {smallest}" + (" (the synthetic tasks' smallest legible size)" if d.source == "synthetic" else ""))
+    _need((d.image_size // 14) ** 2 <= d.max_patches * d.max_images, "data.max_patches", d.max_patches,
           f">= the {(d.image_size // 14) ** 2} patches of one {d.image_size}px image")
-    _need(o.lr > 0, "optim.lr", o.lr, "> 0")
+    _need(d.num_per_task >= 0 and d.pad_to_multiple >= 0 and d.worker_count >= 0, "data.num_per_task", d.num_per_task,
+          ">= 0 (and data.pad_to_multiple, data.worker_count >= 0)")
+
+
+def _check_training(c: mlc.ConfigDict, batch_shards: int) -> None:
+    """optim.*, train.*, checkpoint.* (sections without a dataclass of their own) and data.batch_size."""
+    o, t, d = c.optim, c.train, c.data
+    _need(d.batch_size > 0 and d.batch_size % batch_shards == 0, "data.batch_size", d.batch_size,
+          f"a positive multiple of the batch-sharding mesh axes data*fsdp={batch_shards}")
+    _need(o.grad_accum > 0 and d.batch_size % o.grad_accum == 0 and (d.batch_size // o.grad_accum) % batch_shards == 0,
+          "optim.grad_accum", o.grad_accum, f"a divisor of data.batch_size={d.batch_size} leaving micro-batches divisible by {batch_shards}")
+    _need(math.isfinite(o.lr) and o.lr > 0, "optim.lr", o.lr, "a finite number > 0")
+    _need(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
+    _need(math.isfinite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a finite number >= 0")
+    _need(0 <= o.b1 < 1, "optim.b1", o.b1, "in [0, 1)")
+    _need(0 <= o.b2 < 1, "optim.b2", o.b2, "in [0, 1)")
+    _need(math.isfinite(o.clip_norm) and o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, ">= 0 (0 = no clipping)")
     _need(t.steps >= 0, "train.steps", t.steps, ">= 0")
-    _need(c.checkpoint.every > 0 and c.checkpoint.keep > 0, "checkpoint.every", c.checkpoint.every, "> 0 (and keep > 0)")
-    r = c.rl
+    _need(t.log_every >= 1, "train.log_every", t.log_every, ">= 1")
+    _need(t.stop_at >= 0, "train.stop_at", t.stop_at, ">= 0 (0 = never)")
+    _need(c.checkpoint.every > 0, "checkpoint.every", c.checkpoint.every, "> 0")
+    _need(c.checkpoint.keep > 0, "checkpoint.keep", c.checkpoint.keep, "> 0")
+
+
+def _check_rl(r: mlc.ConfigDict, batch_shards: int) -> None:
     _need(r.group_size >= 2, "rl.group_size", r.group_size, ">= 2 completions per prompt (advantages compare them)")
-    _need(r.prompts_per_step > 0 and (r.prompts_per_step * r.group_size) % (data * fsdp) == 0 and r.prompts_per_step % (data * fsdp) == 0,
-          "rl.prompts_per_step", r.prompts_per_step, f"a positive multiple of data*fsdp={data * fsdp}")
-    _need(r.loss_type in ("grpo", "bnpo", "dapo", "dr_grpo"), "rl.loss_type", r.loss_type, "grpo | bnpo | dapo | dr_grpo")
-    _need(r.scale_rewards in ("group", "batch", "none"), "rl.scale_rewards", r.scale_rewards, "group | batch | none")
-    _need(r.alpha >= 0 and r.beta >= 0, "rl.alpha", r.alpha, ">= 0 (and rl.beta >= 0)")
+    _need(r.prompts_per_step > 0 and r.prompts_per_step % batch_shards == 0,
+          "rl.prompts_per_step", r.prompts_per_step, f"a positive multiple of data*fsdp={batch_shards}")
+    _need(r.scale_rewards in losses.SCALE_REWARDS, "rl.scale_rewards", r.scale_rewards, " | ".join(losses.SCALE_REWARDS))
     _need(r.num_iterations >= 1, "rl.num_iterations", r.num_iterations, ">= 1")
-    _need(set(r.rewards.keys()) <= {"accuracy", "functional_usage", "format", "verbosity", "spam", "expected_usage"},
-          "rl.rewards", dict(r.rewards), "weights for accuracy, functional_usage, expected_usage, format, verbosity, spam")
-    _need(c.eval.batch_size > 0 and c.eval.batch_size % (data * fsdp) == 0, "eval.batch_size", c.eval.batch_size,
-          f"a positive multiple of data*fsdp={data * fsdp}")
+    _build(sampling.SamplingConfig, r.sample, "rl.sample")
+    _build(losses.GRPOLossConfig, r.loss, "rl.loss", max_completion_length=r.sample.max_new_tokens)
+    known = ("accuracy", "functional_usage", "expected_usage", "format", "verbosity", "spam")
+    _need(set(r.rewards.keys()) <= set(known), "rl.rewards", dict(r.rewards), f"weights for {', '.join(known)}")
+    for name, weight in r.rewards.items():
+        _need(isinstance(weight, (int, float)) and math.isfinite(weight), f"rl.rewards.{name}", weight, "a finite number")
+
+
+def _check_benchmark(b: mlc.ConfigDict, batch_shards: int, paths: bool) -> None:
+    """benchmark.*: the protocol's ranges (`BenchmarkConfig`), the batch against the mesh and, with
+    `paths`, the benchmark files and the judge (imported and signature-checked here, before any work)."""
+    _build(BenchmarkConfig, b, "benchmark")
+    _need(b.batch_size % batch_shards == 0, "benchmark.batch_size", b.batch_size, f"a multiple of data*fsdp={batch_shards}")
+    if paths:
+        from atlas_jax.benchmarks import grading  # imports math_verify: only for this job
+
+        for field in ("vstar", "wemath", "blink"):
+            _need(not b[field] or os.path.exists(b[field]), f"benchmark.{field}", b[field], "an existing file or directory")
+        if b.judge:
+            grading.load_judge(b.judge)
+
+
+def _check_paths(c: mlc.ConfigDict) -> None:
+    """Every path the run reads exists (checked before any work, not discovered as a traceback)."""
+    if c.model.init_from_hf:
+        _need(os.path.isfile(os.path.join(c.model.init_from_hf, "config.json")), "model.init_from_hf", c.model.init_from_hf,
+              "a Hugging Face checkpoint directory holding config.json")
+    if c.tokenizer.path:
+        _need(os.path.exists(c.tokenizer.path), "tokenizer.path", c.tokenizer.path, "an existing tokenizer directory or file")
+    if c.checkpoint.init_from:
+        _need(os.path.isdir(c.checkpoint.init_from), "checkpoint.init_from", c.checkpoint.init_from, "an existing run directory")
+    if c.data.source == "jsonl":
+        _need(bool(c.data.jsonl_train), "data.jsonl_train", c.data.jsonl_train, "a JSONL path when data.source='jsonl'")
+        for field in ("jsonl_train", "jsonl_eval"):
+            path = c.data[field]
+            _need(not path or os.path.isfile(path), f"data.{field}", path, "an existing JSONL file")
 
 
 def apply_overrides(c: mlc.ConfigDict, overrides: Mapping[str, Any], *, where: str = "override") -> mlc.ConfigDict:
@@ -202,21 +342,27 @@ def apply_overrides(c: mlc.ConfigDict, overrides: Mapping[str, Any], *, where: s
     ConfigError naming the key (and `where` it came from)."""
     c = copy.deepcopy(c)
     for key, value in overrides.items():
-        node, *parents, leaf = [c, *key.split(".")]
-        for depth, part in enumerate(parents):
-            if part not in node or not isinstance(node[part], mlc.ConfigDict):
-                raise ConfigError(f"{where}: unknown key {key!r}: {_no_field(node, part, '.'.join(parents[:depth]))}")
-            node = node[part]
-        section = ".".join(parents)
-        if leaf not in node:
-            raise ConfigError(f"{where}: unknown key {key!r}: {_no_field(node, leaf, section)}")
-        if isinstance(node[leaf], mlc.ConfigDict):
-            raise ConfigError(f"{where}: key {key!r} is a config section, not a field; override its fields ({sorted(node[leaf].keys())})")
+        node, leaf = lookup(c, key, where=where)
         try:
             node[leaf] = value
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{where}: key {key!r} = {value!r}: {e}") from None
     return c
+
+
+def lookup(c: mlc.ConfigDict, key: str, *, where: str) -> tuple[mlc.ConfigDict, str]:
+    """(section, field name) of the dotted `key` in `c`; a ConfigError naming the key (and the
+    closest field) when `c` has no such field."""
+    node, *parents, leaf = [c, *key.split(".")]
+    for depth, part in enumerate(parents):
+        if part not in node or not isinstance(node[part], mlc.ConfigDict):
+            raise ConfigError(f"{where}: unknown key {key!r}: {_no_field(node, part, '.'.join(parents[:depth]))}")
+        node = node[part]
+    if leaf not in node:
+        raise ConfigError(f"{where}: unknown key {key!r}: {_no_field(node, leaf, '.'.join(parents))}")
+    if isinstance(node[leaf], mlc.ConfigDict):
+        raise ConfigError(f"{where}: key {key!r} is a config section, not a field; override its fields ({sorted(node[leaf].keys())})")
+    return node, leaf
 
 
 def _no_field(node: mlc.ConfigDict, name: str, section: str) -> str:

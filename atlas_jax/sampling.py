@@ -39,18 +39,20 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from atlas_jax import sharding as shd
+from atlas_jax.data.device_batch import model_inputs
 from atlas_jax.model.rope import next_position
 
-LAYOUT_KEYS = ("window_index", "rope_hw", "full_segments", "window_segments", "unit_valid")
 MAX_STOP_IDS = 8
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """How to sample. top_k = 0 and top_p = 1.0 switch those filters off; greedy ignores
-    temperature / top-k / top-p. num_samples: completions per prompt (G)."""
+    """How to sample. The config section `rl.sample` maps onto the first four fields (defaults
+    here); the job fills in the rest. top_k = 0 and top_p = 1.0 switch those filters off; greedy
+    ignores temperature / top-k / top-p. stop_ids, pad_id: from the run's `tokenizer.RunTokens`.
+    num_samples: completions per prompt (G)."""
 
-    max_new_tokens: int
+    max_new_tokens: int = 96
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -62,30 +64,23 @@ class SamplingConfig:
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
-            raise ValueError(f"SamplingConfig.max_new_tokens={self.max_new_tokens}: expected >= 1")
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}: expected >= 1")
         if not self.greedy and not self.temperature > 0:
-            raise ValueError(f"SamplingConfig.temperature={self.temperature}: expected > 0 (or greedy=True)")
+            raise ValueError(f"temperature={self.temperature}: expected > 0 (or greedy=True)")
         if self.top_k < 0:
-            raise ValueError(f"SamplingConfig.top_k={self.top_k}: expected >= 0 (0 = off)")
+            raise ValueError(f"top_k={self.top_k}: expected >= 0 (0 = off)")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"SamplingConfig.top_p={self.top_p}: expected in (0, 1]")
+            raise ValueError(f"top_p={self.top_p}: expected in (0, 1]")
         if self.num_samples < 1:
-            raise ValueError(f"SamplingConfig.num_samples={self.num_samples}: expected >= 1")
+            raise ValueError(f"num_samples={self.num_samples}: expected >= 1")
         if len(self.stop_ids) > MAX_STOP_IDS:
             raise ValueError(f"SamplingConfig.stop_ids has {len(self.stop_ids)} ids: at most {MAX_STOP_IDS} are supported")
 
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    """The part of SamplingConfig that fixes the compiled program."""
-
-    max_new_tokens: int
-    top_k: int
-    greedy: bool
-    num_samples: int
-    pad_id: int
-    use_top_p: bool
-    return_op_attention: bool
+    def program(self) -> SamplingConfig:
+        """The compiled sampler's static argument: this config with the values the program takes
+        as traced inputs (temperature, top-p, stop ids) set to placeholders, so configs differing
+        only in those share one program. top_p keeps only whether the filter is on."""
+        return dataclasses.replace(self, temperature=1.0, top_p=1.0 if self.top_p == 1.0 else 0.5, stop_ids=())
 
 
 # ------------------------------------------------------------------ filters
@@ -112,15 +107,15 @@ def top_p_filter(logits_rv: jax.Array, top_p: jax.Array | float) -> jax.Array:
     return jnp.where(keep_rv, logits_rv, -jnp.inf)
 
 
-def _pick(logits_rv, key, temperature, top_p, st: _Static):
+def _pick(logits_rv, key, temperature, top_p, cfg: SamplingConfig):
     """One token per row: int32[R] and its two log-probs float32[R] (see module docstring)."""
     logp_rv = jax.nn.log_softmax(logits_rv, axis=-1)
-    if st.greedy:
+    if cfg.greedy:
         tok_r = jnp.argmax(logits_rv, axis=-1).astype(jnp.int32)
         sample_lp_r = jnp.zeros(tok_r.shape, jnp.float32)
     else:
-        x_rv = top_k_filter(logits_rv / temperature, st.top_k)
-        if st.use_top_p:
+        x_rv = top_k_filter(logits_rv / temperature, cfg.top_k)
+        if cfg.top_p < 1.0:
             x_rv = top_p_filter(x_rv, top_p)
         tok_r = jax.random.categorical(key, x_rv, axis=-1).astype(jnp.int32)
         sample_lp_r = jnp.take_along_axis(jax.nn.log_softmax(x_rv, axis=-1), tok_r[:, None], axis=-1)[:, 0]
@@ -129,27 +124,9 @@ def _pick(logits_rv, key, temperature, top_p, st: _Static):
 
 
 # ------------------------------------------------------------------ batch helpers
-def model_inputs(batch: Mapping) -> dict[str, jax.Array]:
-    """The device arrays `generate` reads from a batch: ids, mask, positions, and the images
-    (`pixel_values` + the layout arrays, flat as the data pipeline writes them or nested under
-    'vision'). Host-side metadata (answers, task names) is dropped."""
-    for key in ("input_ids", "attention_mask", "positions"):
-        if key not in batch:
-            raise KeyError(f"sampling batch has no {key!r}; expected input_ids, attention_mask, positions (+ images)")
-    out = {k: batch[k] for k in ("input_ids", "attention_mask", "positions")}
-    if batch.get("pixel_values") is not None:
-        vision = batch.get("vision") or {k: batch[k] for k in LAYOUT_KEYS if k in batch}
-        missing = [k for k in LAYOUT_KEYS if k not in vision]
-        if missing:
-            raise KeyError(f"sampling batch has pixel_values but no layout arrays {missing}")
-        out["pixel_values"] = batch["pixel_values"]
-        out["vision"] = {k: vision[k] for k in LAYOUT_KEYS}
-    return out
-
-
-def repeat_rows(x: jax.Array, times: int, axis: int = 0) -> jax.Array:
+def repeat_rows(x: jax.Array, times: int) -> jax.Array:
     """Row i of `x` becomes rows i*times .. i*times + times-1 (the sampler's row order)."""
-    return x if times == 1 else jnp.repeat(x, times, axis=axis)
+    return x if times == 1 else jnp.repeat(x, times, axis=0)
 
 
 def _batch_constraint(x, mesh):
@@ -164,36 +141,34 @@ def _batch_constraint(x, mesh):
 
 
 # ------------------------------------------------------------------ the program
-def _generate(graphdef, state, inputs, rng, temperature, top_p, stop_ids, st: _Static, mesh):
-    _TRACES[0] += 1
+def _generate(graphdef, state, inputs, rng, temperature, top_p, stop_ids, cfg: SamplingConfig, mesh):
     model = nnx.merge(graphdef, state)
-    ids_bt, mask_bt, pos_3bt = inputs["input_ids"], inputs["attention_mask"].astype(bool), inputs["positions"]
+    (ids_bt, pos_b3t, mask_bt), images = inputs
+    mask_bt = mask_bt.astype(bool)
     B, T = ids_bt.shape
-    G, N = st.num_samples, st.max_new_tokens
+    G, N = cfg.num_samples, cfg.max_new_tokens
     R = B * G
     keep = lambda x: _batch_constraint(x, mesh)  # noqa: E731
 
     cache = jax.tree.map(keep, model.init_cache(B, T + N))
-    logits_btv, cache, _ = model(
-        ids_bt, pos_3bt, mask_bt, pixel_values=inputs.get("pixel_values"), vision=inputs.get("vision"), cache=cache
-    )
+    logits_btv, cache, _ = model(ids_bt, pos_b3t, mask_bt, **images, cache=cache)
     # Left padding: the last column is every prompt's last real token.
     logits_rv = keep(repeat_rows(logits_btv[:, -1], G))
     cache = jax.tree.map(lambda x: keep(repeat_rows(x, G)) if x.ndim else x, cache)
-    start_r = repeat_rows(next_position(pos_3bt, mask_bt).astype(jnp.int32), G)
+    start_r = repeat_rows(next_position(pos_b3t, mask_bt).astype(jnp.int32), G)
 
     def is_stop(tok_r):
         return (tok_r[:, None] == stop_ids[None, :]).any(axis=-1)
 
-    tok_r, lp_r, slp_r = _pick(logits_rv, jax.random.fold_in(rng, 0), temperature, top_p, st)
-    tokens_rn = jnp.full((R, N), st.pad_id, jnp.int32).at[:, 0].set(tok_r)
+    tok_r, lp_r, slp_r = _pick(logits_rv, jax.random.fold_in(rng, 0), temperature, top_p, cfg)
+    tokens_rn = jnp.full((R, N), cfg.pad_id, jnp.int32).at[:, 0].set(tok_r)
     logprobs_rn = jnp.zeros((R, N), jnp.float32).at[:, 0].set(lp_r)
     sample_lp_rn = jnp.zeros((R, N), jnp.float32).at[:, 0].set(slp_r)
     mask_rn = jnp.zeros((R, N), bool).at[:, 0].set(True)
     done_r = is_stop(tok_r)
     carry = dict(n=jnp.ones((), jnp.int32), tok=tok_r, done=done_r, cache=cache, tokens=tokens_rn,
                  logprobs=logprobs_rn, sample_logprobs=sample_lp_rn, mask=mask_rn)
-    if st.return_op_attention:
+    if cfg.return_op_attention:
         n_img = cache.memory.k.shape[1]
         carry["op_attn"] = jnp.zeros((R, N, n_img), jnp.float32)
         carry["op"] = jnp.full((R, N), -1, jnp.int32)
@@ -205,17 +180,17 @@ def _generate(graphdef, state, inputs, rng, temperature, top_p, stop_ids, st: _S
     def body(c):
         n = c["n"]
         # Feed token n-1 (slot T + n-1) and read the distribution of token n.
-        pos_31r = jnp.broadcast_to((start_r + n - 1)[None, :, None], (3, R, 1))
-        logits_r1v, cache, aux = model(c["tok"][:, None], pos_31r, jnp.ones((R, 1), bool), cache=c["cache"])
-        tok_r, lp_r, slp_r = _pick(logits_r1v[:, 0], jax.random.fold_in(rng, n), temperature, top_p, st)
+        pos_r31 = jnp.broadcast_to((start_r + n - 1)[:, None, None], (R, 3, 1))
+        logits_r1v, cache, aux = model(c["tok"][:, None], pos_r31, jnp.ones((R, 1), bool), cache=c["cache"])
+        tok_r, lp_r, slp_r = _pick(logits_r1v[:, 0], jax.random.fold_in(rng, n), temperature, top_p, cfg)
         live_r = ~c["done"]
-        tok_r = jnp.where(live_r, tok_r, st.pad_id)
+        tok_r = jnp.where(live_r, tok_r, cfg.pad_id)
         out = dict(c, n=n + 1, tok=tok_r, done=c["done"] | is_stop(tok_r), cache=cache)
         out["tokens"] = c["tokens"].at[:, n].set(tok_r)
         out["logprobs"] = c["logprobs"].at[:, n].set(jnp.where(live_r, lp_r, 0.0))
         out["sample_logprobs"] = c["sample_logprobs"].at[:, n].set(jnp.where(live_r, slp_r, 0.0))
         out["mask"] = c["mask"].at[:, n].set(live_r)
-        if st.return_op_attention:
+        if cfg.return_op_attention:
             # The op of the token fed at this step (token n-1) acts here, inside the model.
             fed_live_r = c["mask"][:, n - 1]
             out["op_attn"] = c["op_attn"].at[:, n - 1].set(jnp.where(fed_live_r[:, None], aux["ops"]["attn"][:, 0], 0.0))
@@ -231,23 +206,17 @@ def _generate(graphdef, state, inputs, rng, temperature, top_p, stop_ids, st: _S
         "lengths": c["mask"].sum(axis=1).astype(jnp.int32),
         "prompt_ids": repeat_rows(ids_bt, G),
         "prompt_mask": repeat_rows(mask_bt, G),
-        "prompt_positions": repeat_rows(pos_3bt, G, axis=1),
-        "positions": jnp.broadcast_to((start_r[:, None] + jnp.arange(N, dtype=jnp.int32))[None], (3, R, N)),
+        "prompt_positions": repeat_rows(pos_b3t, G),
+        "positions": jnp.broadcast_to((start_r[:, None] + jnp.arange(N, dtype=jnp.int32))[:, None], (R, 3, N)),
         "steps": c["n"],
     }
-    if st.return_op_attention:
+    if cfg.return_op_attention:
         result["op_attention"] = c["op_attn"]
         result["op"] = c["op"]
     return result
 
 
-_TRACES = [0]
-_generate_jit = jax.jit(_generate, static_argnames=("graphdef", "st", "mesh"))
-
-
-def num_traces() -> int:
-    """How many times the sampler program has been traced (= compiled) in this process."""
-    return _TRACES[0]
+_generate_jit = jax.jit(_generate, static_argnames=("graphdef", "cfg", "mesh"))
 
 
 def _mesh_of(x) -> object | None:
@@ -259,8 +228,8 @@ def generate(graphdef, state, batch: Mapping, rng: jax.Array | None, cfg: Sampli
     """Samples `cfg.num_samples` (G) completions for each of the B left-padded prompts.
 
     graphdef, state: `nnx.split(model)` of a `VLM`. batch: `input_ids` int32[B, Tp],
-    `attention_mask` bool[B, Tp] (left padding), `positions` int32[3, B, Tp], optionally
-    `pixel_values` float[B, Pp, C] + the 5 layout arrays (flat or under 'vision'). When the
+    `attention_mask` bool[B, Tp] (left padding), `positions` int32[B, 3, Tp], optionally
+    `pixel_values` float[B, Pp, C] + the layout arrays (`device_batch.model_inputs`). When the
     inputs are `NamedSharding`-sharded over a mesh, the cache and the loop follow their batch
     sharding. rng: a PRNG key (may be None when greedy).
 
@@ -270,31 +239,35 @@ def generate(graphdef, state, batch: Mapping, rng: jax.Array | None, cfg: Sampli
       sample_logprobs   float32[R, N]  log-prob under the filtered, tempered sampling distribution
       mask              bool[R, N]     real completion tokens, the stop token included
       lengths           int32[R]
-      positions         int32[3, R, N] M-RoPE positions of the completion tokens
-      prompt_ids        int32[R, Tp], prompt_mask bool[R, Tp], prompt_positions int32[3, R, Tp]
+      positions         int32[R, 3, N] M-RoPE positions of the completion tokens
+      prompt_ids        int32[R, Tp], prompt_mask bool[R, Tp], prompt_positions int32[R, 3, Tp]
       steps             int32          decode steps run (N, or fewer when every row stopped)
     and with `cfg.return_op_attention` (model with visual ops): `op_attention`
     float32[R, N, P], the visual-op attention over the prompt's merged image tokens of each
     completion token, and `op` int32[R, N] its operation (-1: not functional). A token's op
     acts when it is fed back, so a functional token at the last position N-1 has no map.
     """
+    args, static = program_arguments(graphdef, state, batch, rng, cfg)
+    return _generate_jit(*args, **static)
+
+
+def program_arguments(graphdef, state, batch: Mapping, rng: jax.Array | None, cfg: SamplingConfig) -> tuple[tuple, dict]:
+    """(traced, static) arguments of the one sampler program `_generate_jit` for `generate`'s
+    inputs, validated; the compile check lowers the program with them."""
     inputs = model_inputs(batch)
     if cfg.return_op_attention:
-        if nnx.merge(graphdef, state).visual_ops is None:
+        if "visual_ops" not in state:
             raise ValueError("SamplingConfig.return_op_attention=True needs a model with visual ops (visual_ops.mode='module')")
-        if "pixel_values" not in inputs:
+        if "pixel_values" not in inputs[1]:
             raise ValueError("SamplingConfig.return_op_attention=True needs images in the batch (pixel_values)")
     if rng is None:
         if not cfg.greedy:
             raise ValueError("generate: rng is None but SamplingConfig.greedy=False; pass a PRNG key")
         rng = jax.random.key(0)
-    st = _Static(cfg.max_new_tokens, cfg.top_k, cfg.greedy, cfg.num_samples, cfg.pad_id, cfg.top_p < 1.0, cfg.return_op_attention)
     stop = np.full((MAX_STOP_IDS,), -1, np.int32)
     stop[: len(cfg.stop_ids)] = cfg.stop_ids
-    mesh = _mesh_of(inputs["input_ids"])
-    return _generate_jit(
-        graphdef, state, inputs, rng, jnp.float32(cfg.temperature), jnp.float32(cfg.top_p), jnp.asarray(stop), st=st, mesh=mesh
-    )
+    args = (graphdef, state, inputs, rng, jnp.float32(cfg.temperature), jnp.float32(cfg.top_p), jnp.asarray(stop))
+    return args, {"cfg": cfg.program(), "mesh": _mesh_of(inputs[0][0])}
 
 
 def sample_model(model, batch: Mapping, rng: jax.Array, cfg: SamplingConfig) -> dict[str, jax.Array]:

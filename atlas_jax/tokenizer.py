@@ -22,7 +22,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from atlas_jax.functional_tokens import DEFAULT_TOKENS, QWEN_CONTROL_TOKENS, FunctionalToken
+from atlas_jax.functional_tokens import DEFAULT_TOKENS, QWEN_CONTROL_TOKENS, FunctionalToken, by_name
 
 QWEN_SPECIAL_TOKENS = QWEN_CONTROL_TOKENS  # the control tokens every Qwen2.5-VL tokenizer has
 PAD_TOKEN = "<|endoftext|>"
@@ -141,8 +141,19 @@ def add_functional_tokens(
 
     They are added as *special* added tokens: each encodes as one id in trusted text, and the
     split-special-tokens path (`encode_untrusted`) turns their strings into plain text. Decoding keeps them
-    unless skip_special_tokens=True.
+    unless skip_special_tokens=True. A tokenizer that already holds a functional string any other
+    way (a plain vocabulary entry or a non-special added token) is refused: untrusted text could
+    then encode to the functional id.
     """
+    added = tok.added_tokens_decoder
+    for t in tokens:
+        token_id = tok.backend_tokenizer.token_to_id(t.token)
+        if token_id is not None and not (token_id in added and added[token_id].special):
+            raise ValueError(
+                f"the tokenizer holds functional token {t.token!r} ({t.name}) as an ordinary vocabulary entry "
+                f"(id {token_id}), so untrusted text could encode to it; start from a tokenizer without it "
+                "(e.g. the base Qwen2.5-VL tokenizer)"
+            )
     missing = [t.token for t in tokens if tok.backend_tokenizer.token_to_id(t.token) is None]
     if missing:
         tok.add_tokens([AddedToken(s, special=True, normalized=False) for s in missing], special_tokens=True)
@@ -169,6 +180,50 @@ def functional_token_ids(
             )
         ids.append(token_id)
     return tuple(ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunTokens:
+    """The token ids a run needs everywhere (pipeline, model config, sampler, rewards, evaluation),
+    derived once from its tokenizer by `RunTokens.of` and passed around, never re-derived.
+
+    functional: (name, id) of each configured functional token, in config order.
+    stop_ids: the ids that end a completion (`<|im_end|>`, `<|endoftext|>`; those the tokenizer has).
+    pad_id: the padding id. image_id / video_id / vision_start_id / vision_end_id: the chat
+    template's image placeholders, which the model config must agree with.
+    """
+
+    functional: tuple[tuple[str, int], ...]
+    stop_ids: tuple[int, ...]
+    pad_id: int
+    image_id: int
+    video_id: int
+    vision_start_id: int
+    vision_end_id: int
+
+    @classmethod
+    def of(cls, tok: PreTrainedTokenizerFast, names: Sequence[str] | None = None) -> RunTokens:
+        """The record for `tok` (which must already hold the functional tokens `names`)."""
+        tokens = by_name(tuple(names) if names is not None else None)
+        stop = tuple(i for i in (tok.convert_tokens_to_ids(t) for t in (EOS_TOKEN, PAD_TOKEN)) if i is not None)
+        special = {}
+        for field, token in (("image_id", IMAGE_PAD), ("video_id", "<|video_pad|>"),
+                             ("vision_start_id", "<|vision_start|>"), ("vision_end_id", "<|vision_end|>")):
+            special[field] = tok.backend_tokenizer.token_to_id(token)
+            if special[field] is None:
+                raise KeyError(f"the tokenizer has no {token!r} (expected a Qwen2.5-VL-format tokenizer)")
+        return cls(
+            functional=tuple(zip((t.name for t in tokens), functional_token_ids(tok, tokens))),
+            stop_ids=stop, pad_id=tok.pad_token_id or 0, **special,
+        )
+
+    @property
+    def functional_ids(self) -> tuple[int, ...]:
+        return tuple(i for _, i in self.functional)
+
+    @property
+    def functional_names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.functional)
 
 
 def encode_untrusted(tok: PreTrainedTokenizerFast, text: str) -> list[int]:

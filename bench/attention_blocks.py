@@ -63,12 +63,13 @@ def vision_study(ckpt: str) -> None:
     from flax import nnx
 
     from atlas_jax import hf_checkpoint, sharding
+    from atlas_jax.data.device_batch import LAYOUT_KEYS
 
     B, px = 2, 448
     batch = b.make_batch(b.model_config("100m"), B, 512, px)
     model = hf_checkpoint.from_hf(ckpt, mesh=sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
     pv = jnp.asarray(batch["pixel_values"])
-    layout = {k: jnp.asarray(v) for k, v in batch["vision"].items()}
+    layout = {k: jnp.asarray(batch[k]) for k in LAYOUT_KEYS}
 
     def step_of(tower):
         graphdef, params, rest = nnx.split(tower, nnx.Param, ...)  # window_band is in the graphdef

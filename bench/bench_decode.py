@@ -74,9 +74,9 @@ def make_prompts(cfg, batch: int, text_before: int, text_after: int, seed: int =
     ).astype(np.int32)
     pixels = rng.standard_normal((batch, t * h * w, 3 * 2 * 14 * 14)).astype(np.float32)
     mask = np.ones(ids.shape, bool)
-    pos = np.stack([mrope_positions(ids[b], [GRID], image_token_id=cfg.image_token_id, spatial_merge_size=2) for b in range(batch)], 1)
+    pos = np.stack([mrope_positions(ids[b], [GRID], image_token_id=cfg.image_token_id, spatial_merge_size=2) for b in range(batch)])
     jax_batch = dict(input_ids=ids, attention_mask=mask, positions=pos, pixel_values=pixels,
-                     vision=batch_vision_layout([[GRID]] * batch, cfg.vision, t * h * w))
+                     **batch_vision_layout([[GRID]] * batch, cfg.vision, t * h * w))
     hf_kw = dict(
         input_ids=torch.from_numpy(ids).long(),
         attention_mask=torch.ones(ids.shape, dtype=torch.long),

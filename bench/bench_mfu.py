@@ -7,8 +7,8 @@ tokens, each with one `--image` px image (its merged tokens after 4 text tokens)
 
 MFU = model FLOPs per step / step time / (peak FLOP/s per device * devices), the baseline being
 the hardware's peak dense bf16 rate (`atlas_jax.metrics.PEAK_FLOPS`, or `--peak-tflops`).
-Model FLOPs are counted analytically (`model_flops`: every matmul of the vision tower, the
-decoder and the output head, forward 2x and backward 4x, with causal attention counted in
+Model FLOPs are counted analytically (`atlas_jax.metrics.model_flops`: every matmul of the
+vision tower, the decoder and the output head, forward 2x and backward 4x, with causal attention counted in
 full as is usual for MFU); XLA's own count of the compiled program (`cost_analysis`, which
 includes rematerialised forwards) is printed beside it. Run from the repository root:
 
@@ -27,32 +27,6 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-
-def model_flops(cfg, batch: int, seq: int, patches: int) -> dict[str, float]:
-    """Training FLOPs of one step (forward + backward = 3x the forward's 2 FLOPs per MAC).
-
-    patches: vision patches per sample (before the 2x2 merge). Window attention in the vision
-    tower is counted over each window (`window_size` px) except in its full-attention blocks.
-    """
-    t, v = cfg.text, cfg.vision
-    tokens = batch * seq
-    H, K, E, D, F = t.num_heads, t.num_kv_heads, t.head_dim, t.hidden_size, t.intermediate_size
-    per_token = (D * (H + 2 * K) * E + H * E * D) + 3 * D * F  # q, k, v, o projections + SwiGLU
-    decoder = t.num_layers * (per_token * tokens + 2 * batch * seq * seq * H * E)  # + scores and values
-    head = tokens * D * t.vocab_size
-
-    Dv, Fv = v.hidden_size, v.intermediate_size
-    n = batch * patches
-    window = min(patches, (v.window_size // v.patch_size) ** 2)
-    vis_per_patch = v.patch_dim * Dv + v.depth * (4 * Dv * Dv + 3 * Dv * Fv)
-    full = len(v.fullatt_block_indexes)
-    vis_attn = 2 * n * Dv * (full * patches + (v.depth - full) * window)
-    D4 = Dv * v.merge_unit
-    merger = (n // v.merge_unit) * (D4 * D4 + D4 * v.out_hidden_size)
-    vision = n * vis_per_patch + vis_attn + merger
-    forward_macs = {"decoder": decoder, "lm_head": head, "vision": vision}
-    return {k: 6.0 * m for k, m in forward_macs.items()}
 
 
 def main() -> None:
@@ -74,7 +48,7 @@ def main() -> None:
     import jax.numpy as jnp
 
     from atlas_jax import metrics, sharding
-    from atlas_jax.data import pipeline
+    from atlas_jax.data import device_batch, pipeline
     from atlas_jax.model import presets, vlm
     from atlas_jax.train import optimizer, sft, train_state
     from bench_train_step import make_batch
@@ -93,7 +67,7 @@ def main() -> None:
     t0 = time.perf_counter()
     model = vlm.create(cfg, mesh)
     tx = optimizer.make_optimizer(nnx_params(model), lr=1e-4, warmup_steps=10, total_steps=1000)
-    graphdef, state, state_sh = train_state.create(model, tx, mesh, seed=0)
+    graphdef, state, state_sh = train_state.create(model, tx, mesh)
     del model
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
 
@@ -108,7 +82,7 @@ def main() -> None:
     }
     if args.image:
         host["pixel_values"] = raw["pixel_values"].astype(np.float32)
-        host.update(raw["vision"])
+        host.update({k: raw[k] for k in device_batch.LAYOUT_KEYS})
     batch = pipeline.to_global(host, mesh)
     step_fn = sft.make_train_step(graphdef, tx, state_sharding=state_sh, batch_sharding={k: v.sharding for k, v in batch.items()})
 
@@ -134,7 +108,7 @@ def main() -> None:
     med = statistics.median(times)
 
     patches = raw["pixel_values"].shape[1] if args.image else 0
-    flops = model_flops(cfg, B, args.seq, patches)
+    flops = metrics.model_flops(cfg, B, args.seq, patches)
     total = sum(flops.values())
     peak = args.peak_tflops * 1e12 if args.peak_tflops else metrics.peak_flops_per_device()
     dev = jax.devices()[0]

@@ -49,6 +49,7 @@ from absl import logging as absl_logging
 from flax import nnx
 
 from atlas_jax import builders
+from atlas_jax import tokenizer as tokenizer_lib
 from atlas_jax.data import pipeline
 from atlas_jax.train import optimizer, sft, train_state
 
@@ -79,28 +80,25 @@ class Run:
 def build(workdir: str) -> Run:
     """The quickstart's mesh, data, tokenizer, model, optimizer and step, as `jobs.sft.main` builds them."""
     c = quickstart_config()
-    mesh = builders.mesh(c)
+    mesh = builders.make_mesh(c)
     builders.build_data(c, workdir)
-    tok = builders.tokenizer(c, workdir)
-    model = builders.model(c, tok, mesh)
-    tx_kw = dict(lr=c.optim.lr, warmup_steps=c.optim.warmup_steps, total_steps=c.train.steps)
-    tx = optimizer.make_optimizer(
-        nnx.state(model), weight_decay=c.optim.weight_decay, b1=c.optim.b1, b2=c.optim.b2, clip_norm=c.optim.clip_norm, **tx_kw
-    )
-    graphdef, run_state, state_sh = train_state.create(model, tx, mesh, seed=c.seed)
-    run = Run(c, mesh, tok, model.cfg, builders.source(c, workdir, "train"), builders.num_params(model), state=run_state)
+    tok = builders.make_tokenizer(c, workdir)
+    model = builders.make_model(c, tok, tokenizer_lib.RunTokens.of(tok, c.model.functional_tokens), mesh)
+    tx, lr_schedule = optimizer.from_config(nnx.state(model), c.optim, total_steps=c.train.steps)
+    graphdef, run_state, state_sh = train_state.create(model, tx, mesh)
+    run = Run(c, mesh, tok, model.cfg, builders.load_split(c, workdir, "train"), builders.num_params(model), state=run_state)
     del model
     # The step's batch shardings depend only on the mesh and the keys: take them from one batch.
     batch_sh = {k: v.sharding for k, v in load(iter(make_dataset(run, 0)), mesh).items()}
     run.step_fn = sft.make_train_step(
         graphdef, tx, state_sharding=state_sh, batch_sharding=batch_sh, grad_accum=c.optim.grad_accum,
-        lr_schedule=optimizer.schedule(**tx_kw),
+        lr_schedule=lr_schedule,
     )
     return run
 
 
 def make_dataset(run: Run, workers: int, **overrides) -> pipeline.PipelineDataset:
-    cfg = builders.pipeline_config(run.c, run.model_cfg, fmt="sft")
+    cfg = builders.make_pipeline_config(run.c, run.model_cfg, fmt="sft")
     cfg = dataclasses.replace(cfg, worker_count=workers, **overrides)
     return pipeline.make_dataset(run.source, run.tok, cfg, run.model_cfg)
 

@@ -71,9 +71,10 @@ def model_config(name: str):
 def make_batch(cfg, B: int, T: int, image: int, seed: int = 0) -> dict[str, np.ndarray]:
     """B samples of T tokens: 4 text tokens, one image (vision start, image tokens, vision end), text.
 
-    Returns numpy arrays: input_ids int32[B, T], positions int32[3, B, T] (M-RoPE),
-    targets int32[B, T] (the next token), weights float32[B, T] (0 at the last position), and
-    with an image pixel_values float32[B, P, C], grid int[B, 3], vision (layout tables).
+    Returns numpy arrays (`device_batch` layout): input_ids int32[B, T], positions
+    int32[B, 3, T] (M-RoPE), attention_mask bool[B, T], targets int32[B, T] (the next token),
+    weights float32[B, T] (0 at the last position), and with an image pixel_values
+    float32[B, P, C], grid int[B, 3] and the layout tables.
     """
     from atlas_jax.model.rope import mrope_positions
     from atlas_jax.model.vision_layout import batch_vision_layout
@@ -99,16 +100,16 @@ def make_batch(cfg, B: int, T: int, image: int, seed: int = 0) -> dict[str, np.n
     grids = [[tuple(out["grid"][b])] if image else [] for b in range(B)]
     out["input_ids"] = ids
     out["positions"] = np.stack(
-        [mrope_positions(ids[b], grids[b], image_token_id=cfg.image_token_id, spatial_merge_size=v.spatial_merge_size) for b in range(B)],
-        axis=1,
+        [mrope_positions(ids[b], grids[b], image_token_id=cfg.image_token_id, spatial_merge_size=v.spatial_merge_size) for b in range(B)]
     )
+    out["attention_mask"] = np.ones((B, T), bool)
     # Next-token targets over all T positions with the last one weighted 0, rather than slicing
     # logits[:, :-1]: the slice would copy the [B, T, V] logits (and pad them back in backward).
     out["targets"] = np.roll(ids, -1, axis=1)
     out["weights"] = np.ones((B, T), np.float32)
     out["weights"][:, -1] = 0.0
     if image:
-        out["vision"] = batch_vision_layout(grids, v, out["pixel_values"].shape[1])
+        out.update(batch_vision_layout(grids, v, out["pixel_values"].shape[1]))
     return out
 
 
@@ -120,6 +121,7 @@ def jax_step_fn(ckpt_dir: str, batch: dict):
     from flax import nnx
 
     from atlas_jax import hf_checkpoint, sharding
+    from atlas_jax.data.device_batch import model_inputs
 
     model = hf_checkpoint.from_hf(ckpt_dir, mesh=sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -129,22 +131,15 @@ def jax_step_fn(ckpt_dir: str, batch: dict):
     def loss_and_grad(params, rest, inputs):
         def loss_fn(params):
             model = nnx.merge(graphdef, params, rest)
-            ids = inputs["input_ids"]
-            logits, _, _ = model(
-                ids,
-                inputs["positions"],
-                jnp.ones(ids.shape, bool),
-                pixel_values=inputs.get("pixel_values"),
-                vision=inputs.get("vision"),
-            )
+            args, kw = model_inputs(inputs)
+            logits, _, _ = model(*args, **kw)
             picked = jnp.take_along_axis(logits, inputs["targets"][..., None], axis=-1)[..., 0]
             nll = jax.nn.logsumexp(logits, axis=-1) - picked
             return jnp.sum(nll * inputs["weights"]) / jnp.sum(inputs["weights"])
 
         return jax.value_and_grad(loss_fn)(params)
 
-    keys = ("input_ids", "positions", "targets", "weights", "pixel_values", "vision")
-    inputs = {k: jax.tree.map(jnp.asarray, batch[k]) for k in keys if k in batch}
+    inputs = {k: jnp.asarray(x) for k, x in batch.items()}
 
     def step(check: bool = False):
         loss, grads = jax.block_until_ready(loss_and_grad(params, rest, inputs))

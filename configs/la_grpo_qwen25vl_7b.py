@@ -3,7 +3,7 @@
     launch/tpu_run.sh --tpu=NAME --zone=ZONE --project=PROJECT -- \\
         --config=configs/la_grpo_qwen25vl_7b.py --workdir=gs://BUCKET/atlas/la_grpo_7b \\
         --config.model.init_from_hf=/mnt/ckpt/Qwen2.5-VL-7B-Instruct \\
-        --config.rl.init_from=gs://BUCKET/atlas/sft_7b \\
+        --config.checkpoint.init_from=gs://BUCKET/atlas/sft_7b \\
         --config.data.source=jsonl --config.data.jsonl_train=/mnt/data/rl_prompts.jsonl
 
 arg: 'la_grpo' (alpha = 0.1, default) or 'grpo' (alpha = 0).
@@ -19,6 +19,7 @@ def get_config(arg: str = "la_grpo"):
     c.job = "la_grpo"
     c.distributed = True
     c.mesh = (1, -1, 1)
+    c.model.preset = "qwen25vl_7b"  # the architecture the compile check sizes (the checkpoint's config.json wins)
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
     c.model.remat = True
@@ -32,17 +33,18 @@ def get_config(arg: str = "la_grpo"):
     c.data.max_images = 4
     c.data.pad_to_multiple = 0
     c.optim.freeze_vision = True
-    c.rl.steps = 400
+    c.train.steps = 400  # rollout batches
     c.rl.prompts_per_step = 64
     c.rl.group_size = 8
     c.rl.num_iterations = 2
-    c.rl.max_new_tokens = 1024
-    c.rl.temperature = 1.0
-    c.rl.lr = 1e-6
-    c.rl.beta = 0.04
-    c.rl.alpha = 0.1 if arg == "la_grpo" else 0.0
-    c.rl.loss_type = "dapo"
-    c.rl.eval_every = 50
+    c.rl.sample.max_new_tokens = 1024
+    c.rl.sample.temperature = 1.0
+    c.optim.lr = 1e-6
+    c.optim.warmup_steps = 2
+    c.rl.loss.beta = 0.04
+    c.rl.loss.alpha = 0.1 if arg == "la_grpo" else 0.0
+    c.rl.loss.loss_type = "dapo"
+    c.eval.every = 50
     c.checkpoint.every = 50
     c.eval.num_per_task = 50
     c.eval.batch_size = 64
@@ -53,4 +55,4 @@ def get_config(arg: str = "la_grpo"):
 def sweep():
     """Plain GRPO against LA-GRPO at increasing anchor weights."""
     for alpha in (0.0, 0.05, 0.1, 0.2):
-        yield {"rl.alpha": alpha}
+        yield {"rl.loss.alpha": alpha}

@@ -22,6 +22,7 @@ def get_config(arg: str = "module"):
     c.distributed = True
     c.mesh = (1, -1, 1)  # pure FSDP over every chip: 7B params + Adam fit in 16 GiB x 64 chips with room for activations
     c.model.init_from_hf = ""  # required: a Qwen2.5-VL checkpoint directory
+    c.model.preset = "qwen25vl_7b"  # the architecture the compile check sizes (the checkpoint's config.json wins)
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
     c.model.remat = True

@@ -3,9 +3,9 @@
     python tests/checkpoint_writer.py WORKDIR --size N [--save-every K] [--async-save]
 
 Every step it builds the state `make_state(step, size)` (random, so it does not compress and a save
-takes a while), calls `Checkpointer.save`, and prints `saved <step>` / `step <step>` lines. With a
-SIGTERM it does what the trainer does: a forced save of the current step, wait, print
-`stopped <step>`, exit 0.
+takes a while), calls `Checkpoints.save` with the data iterator at `data_iter(step)`, and prints
+`saved <step>` / `step <step>` lines. With a SIGTERM it does what the trainer does: a forced save of
+the current step, wait, print `stopped <step>`, exit 0.
 """
 
 import argparse
@@ -15,6 +15,7 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import grain  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -32,8 +33,11 @@ def make_state(step: int, size: int) -> dict:
     }
 
 
-def data_state(step: int) -> bytes:
-    return f'{{"next_index": {step * 4}}}'.encode()
+def data_iter(step: int) -> grain.DatasetIterator:
+    """A data iterator 4 * step elements in (a fresh one is at 0)."""
+    it = iter(grain.MapDataset.range(10**6).to_iter_dataset())
+    it.set_state({"next_index": step * 4})
+    return it
 
 
 def main() -> None:
@@ -46,16 +50,15 @@ def main() -> None:
     ap.add_argument("--step-seconds", type=float, default=0.0)
     args = ap.parse_args()
 
-    preemption = checkpoint.install_sigterm_handler()
-    ckpt = checkpoint.Checkpointer(args.workdir, keep=3, save_every=args.save_every, async_save=args.async_save)
+    ckpt = checkpoint.Checkpoints(args.workdir, keep=3, save_every=args.save_every, async_save=args.async_save)
     config = {"size": args.size}
     for step in range(1, args.steps + 1):
         time.sleep(args.step_seconds)  # "training"
-        if ckpt.save(step, make_state(step, args.size), data_state=data_state(step), config=config):
+        if ckpt.save(step, make_state(step, args.size), data_iter(step), config):
             print(f"saved {step}", flush=True)
         print(f"step {step}", flush=True)
-        if preemption.should_stop():
-            ckpt.save(step, make_state(step, args.size), data_state=data_state(step), config=config, force=True)
+        if ckpt.reached_preemption(step):
+            ckpt.save(step, make_state(step, args.size), data_iter(step), config, force=True)
             ckpt.close()
             print(f"stopped {step}", flush=True)
             sys.exit(0)

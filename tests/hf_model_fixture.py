@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+from atlas_jax.data.device_batch import model_inputs
 from atlas_jax.model.config import ModelConfig
 from atlas_jax.model.rope import mrope_positions
 from atlas_jax.model.vision_layout import batch_vision_layout
@@ -83,7 +85,7 @@ def example(rng: np.random.Generator, text_before: int, grids: list[tuple[int, i
 
 
 def jax_batch(examples: list[Example], cfg: ModelConfig, *, pad_left: bool, length: int | None = None, max_patches: int | None = None):
-    """Padded JAX-model inputs: ids, positions, mask, pixel_values, vision layout."""
+    """A padded batch (`device_batch` layout): ids, positions, mask, pixel_values, layout arrays."""
     T = length or max(len(e.ids) for e in examples)
     B = len(examples)
     ids = np.zeros((B, T), np.int32)
@@ -93,8 +95,7 @@ def jax_batch(examples: list[Example], cfg: ModelConfig, *, pad_left: bool, leng
         sl = slice(T - n, T) if pad_left else slice(0, n)
         ids[b, sl], mask[b, sl] = e.ids, True
     pos = np.stack(
-        [mrope_positions(ids[b], e.grids, mask[b], image_token_id=cfg.image_token_id, spatial_merge_size=2) for b, e in enumerate(examples)],
-        axis=1,
+        [mrope_positions(ids[b], e.grids, mask[b], image_token_id=cfg.image_token_id, spatial_merge_size=2) for b, e in enumerate(examples)]
     )
     out = dict(input_ids=ids, positions=pos, attention_mask=mask)
     if any(e.grids for e in examples):
@@ -105,7 +106,7 @@ def jax_batch(examples: list[Example], cfg: ModelConfig, *, pad_left: bool, leng
                 rows = np.concatenate(e.pixel_rows)
                 pv[b, : rows.shape[0]] = rows
         out["pixel_values"] = pv
-        out["vision"] = batch_vision_layout([e.grids for e in examples], cfg.vision, P)
+        out.update(batch_vision_layout([e.grids for e in examples], cfg.vision, P))
     return out
 
 
@@ -126,13 +127,8 @@ def hf_logits(model, e: Example) -> np.ndarray:
 
 def jax_logits(model, batch) -> np.ndarray:
     """The JAX model's logits float32[B, T, V] on a `jax_batch`."""
-    logits, _, _ = model(
-        jnp.asarray(batch["input_ids"]),
-        jnp.asarray(batch["positions"]),
-        jnp.asarray(batch["attention_mask"]),
-        pixel_values=None if "pixel_values" not in batch else jnp.asarray(batch["pixel_values"]),
-        vision=None if "vision" not in batch else {k: jnp.asarray(v) for k, v in batch["vision"].items()},
-    )
+    args, kw = model_inputs(jax.tree.map(jnp.asarray, batch))
+    logits, _, _ = model(*args, **kw)
     return np.asarray(logits)
 
 

@@ -83,13 +83,13 @@ def main() -> None:
 
     # -- the state of the last save is the run's final state (every job force-saves it at the end)
     saved = {}
-    save = checkpoint.Checkpointer.save
+    save = checkpoint.Checkpoints.save
 
-    def remembering_save(self, step, state, **kw):
+    def remembering_save(self, step, state, *args, **kw):
         saved["step"], saved["params"] = int(step), state.params
-        return save(self, step, state, **kw)
+        return save(self, step, state, *args, **kw)
 
-    checkpoint.Checkpointer.save = remembering_save
+    checkpoint.Checkpoints.save = remembering_save
 
     c = _config(spec["config"], spec["overrides"])
     if nproc > 1:

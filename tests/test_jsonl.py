@@ -33,6 +33,7 @@ def folder(tmp_path):
     data = (tmp_path / "img" / "a.png").read_bytes()
     (tmp_path / "img" / "cut.png").write_bytes(data[: len(data) // 2])
     (tmp_path / "img" / "notes.png").write_bytes(b"these are notes, not pixels")
+    os.mkfifo(tmp_path / "img" / "pipe.png")  # nothing ever writes to it: opening it to read would block
     return tmp_path
 
 
@@ -102,6 +103,12 @@ BAD_CASES = [
     ("no boxed answer", dict(GOOD, images=["img/a.png"], response="I outline it <|Shape|>, the answer is 3."), "response", "no boxed answer"),
     ("answer mismatch", dict(GOOD, images=["img/a.png"], answer="4"), "response", "answer mismatch"),
     ("empty question", dict(GOOD, images=["img/a.png"], question=" "), "question", "empty"),
+    ("fifo as image", dict(GOOD, images=["img/a.png", "img/pipe.png"]), "images[1]", "not a regular file"),
+    ("device as image", dict(GOOD, images=["/dev/zero"]), "images[0]", "not a regular file"),
+    ("folder as image", dict(GOOD, images=["img"]), "images[0]", "not a regular file"),
+    ("NUL byte in image path", dict(GOOD, images=["img/a.png\x00.jpg"]), "images[0]", "invalid path"),
+    ("deeply nested value", '{"images": ["img/a.png"], "task": ' + "[" * 100_000 + "]" * 100_000 + "}", "<line>", "invalid JSON"),
+    ("lone surrogate in question", dict(GOOD, images=["img/a.png"], question="How many \ud800 dots?"), "question", "invalid text"),
 ]
 
 
@@ -122,11 +129,28 @@ def test_duplicate_uid(folder):
         import_jsonl(path)
 
 
-def test_invalid_utf8_stops_with_the_line_number(folder):
+def test_invalid_utf8_names_its_line_and_skip_mode_skips_only_it(folder):
+    good = [json.dumps(dict(GOOD, images=["img/a.png"], uid=f"g{i}")).encode() for i in range(3)]
     path = folder / "data.jsonl"
-    path.write_bytes(json.dumps(dict(GOOD, images=["img/a.png"])).encode() + b"\n" + b'{"question": "\xff\xfe"}\n')
-    with pytest.raises(BadRecordError, match="invalid UTF-8"):
+    path.write_bytes(b"\n".join([good[0], good[1], b'{"question": "\xff\xfe"}', good[2]]) + b"\n")
+    with pytest.raises(BadRecordError) as info:
         import_jsonl(str(path))
+    assert (info.value.record, info.value.field) == ("line 3", "<line>")
+    assert info.value.problem == "invalid UTF-8: byte 0xff at column 15"
+    records, report = import_jsonl(str(path), skip_bad_records=True)
+    assert [r["uid"] for r in records] == ["g0", "g1", "g2"]
+    assert (report.num_lines, report.num_skipped, report.skipped_by_reason) == (4, 1, {"<line>: invalid UTF-8": 1})
+
+
+def test_image_size_cap(folder):
+    """A file over `max_image_bytes` is a bad record before its bytes are read; the default cap keeps it."""
+    path = _write(folder / "data.jsonl", [dict(GOOD, images=["img/a.png"])])
+    size = (folder / "img" / "a.png").stat().st_size
+    with pytest.raises(BadRecordError) as info:
+        import_jsonl(path, max_image_bytes=size - 1)
+    assert (info.value.record, info.value.field) == ("line 1", "images[0]")
+    assert info.value.problem == f"image file too large: {folder / 'img' / 'a.png'} has {size} bytes or more, at most {size - 1} are read"
+    assert import_jsonl(path, max_image_bytes=size)[0][0]["images"] == [(folder / "img" / "a.png").read_bytes()]
 
 
 def test_missing_jsonl_file(tmp_path):

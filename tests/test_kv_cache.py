@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from atlas_jax import sharding
+from atlas_jax.data.device_batch import model_inputs
 from atlas_jax.model import presets, vlm
 from hf_model_fixture import IMAGE, VEND, VSTART, example, jax_batch
 
@@ -41,19 +41,18 @@ def test_decode_matches_full_forward(mode, max_positions, cont):
         e.ids += [FUNC[0], 5, 6, FUNC[2], 7, FUNC[1], FUNC[1], 9]  # continuation with functional tokens
         examples.append(e)
     batch = jax_batch(examples, cfg, pad_left=True)
-    ids, pos, mask = (jnp.asarray(batch[k]) for k in ("input_ids", "positions", "attention_mask"))
-    pv = jnp.asarray(batch["pixel_values"])
-    vis = {k: jnp.asarray(v) for k, v in batch["vision"].items()}
+    (ids, pos, mask), images = model_inputs(jax.tree.map(jnp.asarray, batch))
+    pv, vis = images["pixel_values"], images["vision"]
     full, _, _ = model(ids, pos, mask, pixel_values=pv, vision=vis)
 
     T = ids.shape[1]
     T0 = T - cont
     cache = model.init_cache(ids.shape[0], T + 3)
-    logits, cache, _ = model(ids[:, :T0], pos[:, :, :T0], mask[:, :T0], pixel_values=pv, vision=vis, cache=cache)
+    logits, cache, _ = model(ids[:, :T0], pos[..., :T0], mask[:, :T0], pixel_values=pv, vision=vis, cache=cache)
     np.testing.assert_allclose(logits, full[:, :T0], atol=1e-5, rtol=0)
 
     step = jax.jit(lambda m, i, p, k, c: m(i, p, k, cache=c)[:2])
     for t in range(T0, T):
-        logits, cache = step(model, ids[:, t : t + 1], pos[:, :, t : t + 1], mask[:, t : t + 1], cache)
+        logits, cache = step(model, ids[:, t : t + 1], pos[..., t : t + 1], mask[:, t : t + 1], cache)
         np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5, rtol=0, err_msg=f"step {t}")
     assert int(cache.index) == T

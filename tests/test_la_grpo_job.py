@@ -17,13 +17,13 @@ def _config(**over):
     c.mesh = (2, 2, 2)
     c.data.synthetic_config = "tiny"
     c.data.num_per_task = 2
-    c.rl.steps = 3
+    c.train.steps = 3
     c.rl.prompts_per_step = 4
     c.rl.group_size = 2
-    c.rl.max_new_tokens = 12
-    c.rl.temperature = 1.5  # a random tiny model: hot sampling so some completions hold functional tokens
-    c.rl.lr = 1e-3
-    c.rl.beta = 0.02  # exercise the reference model too
+    c.rl.sample.max_new_tokens = 12
+    c.rl.sample.temperature = 1.5  # a random tiny model: hot sampling so some completions hold functional tokens
+    c.optim.lr = 1e-3
+    c.rl.loss.beta = 0.02  # exercise the reference model too
     c.rl.rewards = {"functional_usage": 1.0, "format": 0.2}
     c.checkpoint.every = 1
     c.checkpoint.async_save = False
@@ -67,7 +67,7 @@ def test_three_iterations_checkpoint_and_resume_identically(tmp_path, data, unin
 
 @pytest.mark.slow
 def test_two_updates_per_rollout_batch_log_the_pre_update_gap_and_resume(tmp_path, data, uninterrupted):
-    over = {"data.data_dir": data, "rl.num_iterations": 2, "rl.steps": 2, "rl.warmup_steps": 0}  # the first update moves
+    over = {"data.data_dir": data, "rl.num_iterations": 2, "train.steps": 2, "optim.warmup_steps": 0}  # the first update moves
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     entry.run_job(_config(**over), a)
     entry.run_job(_config(**over, **{"train.stop_at": 1}), b)

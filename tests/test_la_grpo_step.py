@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from atlas_jax import sharding
+from atlas_jax.data.device_batch import LAYOUT_KEYS
 from atlas_jax.model import vlm
 from atlas_jax.model.rope import next_position
 from atlas_jax.rl import losses
@@ -30,16 +31,16 @@ def _rollouts(cfg, with_func=True, seed=0):
     cmask = np.ones((B * G, N), bool)
     cmask[1, 4:] = False
     comp[1, 4:] = 0
-    rep = lambda x, axis=0: np.repeat(x, G, axis=axis)  # noqa: E731
-    start = np.stack([next_position(pb["positions"][:, b], pb["attention_mask"][b]) for b in range(B)])
+    rep = lambda x: np.repeat(x, G, axis=0)  # noqa: E731
+    start = np.stack([next_position(pb["positions"][b], pb["attention_mask"][b]) for b in range(B)])
     cpos = rep(start)[:, None] + np.arange(N)[None]
     batch = {
         "input_ids": np.concatenate([rep(pb["input_ids"]), comp], 1),
         "attention_mask": np.concatenate([rep(pb["attention_mask"]), cmask], 1),
-        "positions": np.concatenate([rep(pb["positions"], 1), np.broadcast_to(cpos, (3,) + cpos.shape)], 2).astype(np.int32),
+        "positions": np.concatenate([rep(pb["positions"]), np.broadcast_to(cpos[:, None], (B * G, 3, N))], 2).astype(np.int32),
         "completion_mask": cmask,
         "pixel_values": pb["pixel_values"],
-        **pb["vision"],
+        **{k: pb[k] for k in LAYOUT_KEYS},
         "old_logprobs": (rng.standard_normal((B * G, N)) * 0.1 - 3).astype(np.float32),
         "rewards": np.array([1.0, 0.0, 0.5, 0.5], np.float32),
     }
@@ -52,10 +53,9 @@ def _setup(alpha, beta=0.0, loss_type="grpo"):
     model = vlm.create(cfg, mesh, seed=2)
     model.visual_ops.gate[...] = jnp.full(3, 0.5)
     tx = optax.sgd(0.1)
-    graphdef, state, shardings = train_state.create(model, tx, mesh, seed=0)
+    graphdef, state, shardings = train_state.create(model, tx, mesh)
     lc = losses.GRPOLossConfig(loss_type=loss_type, alpha=alpha, beta=beta, epsilon_low=0.2, epsilon_high=0.28)
-    rcfg = la_grpo.RLStepConfig(loss=lc, group_size=G, functional_ids=FUNC)
-    return cfg, graphdef, state, shardings, tx, rcfg
+    return cfg, graphdef, state, shardings, tx, lc
 
 
 def _jax(batch):
@@ -64,7 +64,7 @@ def _jax(batch):
 
 @pytest.mark.parametrize("alpha,beta,loss_type", [(0.0, 0.0, "grpo"), (0.5, 0.04, "dr_grpo"), (1.0, 0.0, "bnpo")])
 def test_step_equals_direct_gradient_of_the_loss(alpha, beta, loss_type):
-    cfg, graphdef, state, shardings, tx, rcfg = _setup(alpha, beta, loss_type)
+    cfg, graphdef, state, shardings, tx, lc = _setup(alpha, beta, loss_type)
     batch = _jax(_rollouts(cfg))
     ref_params = jax.tree.map(lambda x: x * 1.01, state.params) if beta > 0 else None
     params0 = jax.tree.map(jnp.copy, state.params)
@@ -78,12 +78,13 @@ def test_step_equals_direct_gradient_of_the_loss(alpha, beta, loss_type):
         ref = la_grpo.rollout_logprobs(nnx.merge(graphdef, ref_params), batch, G) if beta > 0 else None
         tokens = batch["input_ids"][:, -N:]
         func = jnp.isin(tokens, jnp.asarray(FUNC)) & batch["completion_mask"]
-        return losses.grpo_loss(logp, batch["old_logprobs"], jnp.asarray(adv), batch["completion_mask"], func, rcfg.loss, ref)[0]
+        rollouts = losses.Rollouts(batch["old_logprobs"], jnp.asarray(adv), batch["completion_mask"], func, ref)
+        return losses.grpo_loss(logp, rollouts, lc)[0]
 
     loss_ref, g = jax.value_and_grad(loss_fn)(params0)
     want = optax.apply_updates(params0, jax.tree.map(lambda x: -0.1 * x, g))
 
-    step = la_grpo.make_rl_step(graphdef, tx, rcfg, state_sharding=shardings, batch_sharding=None, ref_sharding=None)
+    step = la_grpo.make_rl_step(graphdef, tx, lc, group_size=G, functional_ids=FUNC, state_sharding=shardings, batch_sharding=None, ref_sharding=None)
     state, m = step(state, ref_params, batch)
     assert abs(float(m["loss"]) - float(loss_ref)) < 1e-6
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want)):
@@ -97,9 +98,9 @@ def test_step_equals_direct_gradient_of_the_loss(alpha, beta, loss_type):
 def test_alpha_zero_is_plain_grpo_and_no_functional_tokens_gives_zero_anchor():
     outs = []
     for alpha, with_func in ((0.0, True), (0.7, False), (0.0, False)):
-        cfg, graphdef, state, shardings, tx, rcfg = _setup(alpha)
+        cfg, graphdef, state, shardings, tx, lc = _setup(alpha)
         batch = _jax(_rollouts(cfg, with_func=with_func))
-        step = la_grpo.make_rl_step(graphdef, tx, rcfg, state_sharding=shardings, batch_sharding=None)
+        step = la_grpo.make_rl_step(graphdef, tx, lc, group_size=G, functional_ids=FUNC, state_sharding=shardings, batch_sharding=None)
         state, m = step(state, None, batch)
         outs.append((jax.device_get(state.params), m))
     (_, m0), (p1, m1), (p2, m2) = outs
@@ -109,9 +110,9 @@ def test_alpha_zero_is_plain_grpo_and_no_functional_tokens_gives_zero_anchor():
 
 
 def test_equal_rewards_give_zero_update_and_no_nan():
-    cfg, graphdef, state, shardings, tx, rcfg = _setup(0.5)
+    cfg, graphdef, state, shardings, tx, lc = _setup(0.5)
     batch = _rollouts(cfg)
     batch["rewards"] = np.ones(4, np.float32)
-    step = la_grpo.make_rl_step(graphdef, tx, rcfg, state_sharding=shardings, batch_sharding=None)
+    step = la_grpo.make_rl_step(graphdef, tx, lc, group_size=G, functional_ids=FUNC, state_sharding=shardings, batch_sharding=None)
     _, m = step(state, None, _jax(batch))
     assert float(m["grad_norm"]) == 0.0 and float(m["loss"]) == 0.0

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from atlas_jax import hf_checkpoint, sharding
+from atlas_jax.data.device_batch import model_inputs
 from hf_model_fixture import IMAGE, assert_logits_match, example, jax_batch, make_hf_checkpoint
 
 TOL = 1e-4
@@ -61,14 +62,15 @@ def test_hf_positions_equal_ours(ckpt, jax_model):
         ids, mm_token_type_ids=(ids == IMAGE).int(), image_grid_thw=grids,
         attention_mask=torch.from_numpy(batch["attention_mask"]).long(),
     )
-    np.testing.assert_array_equal(batch["positions"], ref.numpy())
+    np.testing.assert_array_equal(batch["positions"], ref.numpy().transpose(1, 0, 2))  # HF: [3, B, T]
 
 
 def test_vision_tower_alone(ckpt, jax_model):
     rng = np.random.default_rng(5)
     e = example(rng, 0, [(1, 8, 12), (1, 6, 4)], 0)
     batch = jax_batch([e], jax_model.cfg, pad_left=False)
-    got = np.asarray(jax_model.image_features(jnp.asarray(batch["pixel_values"]), {k: jnp.asarray(v) for k, v in batch["vision"].items()}))
+    _, images = model_inputs(jax.tree.map(jnp.asarray, batch))
+    got = np.asarray(jax_model.image_features(images["pixel_values"], images["vision"]))
     with torch.no_grad():
         ref = ckpt[1].model.visual(torch.from_numpy(np.concatenate(e.pixel_rows)), grid_thw=torch.tensor(e.grids)).pooler_output
     n = ref.shape[0]

@@ -7,12 +7,12 @@ with the coordinator from JAX_* variables or from config fields), talk through `
 checkpoints together.
 
 Like with like: all hosts shuffle the whole source with one seed (`pipeline.global_stream`) and
-host i takes positions i, i + n, ... of that one stream, so global batch k holds the same records
-for any number of hosts, shuffling on, only in another row order (host 0's rows, then host 1's).
-SFT's loss is a token mean over the batch, so only float32 summation order differs; LA-GRPO puts
-the rows back in stream order before sampling (`la_grpo.stream_order`), so its rollouts, reward
-arrays and updates are a one-process run's. The tests check these premises on the uids each
-process fed and on the rollouts and rewards each process saw.
+host h takes block h of every global batch of that one stream, the block `pipeline.to_global`
+places its rows in, so global batch k holds the same records in the same row order for any
+number of hosts, shuffling on. SFT's loss is a token mean over the batch, so only float32
+summation order differs; LA-GRPO's rollouts, reward arrays and updates are a one-process run's.
+The tests check these premises on the uids each process fed and on the rollouts and rewards each
+process saw.
 """
 
 from __future__ import annotations
@@ -69,15 +69,15 @@ def _rl_overrides(data_dir: str, **over) -> dict:
         "data.max_length": 192,
         "data.pad_to_multiple": 0,
         "data.data_dir": data_dir,
-        "rl.steps": RL_STEPS,
+        "train.steps": RL_STEPS,
         "rl.num_iterations": RL_ITERATIONS,
         "rl.prompts_per_step": 8,
         "rl.group_size": 4,
-        "rl.max_new_tokens": 12,
-        "rl.temperature": 1.5,  # a random tiny model: hot sampling so some completions hold functional tokens
-        "rl.lr": RL_LR,
-        "rl.warmup_steps": 0,
-        "rl.beta": 0.02,  # the reference policy too
+        "rl.sample.max_new_tokens": 12,
+        "rl.sample.temperature": 1.5,  # a random tiny model: hot sampling so some completions hold functional tokens
+        "optim.lr": RL_LR,
+        "optim.warmup_steps": 0,
+        "rl.loss.beta": 0.02,  # the reference policy too
         "rl.rewards": {"functional_usage": 1.0, "format": 0.2},
         "train.log_every": 1,
         "checkpoint.every": 100,
@@ -263,8 +263,8 @@ def reference(tmp_path_factory, data_dir):
 
 def _assert_same_batches(reference_records, per_process: list[list[list[str]]], steps) -> None:
     for s in steps:
-        both = [uid for recs in per_process for uid in recs[s]]
-        assert sorted(both) == sorted(reference_records[s]), f"step {s + 1}: the global batches hold different records"
+        both = [uid for recs in per_process for uid in recs[s]]  # host 0's block, then host 1's
+        assert both == reference_records[s], f"step {s + 1}: the global batches hold other records or another order"
         assert len(set(both)) == len(both) == 8
 
 

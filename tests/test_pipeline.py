@@ -23,10 +23,10 @@ from atlas_jax.data import records
 from atlas_jax.data.image_processing import ImageProcessorConfig
 from atlas_jax.data.pipeline import (
     PipelineConfig,
-    global_batches,
     make_dataset,
     pipeline_state,
     restore,
+    to_global,
 )
 from atlas_jax.data.sample import BadRecordError, Sample
 from atlas_jax.data.synthetic import generate_split
@@ -138,6 +138,7 @@ def hf_encode(proc, sample, with_response):
 
 
 def hf_positions(hf_model, batch):
+    """transformers' M-RoPE ids in our layout int[B, 3, T] (HF returns [3, B, T])."""
     ids = torch.from_numpy(batch["input_ids"]).long()
     n = batch["num_images"]
     grids = torch.from_numpy(np.concatenate([batch["grid_thw"][i, : n[i]] for i in range(len(n))])).long()
@@ -145,7 +146,7 @@ def hf_positions(hf_model, batch):
         ids, mm_token_type_ids=(ids == hf_model.config.image_token_id).int(), image_grid_thw=grids,
         attention_mask=torch.from_numpy(batch["attention_mask"]).long(),
     )
-    return ref.numpy()
+    return ref.numpy().transpose(1, 0, 2)
 
 
 # ----------------------------------------------------------------------------- vs transformers
@@ -232,9 +233,8 @@ def test_tfds_array_record_source(tok, model_cfg, tmp_path):
     row = {u: i for i, u in enumerate(direct["uid"])}
     order = [row[u] for u in stored["uid"]]  # the store may hold the records in another order
     for key, x in direct.items():
-        if isinstance(x, np.ndarray) and key != "positions":
+        if isinstance(x, np.ndarray):
             np.testing.assert_array_equal(stored[key], x[order], err_msg=key)
-    np.testing.assert_array_equal(stored["positions"], direct["positions"][:, order])
     with pytest.raises(BadRecordError, match=r"^atlas_synthetic/tiny_n1_s112:train, record \d+"):
         next(iter(make_dataset(source, tok, config(max_length=20), model_cfg)))
 
@@ -245,7 +245,7 @@ def test_length_buckets(tok, model_cfg):
     for b in iter(make_dataset(samples, tok, config(num_epochs=1, pad_to_multiple=64), model_cfg)):
         t = b["input_ids"].shape[1]
         n = int(b["attention_mask"].sum(1).max())
-        assert t % 64 == 0 and n <= t < n + 64 and b["positions"].shape == (3, 2, t)
+        assert t % 64 == 0 and n <= t < n + 64 and b["positions"].shape == (2, 3, t)
         longest = max(longest, n)
     fixed = next(iter(make_dataset(samples, tok, config(num_epochs=1, pad_to_multiple=0), model_cfg)))
     assert fixed["input_ids"].shape == (2, 256)
@@ -315,13 +315,14 @@ def test_per_host_streams_disjoint_and_covering(tok, model_cfg, hosts):
     assert sum(len(s) for s in streams) == len(samples) + n_topup
 
 
-def test_global_batches_hold_the_same_records_for_any_number_of_hosts(tok, model_cfg):
+def test_global_batches_hold_the_same_records_in_the_same_order_for_any_number_of_hosts(tok, model_cfg):
     samples = [random_sample(i) for i in range(12)]
     cfg = config(batch_size=6, num_epochs=2, seed=3)
 
     def global_batches(hosts):
+        """Each global batch's uids: host 0's block, then host 1's, ... (`to_global`'s rows)."""
         its = [iter(make_dataset(samples, tok, cfg, model_cfg, process_index=p, process_count=hosts)) for p in range(hosts)]
-        return [sorted(u for it in its for u in next(it)["uid"]) for _ in range(4)]
+        return [[u for it in its for u in next(it)["uid"]] for _ in range(4)]
 
     one = global_batches(1)
     assert global_batches(2) == one and global_batches(3) == one
@@ -441,19 +442,18 @@ def test_global_batches_on_a_mesh(tok, model_cfg):
     ds = make_dataset(samples, tok, config(batch_size=8, num_epochs=1), model_cfg)
     host = next(iter(ds))
     it = iter(ds)
-    batch = next(global_batches(it, mesh))
+    batch = to_global(next(it), mesh)
     assert it.get_state() == _advanced(ds, 1).get_state()  # nothing read ahead
     for key, x in host.items():
         if isinstance(x, np.ndarray):
             assert isinstance(batch[key], jax.Array) and batch[key].shape == x.shape
             np.testing.assert_array_equal(np.asarray(batch[key]), x)
-            axis = 1 if key == "positions" else 0
-            assert batch[key].sharding.spec[axis] == ("data", "fsdp"), key
+            assert batch[key].sharding.spec[0] == ("data", "fsdp"), key
             assert len(batch[key].addressable_shards) == 8
         else:
             assert batch[key] == x
     with pytest.raises(ConfigError, match="not divisible"):
-        next(global_batches(make_dataset(samples, tok, config(batch_size=4), model_cfg), mesh))
+        to_global(next(iter(make_dataset(samples, tok, config(batch_size=4), model_cfg))), mesh)
 
 
 def _advanced(ds, n):

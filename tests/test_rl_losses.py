@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from atlas_jax.sharding import batch_sharding, make_mesh
-from atlas_jax.rl.losses import GRPOLossConfig, anchor_term, group_advantages, grpo_loss, per_token_surrogate
+from atlas_jax.rl.losses import GRPOLossConfig, Rollouts, anchor_term, group_advantages, grpo_loss, per_token_surrogate
+from atlas_jax.rl.losses import per_token_kl as losses_per_token_kl
 
 B, T, G = 8, 12, 4
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -108,9 +109,13 @@ def make_inputs(seed, clipping):
     return dict(logp=logp, old=old, ref=ref, mask=mask, functional=functional, rewards=rewards)
 
 
+def rollouts(x, adv, with_ref=False, **kw):
+    return Rollouts(x["old"], adv, x["mask"], x["functional"], x["ref"] if with_ref else None, **kw)
+
+
 def jax_value_and_grad(x, adv, cfg, with_ref):
     def f(lp):
-        return grpo_loss(lp, x["old"], adv, x["mask"], x["functional"], cfg, x["ref"] if with_ref else None)
+        return grpo_loss(lp, rollouts(x, adv, with_ref), cfg)
 
     return jax.jit(jax.value_and_grad(f, has_aux=True))(jnp.asarray(x["logp"]))
 
@@ -156,12 +161,12 @@ def test_loss_and_grad_match_torch_reference(loss_type, beta, clipping, alpha):
     np.testing.assert_allclose(metrics["pg_loss"] + metrics["kl_loss"] + alpha * metrics["anchor_loss"], loss, **TOL)
 
 
-def test_dapo_num_items_for_gradient_accumulation():
+def test_dapo_num_tokens_for_gradient_accumulation():
     x = make_inputs(seed=3, clipping=True)
     adv = group_advantages(x["rewards"], G)
     cfg = GRPOLossConfig(loss_type="dapo")
-    sum_loss, _ = grpo_loss(x["logp"], x["old"], adv, x["mask"], x["functional"], cfg, num_items=1.0)
-    bnpo, _ = grpo_loss(x["logp"], x["old"], adv, x["mask"], x["functional"], GRPOLossConfig(loss_type="bnpo"))
+    sum_loss, _ = grpo_loss(x["logp"], rollouts(x, adv, num_tokens=1.0), cfg)
+    bnpo, _ = grpo_loss(x["logp"], rollouts(x, adv), GRPOLossConfig(loss_type="bnpo"))
     np.testing.assert_allclose(sum_loss / x["mask"].sum(), bnpo, **TOL)
 
 
@@ -225,7 +230,7 @@ def test_no_functional_tokens_gives_zero_anchor_and_finite_values():
 def test_functional_counts_exclude_padding():
     x = make_inputs(seed=2, clipping=False)
     adv = group_advantages(x["rewards"], G)
-    _, metrics = grpo_loss(x["logp"], x["old"], adv, x["mask"], x["functional"], GRPOLossConfig())
+    _, metrics = grpo_loss(x["logp"], rollouts(x, adv), GRPOLossConfig())
     expected = (x["functional"] & x["mask"]).sum()
     assert metrics["num_functional"] == expected
     np.testing.assert_allclose(metrics["functional_per_completion"], expected / B, **TOL)
@@ -265,7 +270,7 @@ def test_loss_compiles_and_runs_sharded_over_8_devices():
     @jax.jit
     def step(rewards, logp, old, ref, mask, functional):
         adv = group_advantages(rewards, G)
-        f = lambda lp: grpo_loss(lp, old, adv, mask, functional, cfg, ref)  # noqa: E731
+        f = lambda lp: grpo_loss(lp, Rollouts(old, adv, mask, functional, ref), cfg)  # noqa: E731
         return jax.value_and_grad(f, has_aux=True)(logp)
 
     args = [jax.device_put(x[k], batch_sharding(mesh, x[k].ndim))
@@ -276,7 +281,7 @@ def test_loss_compiles_and_runs_sharded_over_8_devices():
     np.testing.assert_allclose(grad, grad_1, **TOL)
     assert step._cache_size() == 2  # sharded and unsharded inputs; no retrace per metric
     lowered = jax.jit(grpo_loss, static_argnames="cfg").lower(
-        x["logp"], x["old"], np.zeros(B, np.float32), x["mask"], x["functional"], cfg=cfg, ref_logp_bt=x["ref"])
+        x["logp"], rollouts(x, np.zeros(B, np.float32), with_ref=True), cfg=cfg)
     assert "exp" in lowered.as_text()
 
 
@@ -284,7 +289,7 @@ def test_config_and_input_errors_name_the_field():
     x = make_inputs(seed=0, clipping=False)
     adv = np.zeros(B, np.float32)
     with pytest.raises(ValueError, match="ref_logp_bt"):
-        grpo_loss(x["logp"], x["old"], adv, x["mask"], x["functional"], GRPOLossConfig(beta=0.1))
+        grpo_loss(x["logp"], rollouts(x, adv), GRPOLossConfig(beta=0.1))
     with pytest.raises(ValueError, match="loss_type"):
         GRPOLossConfig(loss_type="ppo")
     with pytest.raises(ValueError, match="epsilon_high"):
@@ -292,10 +297,108 @@ def test_config_and_input_errors_name_the_field():
     with pytest.raises(ValueError, match="max_completion_length"):
         GRPOLossConfig(max_completion_length=0)
     with pytest.raises(ValueError, match="mask_bt"):
-        grpo_loss(x["logp"], x["old"], adv, x["mask"][:, :-1], x["functional"], GRPOLossConfig())
+        grpo_loss(x["logp"], rollouts({**x, "mask": x["mask"][:, :-1]}, adv), GRPOLossConfig())
     with pytest.raises(ValueError, match="advantages_b"):
-        grpo_loss(x["logp"], x["old"], adv[:-1], x["mask"], x["functional"], GRPOLossConfig())
+        grpo_loss(x["logp"], rollouts(x, adv[:-1]), GRPOLossConfig())
     with pytest.raises(ValueError, match="group_size"):
         group_advantages(np.zeros(6, np.float32), 4)
     with pytest.raises(ValueError, match="scale_rewards"):
         group_advantages(np.zeros(8, np.float32), 4, "global")
+
+
+# ---------------------------------------------------------------------------- GSPO, KL estimators, entropy
+
+
+def torch_loss_options(lp, old, ref, adv, mask, functional, entropy, *, loss_type, beta, alpha, level, estimator,
+                       entropy_coef, eps_low=0.2, eps_high=0.28, clamp=10.0):
+    """TRL's sequence-level importance sampling (GSPO) and verl's KL estimators / entropy bonus,
+    written out independently; the LA-GRPO anchor always uses per-token ratios."""
+    log_ratio = lp - old
+    if level == "sequence":
+        log_w = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    else:
+        log_w = log_ratio
+    coef_1 = torch.exp(log_w)
+    coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+    a = adv.unsqueeze(1)
+    per_token_loss = -torch.min(coef_1 * a, coef_2 * a).expand_as(lp)
+    if beta:
+        if estimator == "k1":
+            kl = lp - ref
+        elif estimator == "k2":
+            kl = 0.5 * (lp - ref) ** 2
+        else:
+            kl = torch.exp(ref - lp) - (ref - lp) - 1
+        per_token_loss = per_token_loss + beta * torch.clamp(kl, -clamp, clamp)
+    if entropy_coef:
+        per_token_loss = per_token_loss - entropy_coef * entropy
+    if loss_type == "grpo":
+        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    else:  # bnpo
+        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+    token_coef = torch.exp(log_ratio)
+    token_surrogate = -torch.min(token_coef * a, torch.clamp(token_coef, 1 - eps_low, 1 + eps_high) * a)
+    anchor_mask = functional * mask
+    anchor = (token_surrogate * anchor_mask).sum() / anchor_mask.sum().clamp(min=1.0)
+    return loss + alpha * anchor
+
+
+@pytest.mark.parametrize("level,estimator,entropy_coef,loss_type", [
+    ("sequence", "k3", 0.0, "grpo"), ("sequence", "k1", 0.01, "bnpo"), ("token", "k2", 0.0, "bnpo"),
+    ("token", "k1", 0.05, "grpo"), ("sequence", "k2", 0.0, "grpo"),
+])
+def test_importance_level_kl_estimator_and_entropy_match_torch_reference(level, estimator, entropy_coef, loss_type):
+    x = make_inputs(seed=21, clipping=True)
+    entropy = np.random.default_rng(3).uniform(0.0, 3.0, (B, T)).astype(np.float32)
+    adv = np.asarray(group_advantages(x["rewards"], G))
+    cfg = GRPOLossConfig(loss_type=loss_type, beta=0.04, alpha=0.3, importance_level=level, kl_estimator=estimator,
+                         entropy_coef=entropy_coef)
+
+    def f(lp, ent):
+        return grpo_loss(lp, rollouts(x, adv, with_ref=True), cfg, ent)
+
+    (loss, metrics), (g_lp, g_ent) = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(
+        jnp.asarray(x["logp"]), jnp.asarray(entropy))
+    lp, ent = torch.tensor(x["logp"], requires_grad=True), torch.tensor(entropy, requires_grad=True)
+    ref_loss = torch_loss_options(
+        lp, torch.tensor(x["old"]), torch.tensor(x["ref"]), torch.tensor(adv), torch.tensor(x["mask"], dtype=torch.float32),
+        torch.tensor(x["functional"], dtype=torch.float32), ent, loss_type=loss_type, beta=0.04, alpha=0.3,
+        level=level, estimator=estimator, entropy_coef=entropy_coef)
+    ref_loss.backward()
+    np.testing.assert_allclose(loss, ref_loss.detach().numpy(), **TOL)
+    np.testing.assert_allclose(g_lp, lp.grad.numpy(), **TOL)
+    np.testing.assert_allclose(g_ent, np.zeros_like(entropy) if ent.grad is None else ent.grad.numpy(), **TOL)
+    assert np.abs(lp.grad.numpy()).max() > 1e-3
+    assert (np.abs(g_ent).max() > 0) == (entropy_coef > 0)
+    expected_entropy = (entropy * x["mask"]).sum() / x["mask"].sum()
+    np.testing.assert_allclose(metrics["entropy"], expected_entropy, **TOL)
+    parts = metrics["pg_loss"] + metrics["kl_loss"] + metrics["entropy_loss"] + 0.3 * metrics["anchor_loss"]
+    np.testing.assert_allclose(parts, loss, **TOL)
+
+
+def test_sequence_level_ratio_is_one_per_completion():
+    """GSPO: every token of a completion carries the same ratio, exp(mean of its log-ratio)."""
+    x = make_inputs(seed=4, clipping=True)
+    adv = group_advantages(x["rewards"], G)
+    _, rho = per_token_surrogate(x["logp"], x["old"], adv, x["mask"], 0.2, 0.28, "sequence")
+    rho = np.asarray(rho)
+    for b in range(B):
+        m = x["mask"][b]
+        if m.any():
+            want = np.exp((x["logp"][b][m] - x["old"][b][m]).mean())
+            np.testing.assert_allclose(rho[b][m], want, rtol=1e-5)
+        assert np.all(rho[b][~m] == 1.0)
+
+
+def test_kl_clamp_bounds_huge_bf16_gaps():
+    logp = np.array([[-30.0, -1.0]], np.float32)
+    ref = np.array([[-0.5, -1.0]], np.float32)  # exp(ref - logp) = exp(29.5): k3 ~ 6.5e12 without the clamp
+    kl = np.asarray(losses_per_token_kl(logp, ref, np.ones((1, 2), bool), "k3", 10.0))
+    assert kl[0, 0] == 10.0 and kl[0, 1] == 0.0
+    with pytest.raises(ValueError, match="kl_estimator"):
+        GRPOLossConfig(kl_estimator="k4")
+    with pytest.raises(ValueError, match="importance_level"):
+        GRPOLossConfig(importance_level="group")
+    with pytest.raises(ValueError, match="entropy_bt"):
+        grpo_loss(logp, Rollouts(logp, np.zeros(1, np.float32), np.ones((1, 2), bool), np.zeros((1, 2), bool)),
+                  GRPOLossConfig(entropy_coef=0.1))

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from atlas_jax import sampling, sharding
+from atlas_jax.data.device_batch import LAYOUT_KEYS, batch_shardings
 from atlas_jax.model import presets, vlm
 from atlas_jax.sampling import SamplingConfig
 from hf_model_fixture import IMAGE, VEND, VSTART, example, jax_batch
@@ -71,14 +71,14 @@ def full_forward(model, batch, tokens_rn, mask_rn, G):
     are computed here from the prompt positions (max valid + 1, counting up)."""
     ids = np.repeat(batch["input_ids"], G, 0)
     pmask = np.repeat(batch["attention_mask"], G, 0)
-    ppos = np.repeat(batch["positions"], G, 1)
-    start = np.where(pmask[None], ppos, 0).max(axis=(0, 2)) + 1
-    cpos = np.broadcast_to(start[:, None] + np.arange(tokens_rn.shape[1]), (3,) + tokens_rn.shape)
+    ppos = np.repeat(batch["positions"], G, 0)
+    start = np.where(pmask[:, None], ppos, 0).max(axis=(1, 2)) + 1
+    cpos = np.broadcast_to((start[:, None] + np.arange(tokens_rn.shape[1]))[:, None], (len(start), 3, tokens_rn.shape[1]))
     seq = np.concatenate([ids, tokens_rn], 1)
     mask = np.concatenate([pmask, mask_rn], 1)
     pos = np.concatenate([ppos, cpos], 2).astype(np.int32)
     pv = np.repeat(batch["pixel_values"], G, 0)
-    vis = {k: np.repeat(v, G, 0) for k, v in batch["vision"].items()}
+    vis = {k: np.repeat(batch[k], G, 0) for k in LAYOUT_KEYS}
     logits, aux = _full_forward(model, seq, pos, mask, pv, vis)
     return np.asarray(logits), jax.tree.map(np.asarray, aux)
 
@@ -112,7 +112,7 @@ def test_sampled_logprobs_and_op_maps_match_full_forward(model, split, batch):
     np.testing.assert_allclose(out["logprobs"], np.where(mask, ref_lp, 0), atol=1e-5, rtol=0)
     # Temperature 1, no filters: the sampling distribution is the policy itself.
     np.testing.assert_allclose(out["sample_logprobs"], out["logprobs"], atol=1e-5, rtol=0)
-    np.testing.assert_array_equal(out["prompt_positions"], np.repeat(batch["positions"], G, 1))
+    np.testing.assert_array_equal(out["prompt_positions"], np.repeat(batch["positions"], G, 0))
     # Op maps of completion tokens equal the full forward's maps at the same positions.
     ops = aux["ops"]
     for r, n in zip(*np.nonzero(fed)):
@@ -181,13 +181,13 @@ def test_sampling_is_seeded_and_samples_differ(split, batch):
 def test_no_recompile_for_a_new_batch_of_the_same_shapes(split, batch):
     cfg = SamplingConfig(max_new_tokens=N, num_samples=2)
     sampling.generate(*split, batch, jax.random.key(0), cfg)
-    before = sampling.num_traces()
+    before = sampling._generate_jit._cache_size()
     other = make_batch(1)
     assert (other["input_ids"] != batch["input_ids"]).any()
     out = sampling.generate(*split, other, jax.random.key(1), cfg)
     # Temperature, top-p and stop ids are traced: changing them reuses the program too.
     sampling.generate(*split, other, jax.random.key(1), SamplingConfig(max_new_tokens=N, num_samples=2, temperature=0.5, stop_ids=(4,)))
-    assert sampling.num_traces() == before
+    assert sampling._generate_jit._cache_size() == before
     assert out["tokens"].shape == (4, N)
 
 
@@ -198,14 +198,7 @@ def test_2x2x2_mesh_with_batch_sharded_inputs_matches_one_device():
     graphdef, state = nnx.split(single)
     state8 = jax.device_put(state, sharding.state_shardings(state, mesh))
     rows = ("data", "fsdp")
-
-    def put(x, axis=0):
-        spec = [None] * x.ndim
-        spec[axis] = rows
-        return jax.device_put(x, NamedSharding(mesh, P(*spec)))
-
-    sharded = {k: put(v, 1 if k == "positions" else 0) for k, v in batch.items() if k != "vision"}
-    sharded["vision"] = {k: put(v) for k, v in batch["vision"].items()}
+    sharded = jax.device_put(batch, batch_shardings(batch, mesh))
     for cfg in (SamplingConfig(max_new_tokens=N, greedy=True), SamplingConfig(max_new_tokens=N, num_samples=2, top_p=0.9)):
         ref = sampling.generate(graphdef, state, batch, jax.random.key(2), cfg)
         out = sampling.generate(graphdef, state8, sharded, jax.random.key(2), cfg)
@@ -215,8 +208,8 @@ def test_2x2x2_mesh_with_batch_sharded_inputs_matches_one_device():
 
 
 def test_pipeline_layout_batches_and_config_errors(split, batch):
-    # The data pipeline's flat layout (layout keys at top level, host metadata) gives the same tokens.
-    flat = {k: v for k, v in batch.items() if k != "vision"} | dict(batch["vision"]) | {"answer": ["1", "2"], "task": ["a", "b"]}
+    # A pipeline batch's host metadata is not read: the same tokens.
+    flat = batch | {"answer": ["1", "2"], "task": ["a", "b"]}
     cfg = SamplingConfig(max_new_tokens=N, greedy=True)
     np.testing.assert_array_equal(
         np.asarray(sampling.generate(*split, flat, None, cfg)["tokens"]),

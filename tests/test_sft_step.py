@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from atlas_jax import hf_checkpoint, sharding
+from atlas_jax.data.device_batch import batch_shardings, model_inputs
 from atlas_jax.model import vlm
 from atlas_jax.train import optimizer, sft, train_state
 from hf_model_fixture import example, jax_batch, make_hf_checkpoint
@@ -22,9 +23,7 @@ def _sft_batch(examples, cfg, rng):
         loss_mask[i, n - 6 : n] = True  # the "response": the last 6 tokens
     b["loss_mask"] = loss_mask
     b["functional_mask"] = np.isin(b["input_ids"], FUNC)
-    flat = {k: v for k, v in b.items() if k != "vision"}
-    flat.update(b["vision"])
-    return flat
+    return b
 
 
 def test_loss_equals_transformers_masked_lm_loss(tmp_path):
@@ -33,9 +32,9 @@ def test_loss_equals_transformers_masked_lm_loss(tmp_path):
     rng = np.random.default_rng(0)
     e = example(rng, 4, [(1, 4, 6)], 12)
     batch = _sft_batch([e], model.cfg, rng)
-    args, kw = sft.model_inputs({k: jnp.asarray(v) for k, v in batch.items()})
-    logits, _, _ = model(*args, **kw)
-    ce_sum, sums = sft.sft_loss(logits, {k: jnp.asarray(v) for k, v in batch.items()})
+    args, kw = model_inputs({k: jnp.asarray(v) for k, v in batch.items()})
+    hidden, _, _ = model(*args, head=False, **kw)
+    ce_sum, sums = sft.sft_loss(hidden, model.output_head(), {k: jnp.asarray(v) for k, v in batch.items()})
     ours = float(ce_sum / sums["tokens"])
 
     ids = torch.tensor([e.ids])
@@ -51,7 +50,7 @@ def test_loss_equals_transformers_masked_lm_loss(tmp_path):
     assert int(sums["tokens"]) == 6  # every response token is a target (predicted from the token before it)
 
 
-def _setup(mesh, accum, seed=0, sgd=False):
+def _setup(mesh, accum, sgd=False):
     cfg = tiny_cfg("module")
     model = vlm.create(cfg, mesh, seed=7)
     model.visual_ops.gate[...] = jnp.full(3, 0.3)
@@ -61,7 +60,7 @@ def _setup(mesh, accum, seed=0, sgd=False):
         tx = optax.sgd(0.5)
     else:
         tx = optimizer.make_optimizer(nnx_params(model), lr=1e-2, warmup_steps=0, total_steps=10, frozen=("vision",))
-    graphdef, state, shardings = train_state.create(model, tx, mesh, seed=seed)
+    graphdef, state, shardings = train_state.create(model, tx, mesh)
     return cfg, graphdef, state, shardings, tx
 
 
@@ -82,8 +81,6 @@ def _batch(cfg, n=4):
 
 
 def _put(batch, mesh):
-    from atlas_jax.data.pipeline import batch_shardings
-
     sh = batch_shardings(batch, mesh)
     return {k: jax.device_put(v, sh[k]) for k, v in batch.items()}, sh
 

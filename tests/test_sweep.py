@@ -122,13 +122,13 @@ def test_pod_mode_commands_parse_back_to_each_point(tmp_path):
 def test_point_names_are_short_unique_and_safe():
     names = sweep.point_names([
         {"optim.lr": 1e-3, "model.visual_ops.mode": "module"},
-        {"optim.lr": 3e-5, "rl.lr": 1e-6},
+        {"optim.lr": 3e-5, "stages.la_grpo.optim.lr": 1e-6},
         {"checkpoint.init_from": "/runs/a b/sft", "mesh": (1, -1, 1)},
         {"checkpoint.init_from": "/runs/a?b/sft", "mesh": (1, -1, 1)},
         {},
     ])
-    assert names[0] == "optim.lr=0.001,mode=module"  # 'lr' alone would be ambiguous with rl.lr
-    assert names[1] == "optim.lr=3e-05,rl.lr=1e-06"
+    assert names[0] == "optim.lr=0.001,mode=module"  # 'lr' alone would be ambiguous with the RL stage's lr
+    assert names[1] == "optim.lr=3e-05,la_grpo.optim.lr=1e-06"
     assert names[2] == "init_from=-runs-a-b-sft,mesh=1x-1x1"
     assert names[3] == names[2] + "-2"  # same name after sanitising: still two workdirs
     assert names[4] == "base"

@@ -3,6 +3,7 @@ with tfds.data_source, records equal to what the generator makes."""
 
 import os
 import pickle
+import shutil
 import sys
 
 import numpy as np
@@ -148,6 +149,47 @@ def test_builder_uses_the_generator_it_is_given(tmp_path, monkeypatch):
     monkeypatch.undo()
     build_synthetic(str(tmp_path), "tiny", num_per_task=2)
     assert len(load_split(str(tmp_path), "train", "tiny_n2")) == 2 * len(task_names())
+
+
+def _data_file(dataset_dir, split):
+    (name,) = [n for n in os.listdir(dataset_dir) if n.startswith(f"atlas_synthetic-{split}.array_record-")]
+    return os.path.join(dataset_dir, name)
+
+
+def test_truncated_data_file_is_named_with_how_to_rebuild(tmp_path):
+    """A truncated ArrayRecord file is refused when the split is opened (its index is gone), naming
+    the file and the rebuild; after doing what the message says, the split reads again."""
+    data_dir = str(tmp_path)
+    dataset_dir = build_synthetic(data_dir, "tiny", num_per_task=1)
+    path = _data_file(dataset_dir, "train")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) * 9 // 10])
+    with pytest.raises(tfds_builder.StoredDatasetError) as info:
+        load_split(data_dir, "train", "tiny_n1")
+    n = len(task_names())
+    assert str(info.value) == (
+        f"{path}: missing, truncated or corrupted (0 of {n} records readable); "
+        f"delete {dataset_dir} and rerun build_synthetic (or the job that builds it) to rebuild it"
+    )
+    assert len(load_split(data_dir, "validation", "tiny_n1")) == n  # the other splits' files are intact
+    shutil.rmtree(dataset_dir)
+    build_synthetic(data_dir, "tiny", num_per_task=1)
+    assert len(list(load_split(data_dir, "train", "tiny_n1"))) == n
+
+
+def test_corrupted_chunk_is_named_with_how_to_rebuild(tmp_path):
+    """Zeroed bytes inside a data file (its index intact) fail the read of the record, not silently."""
+    data_dir = str(tmp_path)
+    dataset_dir = build_synthetic(data_dir, "tiny", num_per_task=1)
+    path = _data_file(dataset_dir, "train")
+    data = bytearray(open(path, "rb").read())
+    data[100:2000] = bytes(1900)
+    open(path, "wb").write(bytes(data))
+    source = load_split(data_dir, "train", "tiny_n1")
+    with pytest.raises(tfds_builder.StoredDatasetError, match=r"atlas_synthetic/tiny_n1:train: a stored data file is corrupted \(.*Corrupted Riegeli"):
+        list(source)
+    with pytest.raises(tfds_builder.StoredDatasetError, match=f"delete {dataset_dir} and rerun build_synthetic"):
+        source.__getitems__([0])
 
 
 def test_num_per_task_must_be_positive(tmp_path):

@@ -135,6 +135,27 @@ def test_functional_tokens_are_single_ids_and_idempotent(tmp_path):
     assert T.add_functional_tokens(again) == ids and len(again) == size + 5
 
 
+@pytest.mark.parametrize("how", ["model_vocabulary", "plain_added_token"])
+def test_functional_string_already_in_the_vocabulary_is_refused(tmp_path, how):
+    """A tokenizer holding '<|Line|>' as an ordinary entry would let untrusted text encode to it."""
+    tok = make_tokenizer(tmp_path, functional=False)
+    if how == "plain_added_token":
+        tok.add_tokens(["<|Line|>"])
+    else:
+        state = json.loads(tok.backend_tokenizer.to_str())
+        state["model"]["vocab"]["<|Line|>"] = len(state["model"]["vocab"])
+        tok.save_pretrained(tmp_path / "edited")
+        (tmp_path / "edited" / "tokenizer.json").write_text(json.dumps(state))
+        tok = T.load_tokenizer(str(tmp_path / "edited"))
+    line_id = tok.backend_tokenizer.token_to_id("<|Line|>")
+    assert line_id is not None
+    with pytest.raises(ValueError) as info:
+        T.add_functional_tokens(tok)
+    assert str(info.value).startswith(
+        f"the tokenizer holds functional token '<|Line|>' (line) as an ordinary vocabulary entry (id {line_id})"
+    )
+
+
 def test_functional_token_ids_names_a_missing_token(tmp_path):
     tok = make_tokenizer(tmp_path, functional=False)
     with pytest.raises(KeyError, match=r"<\|Manip\|>"):

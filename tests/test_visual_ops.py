@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from atlas_jax import sharding
+from atlas_jax.data.device_batch import batch_shardings, model_inputs
 from atlas_jax.model import vlm
 from hf_model_fixture import IMAGE, VEND, VSTART, Example, example, jax_batch
 from test_kv_cache import FUNC, tiny_cfg
@@ -28,9 +29,8 @@ def batch():
 
 
 def _run(model, batch):
-    args = [jnp.asarray(batch[k]) for k in ("input_ids", "positions", "attention_mask")]
-    vis = {k: jnp.asarray(v) for k, v in batch["vision"].items()}
-    return model(*args, pixel_values=jnp.asarray(batch["pixel_values"]), vision=vis)
+    args, kw = model_inputs(jax.tree.map(jnp.asarray, batch))
+    return model(*args, **kw)
 
 
 def test_gate_zero_changes_nothing(batch):
@@ -166,19 +166,12 @@ def test_sharded_forward_equals_single_device():
     assert model.layers[0].mlp.gate_proj.kernel[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     assert model.visual_ops.wq[...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
 
-    def put(x):
-        x = np.asarray(x)
-        return jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))
-
-    sharded = dict(batch)
-    sharded["positions"] = jax.device_put(batch["positions"], jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp"))))
-    for k in ("input_ids", "attention_mask", "pixel_values"):
-        sharded[k] = put(batch[k])
-    sharded["vision"] = {k: put(v) for k, v in batch["vision"].items()}
+    sharded = jax.device_put(batch, batch_shardings(batch, mesh))
 
     @nnx.jit
     def fwd(m, b):
-        return m(b["input_ids"], b["positions"], b["attention_mask"], pixel_values=b["pixel_values"], vision=b["vision"])[0]
+        args, kw = model_inputs(b)
+        return m(*args, **kw)[0]
 
     with jax.set_mesh(mesh):
         out = fwd(model, sharded)

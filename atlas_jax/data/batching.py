@@ -12,7 +12,7 @@ D = 3 * 2 * 14 * 14 = 1176, N = max_images, U = P / 4):
 
   input_ids         int32[B, T]     pad id after the sequence (SFT) or before it (RL)
   attention_mask    bool[B, T]
-  positions         int32[3, B, T]  M-RoPE (temporal, height, width); 0 on padding
+  positions         int32[B, 3, T]  M-RoPE (temporal, height, width); 0 on padding
   loss_mask         bool[B, T]      SFT only: response tokens and their closing <|im_end|>
   functional_mask   bool[B, T]      SFT only: functional-token positions
   pixel_values      float32[B, P, D]  each sample's patches in processor order, then zeros
@@ -222,7 +222,7 @@ def collate(
     left = fmt == "rl"
     input_ids = np.full((b, t), pad_id, np.int32)
     attention_mask = np.zeros((b, t), bool)
-    positions = np.zeros((3, b, t), np.int32)
+    positions = np.zeros((b, 3, t), np.int32)
     loss_mask = np.zeros((b, t), bool)
     functional_mask = np.zeros((b, t), bool)
     pixel_values = np.zeros((b, max_patches, patch_dim), np.float32)
@@ -232,7 +232,7 @@ def collate(
         sl = slice(t - n, t) if left else slice(0, n)
         input_ids[i, sl] = ex["input_ids"]
         attention_mask[i, sl] = True
-        positions[:, i, sl] = ex["positions"]
+        positions[i, :, sl] = ex["positions"]
         loss_mask[i, sl] = ex["loss_mask"]
         functional_mask[i, sl] = ex["functional_mask"]
         pv = ex["pixel_values"]

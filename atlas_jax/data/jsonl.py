@@ -9,8 +9,9 @@ Each non-blank line is a JSON object:
 Other keys are ignored. Each record also keeps `origin` = '<path>:<line>' (path as given), so an
 error found later (e.g. a sample too long for the pipeline's max_length) names the JSONL line even
 when the user chose the uid. Images are stored as the file's original bytes (no re-encoding), after
-checking that they decode fully. Every rule of `records.validate_sample` applies, plus: valid JSON,
-existing image files, and unique `uid`s (default `<file name>:<line>`). A bad line raises
+checking that they decode fully. Every rule of `records.validate_sample` applies, plus: valid UTF-8
+and JSON on each line, image paths naming existing regular files of at most `MAX_IMAGE_BYTES` (never
+a FIFO or a device), and unique `uid`s (default `<file name>:<line>`). A bad line raises
 `BadRecordError` naming the file, the line and the field, or with `skip_bad_records=True` is
 skipped and counted in the `ImportReport` by reason ('<field>: <kind>', e.g.
 'images: unreadable or truncated image').
@@ -26,6 +27,7 @@ import json
 import logging
 import os
 import re
+import stat
 from collections.abc import Iterator
 
 from atlas_jax.data.records import ORIGIN_FIELD, REQUIRED_FIELDS, decode_record
@@ -35,6 +37,9 @@ log = logging.getLogger(__name__)
 
 # Keep only the first few messages: enough to act on, bounded for huge files.
 _MAX_EXAMPLES = 20
+# Bigger than any photo a question is about; a larger file (or a device like /dev/zero) is refused
+# rather than read into memory.
+MAX_IMAGE_BYTES = 64 * 2**20
 
 
 @dataclasses.dataclass
@@ -75,35 +80,30 @@ def iter_jsonl(
     report: ImportReport | None = None,
     min_images: int = 1,
     max_images: int | None = None,
+    max_image_bytes: int = MAX_IMAGE_BYTES,
 ) -> Iterator[dict]:
     """Validated records of the JSONL file at `path`, one at a time (images held for one line only).
 
     report: filled in as lines are read (complete once the iterator is exhausted).
+    max_image_bytes: the largest image file read; a bigger one is a bad record.
     """
     path = os.fspath(path)
     report = report if report is not None else ImportReport(path)
     base_dir = os.path.dirname(os.path.abspath(path))
     seen_uids: dict[str, int] = {}
     try:
-        f = open(path, encoding="utf-8")
+        # Binary: lines split on b"\n" and each is decoded alone, so a bad byte is reported on its
+        # own line and skipping drops that line only.
+        f = open(path, "rb")
     except OSError as e:
         raise FileNotFoundError(f"user data file {path}: cannot open: {e}") from e
     with f:
-        line_no = 0
-        while True:
-            try:
-                line = f.readline()
-            except UnicodeDecodeError as e:
-                # The rest of the file cannot be trusted to split into lines; stop here, loudly.
-                raise BadRecordError(path, f"line {line_no + 1}", "<line>", f"invalid UTF-8: {e}") from e
-            if not line:
-                break
-            line_no += 1
+        for line_no, line in enumerate(f, start=1):
             report.num_lines += 1
             if not line.strip():
                 continue
             try:
-                record = _line_record(line, path, line_no, base_dir, min_images, max_images)
+                record = _line_record(line, path, line_no, base_dir, min_images, max_images, max_image_bytes)
                 if record["uid"] in seen_uids:
                     raise BadRecordError(path, f"line {line_no}", "uid", f"duplicate uid: {record['uid']!r} already used at line {seen_uids[record['uid']]}")
             except BadRecordError as e:
@@ -125,22 +125,40 @@ def import_jsonl(
     skip_bad_records: bool = False,
     min_images: int = 1,
     max_images: int | None = None,
+    max_image_bytes: int = MAX_IMAGE_BYTES,
 ) -> tuple[list[dict], ImportReport]:
     """All validated records of the JSONL file at `path`, and what was kept and skipped.
 
     Raises BadRecordError (file, line, field) on the first bad line unless `skip_bad_records`.
     """
     report = ImportReport(os.fspath(path))
-    records = list(iter_jsonl(path, skip_bad_records=skip_bad_records, report=report, min_images=min_images, max_images=max_images))
+    records = list(
+        iter_jsonl(
+            path,
+            skip_bad_records=skip_bad_records,
+            report=report,
+            min_images=min_images,
+            max_images=max_images,
+            max_image_bytes=max_image_bytes,
+        )
+    )
     return records, report
 
 
-def _line_record(line: str, path: str, line_no: int, base_dir: str, min_images: int, max_images: int | None) -> dict:
+def _line_record(
+    line: bytes, path: str, line_no: int, base_dir: str, min_images: int, max_images: int | None, max_image_bytes: int
+) -> dict:
     where = f"line {line_no}"
     try:
-        raw = json.loads(line)
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRecordError(path, where, "<line>", f"invalid UTF-8: byte {line[e.start]:#04x} at column {e.start + 1}") from e
+    try:
+        raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise BadRecordError(path, where, "<line>", f"invalid JSON: {e}") from e
+    except RecursionError as e:
+        raise BadRecordError(path, where, "<line>", "invalid JSON: values nested too deeply") from e
     if not isinstance(raw, dict):
         raise BadRecordError(path, where, "<line>", f"wrong type: expected a JSON object, got {type(raw).__name__}")
     for field in REQUIRED_FIELDS:
@@ -154,11 +172,7 @@ def _line_record(line: str, path: str, line_no: int, base_dir: str, min_images: 
         if not isinstance(image_path, str) or not image_path:
             raise BadRecordError(path, where, f"images[{i}]", f"wrong type: expected an image path string, got {image_path!r}")
         full = image_path if os.path.isabs(image_path) else os.path.join(base_dir, image_path)
-        try:
-            with open(full, "rb") as image_file:
-                images.append(image_file.read())
-        except OSError as e:
-            raise BadRecordError(path, where, f"images[{i}]", f"missing image file: {full} ({e.strerror})") from e
+        images.append(_read_image_file(full, max_image_bytes, lambda problem: BadRecordError(path, where, f"images[{i}]", problem)))
     record = {
         "images": images,
         "question": raw["question"],
@@ -172,3 +186,29 @@ def _line_record(line: str, path: str, line_no: int, base_dir: str, min_images: 
     decode_record(record, path, where, min_images=min_images, max_images=max_images)
     record[ORIGIN_FIELD] = f"{path}:{line_no}"
     return record
+
+
+def _read_image_file(full: str, max_bytes: int, bad) -> bytes:
+    """The bytes of the regular file `full`, at most `max_bytes` of them; anything else raises
+    `bad(problem)`. Opened non-blocking and checked on the open descriptor, so a FIFO cannot hang
+    the import and a device or a file swapped in after a check is still refused."""
+    if "\0" in full:
+        raise bad(f"invalid path: {full!r} contains a NUL byte")
+    try:
+        fd = os.open(full, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise bad(f"missing image file: {full} ({e.strerror})") from e
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise bad(f"not a regular file: {full} (images are read from regular files only)")
+        size = info.st_size
+        if size <= max_bytes:
+            with open(fd, "rb", closefd=False) as image_file:
+                data = image_file.read(max_bytes + 1)  # +1: a file that grew since fstat is caught too
+            size = len(data)
+        if size > max_bytes:
+            raise bad(f"image file too large: {full} has {size} bytes or more, at most {max_bytes} are read")
+    finally:
+        os.close(fd)
+    return data

@@ -2,17 +2,17 @@
 
     ds = make_dataset(source, tok, PipelineConfig(...), model_cfg)
     it = iter(ds)                                  # a PipelineIterator (a grain DatasetIterator)
-    for batch in global_batches(it, mesh): ...     # dicts of global jax.Arrays + host metadata
+    batch = to_global(next(it), mesh)              # a dict of global jax.Arrays + host metadata
     state = pipeline_state(it)                     # bytes; restore(iter(ds), state) resumes exactly
 
 Order of operations (all but the last two are index arithmetic on a `grain.MapDataset`, so the
 iterator state is a handful of integers and resuming is exact):
-  1. per-host shard: process i takes records i, i + n, i + 2n, ... (n = process_count; strided so
-     the shards are disjoint, cover the source, and differ in size by at most one). A shorter
-     shard is topped up with its own first record so every host yields the same number of
-     batches per epoch (a pod must never wait on a host that ran out);
-  2. seeded shuffle, re-seeded every epoch (`grain` derives epoch e's permutation from seed + e);
-  3. repeat for `num_epochs` (None = forever);
+  1. seeded shuffle of the whole source, re-seeded every epoch (`grain` derives epoch e's
+     permutation from seed + e), the same on every host;
+  2. repeat for `num_epochs` (None = forever); a finite stream is topped up with its first
+     records to whole global batches;
+  3. per-host block: host h takes rows [h * b, (h + 1) * b) of every global batch of the stream
+     (b = batch_size / process_count), the rows `to_global` gives it (`device_batch`);
   4. decode + preprocess + encode (`batching.ExampleBuilder`), threads or worker processes;
   5. skip-and-count bad records (only with `skip_bad_records`), batch and pad (`batching.collate`).
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -32,9 +32,9 @@ import jax
 import numpy as np
 from absl import logging
 
-from atlas_jax import functional_tokens, sharding
+from atlas_jax import functional_tokens
 from atlas_jax import tokenizer as tokenizer_lib
-from atlas_jax.data import batching
+from atlas_jax.data import batching, device_batch
 from atlas_jax.data.image_processing import ImageProcessorConfig
 from atlas_jax.data.sample import BadRecordError
 from atlas_jax.model.config import ConfigError, ModelConfig
@@ -107,14 +107,36 @@ class _Indexed:
         return int(i), self._source[int(i)]
 
 
+class _HostBlock(grain.MapDataset):
+    """Row j of host `host`'s k-th batch is position k * n * b + host * b + j of the stream."""
+
+    def __init__(self, parent: grain.MapDataset, host: int, hosts: int, per_host: int):
+        super().__init__(parent)
+        self._host, self._per_host, self._global = host, per_host, hosts * per_host
+        self._length = len(parent) // self._global * per_host
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(index, self._per_host)
+        return self._parent[batch * self._global + self._host * self._per_host + row]
+
+    def __str__(self) -> str:
+        return f"_HostBlock(host={self._host}, per_host={self._per_host}, global={self._global})"
+
+
 def global_stream(source: Sequence, cfg: PipelineConfig, process_index: int, process_count: int) -> grain.MapDataset:
     """This host's share of ONE global record stream.
 
-    All hosts shuffle the whole source with the same seed (re-shuffled every epoch), and host i
-    takes positions i, i + n, ... of that stream. Global batch k therefore holds the same records
-    whatever the number of hosts (only their row order differs), and the hosts' shares are
-    disjoint and cover every epoch. A finite stream is topped up with its first records to a
-    multiple of n, so every host takes the same number of steps.
+    All hosts shuffle the whole source with the same seed (re-shuffled every epoch), cut the
+    stream into global batches of cfg.batch_size records, and host h takes block
+    [h * b, (h + 1) * b) of each (b = batch_size / process_count). Global batch k therefore holds
+    the same records in the same order whatever the number of hosts, and the hosts' shares are
+    disjoint and cover every epoch. A finite stream is topped up with its first records to whole
+    global batches, so every record is seen and every host takes the same number of steps.
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} outside [0, process_count={process_count})")
@@ -124,9 +146,9 @@ def global_stream(source: Sequence, cfg: PipelineConfig, process_index: int, pro
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
     ds = ds.repeat(cfg.num_epochs)
-    while cfg.num_epochs is not None and len(ds) % process_count:
-        ds = grain.MapDataset.concatenate([ds, ds[: process_count - len(ds) % process_count]])
-    return ds[process_index::process_count]
+    while cfg.num_epochs is not None and len(ds) % cfg.batch_size:
+        ds = grain.MapDataset.concatenate([ds, ds[: cfg.batch_size - len(ds) % cfg.batch_size]])
+    return _HostBlock(ds, process_index, process_count, cfg.batch_size // process_count)
 
 
 # ----------------------------------------------------------------------------- skipping
@@ -325,45 +347,33 @@ def restore(it: PipelineIterator, state: bytes | str | dict) -> PipelineIterator
 
 
 # ----------------------------------------------------------------------------- devices
-# Which axis of each array is the batch axis (all others: 0).
-BATCH_AXIS = {"positions": 1}
-
-
-def batch_shardings(batch: dict, mesh) -> dict:
-    """NamedSharding of each device array of a host batch: batch axis over ('data', 'fsdp')."""
-    out = {}
-    for key, x in batch.items():
-        if isinstance(x, np.ndarray):
-            axes = [None] * x.ndim
-            axes[BATCH_AXIS.get(key, 0)] = "batch"
-            out[key] = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(axes, mesh=mesh))
-    return out
-
-
 def to_global(batch: dict, mesh) -> dict:
-    """One host batch -> global jax.Arrays (assembled across hosts); metadata stays on the host."""
-    shards = batch_shardings(batch, mesh)
+    """One host batch -> global jax.Arrays, this host's rows forming block process_index of
+    each (`device_batch`); metadata stays on the host."""
+    shards = device_batch.batch_shardings(batch, mesh)
     out = {}
     for key, x in batch.items():
         if key not in shards:
             out[key] = x
             continue
-        axis = BATCH_AXIS.get(key, 0)
-        global_shape = list(x.shape)
-        global_shape[axis] *= jax.process_count()
-        spec = shards[key].spec
-        n = int(np.prod([mesh.shape[a] for a in jax.tree.leaves(spec[axis])])) if spec[axis] else 1
-        if global_shape[axis] % n:
-            raise ConfigError(
-                f"data.batch_size={global_shape[axis]} is not divisible by the {n} devices of mesh axes {spec[axis]}"
-            )
-        out[key] = jax.make_array_from_process_local_data(shards[key], x, tuple(global_shape))
+        global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+        rows = shards[key].spec[0]
+        n = int(np.prod([mesh.shape[a] for a in jax.tree.leaves(rows)])) if rows else 1
+        if global_shape[0] % n:
+            raise ConfigError(f"data.batch_size={global_shape[0]} is not divisible by the {n} devices of mesh axes {rows}")
+        _check_host_block(shards[key], global_shape)
+        out[key] = jax.make_array_from_process_local_data(shards[key], x, global_shape)
     return out
 
 
-def global_batches(dataset: PipelineDataset | PipelineIterator, mesh) -> Iterator[dict]:
-    """Global batches, one per host batch pulled from `dataset` (pass the iterator itself to be
-    able to checkpoint it: nothing is read ahead, so its state is always that of the last batch)."""
-    it = iter(dataset)
-    for batch in it:
-        yield to_global(batch, mesh)
+def _check_host_block(sharding: jax.sharding.NamedSharding, global_shape: tuple[int, ...]) -> None:
+    """The rows of this process's devices must be block process_index of the global batch: the
+    rows its pipeline read (`global_stream`)."""
+    per_host, me = global_shape[0] // jax.process_count(), jax.process_index()
+    held = sorted({s[0].indices(global_shape[0])[:2] for s in sharding.addressable_devices_indices_map(global_shape).values()})
+    want = (me * per_host, (me + 1) * per_host)
+    if (held[0][0], held[-1][1]) != want or any(a[1] != b[0] for a, b in zip(held, held[1:])):
+        raise ConfigError(
+            f"process {me}'s devices hold rows {held} of the global batch, not the block [{want[0]}, {want[1]}) "
+            "its input pipeline reads: order the mesh's devices by process along the 'data' and 'fsdp' axes"
+        )

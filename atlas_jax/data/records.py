@@ -13,7 +13,8 @@ Every record is validated when it is decoded, so a bad one is rejected with a `B
 naming the source (file or dataset split), the record and the field, never turned into a silent
 wrong batch. Rules (`validate_sample`):
 
-- all text fields are `str`; `question`, `response` and `answer` are non-empty;
+- all text fields are `str` that UTF-8 can encode (no lone surrogates); `question`, `response` and
+  `answer` are non-empty;
 - `images` is a list of images that open AND fully decode (`Image.open` + `verify()` + `load()`,
   with `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` left False, so a truncated PNG/JPEG raises instead of
   decoding partially); at least `min_images` of them (default 1: every question is about an image;
@@ -195,8 +196,13 @@ def validate_sample(
         return BadRecordError(source, index, field, problem)
 
     for field in TEXT_FIELDS:
-        if not isinstance(getattr(sample, field), str):
-            raise bad(field, f"wrong type: expected a string, got {type(getattr(sample, field)).__name__}")
+        value = getattr(sample, field)
+        if not isinstance(value, str):
+            raise bad(field, f"wrong type: expected a string, got {type(value).__name__}")
+        try:  # JSON can spell a lone surrogate ("\ud800"), which no UTF-8 writer or tokenizer accepts
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise bad(field, f"invalid text: {e.reason} (character {e.start}, {value[e.start]!r})") from e
     for field in ("question", "response", "answer"):
         if not getattr(sample, field).strip():
             raise bad(field, "empty: a non-blank string is required")

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from array_record.python.array_record_module import ArrayRecordReader
 from etils import epath
 
 from atlas_jax.data import jsonl
@@ -262,13 +263,19 @@ def build_user_dataset(
 # ---------------------------------------------------------------- reading
 
 
+class StoredDatasetError(RuntimeError):
+    """A stored dataset file that cannot be read (truncated or corrupted on disk); the message names
+    it and says how to rebuild the dataset."""
+
+
 class RecordSource(Sequence):
     """Random access to one stored split: `len()`, `[i]` -> record dict (str text fields,
     `images` a list of encoded bytes). Picklable, so Grain workers can hold it."""
 
-    def __init__(self, data_source, source: str):
+    def __init__(self, data_source, source: str, rebuild: str):
         self._data_source = data_source
         self.source = source  # For error messages: 'atlas_synthetic/tiny:train'.
+        self.rebuild = rebuild  # How to rebuild the dataset, for errors about its files.
 
     def __len__(self) -> int:
         return len(self._data_source)
@@ -280,14 +287,18 @@ class RecordSource(Sequence):
         if not -size <= index < size:
             # IndexError (the sequence protocol), not the ValueError ArrayRecord raises.
             raise IndexError(f"{self.source}: index {index} out of range for {size} records")
-        return _to_record(self._data_source[index % size])
+        return self.__getitems__([index % size])[0]
 
     def __iter__(self) -> Iterator[dict]:
         for index in range(len(self)):
-            yield _to_record(self._data_source[index])
+            yield self[index]
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict]:
-        return [_to_record(item) for item in self._data_source.__getitems__(list(indices))]
+        try:
+            items = self._data_source.__getitems__(list(indices))
+        except RuntimeError as e:  # ArrayRecord's 'Corrupted Riegeli/records file' on a damaged chunk
+            raise StoredDatasetError(f"{self.source}: a stored data file is corrupted ({e}); {self.rebuild}") from e
+        return [_to_record(item) for item in items]
 
     def __repr__(self) -> str:
         return f"RecordSource({self.source!r}, {len(self)} records)"
@@ -308,4 +319,24 @@ def load_split(data_dir: str, split: str, config: str = "tiny", *, dataset: str 
         data_source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as e:
         raise FileNotFoundError(f"cannot open split {split!r} of dataset {name!r} under {data_dir}: {e}") from e
-    return RecordSource(data_source, f"{name}:{split}")
+    builder = "build_user_dataset" if dataset == "atlas_user_data" else "build_synthetic"
+    rebuild = f"delete {data_source.dataset_info.data_dir} and rerun {builder} (or the job that builds it) to rebuild it"
+    _check_files(data_source.dataset_info.splits[split].file_instructions, rebuild)
+    return RecordSource(data_source, f"{name}:{split}", rebuild)
+
+
+def _check_files(file_instructions, rebuild: str) -> None:
+    """Raise StoredDatasetError naming the first data file whose ArrayRecord index does not open or
+    does not hold the records the dataset info lists: a truncated file loses its index (the footer),
+    so this catches it at open, reading only the footer, never a record."""
+    for instruction in file_instructions:
+        reader = ArrayRecordReader(instruction.filename)
+        readable = 0
+        if reader.ok():  # one that failed to open holds nothing to close (and close() re-raises)
+            readable = reader.num_records()
+            reader.close()
+        if readable != instruction.examples_in_shard:
+            raise StoredDatasetError(
+                f"{instruction.filename}: missing, truncated or corrupted ({readable} of {instruction.examples_in_shard} "
+                f"records readable); {rebuild}"
+            )

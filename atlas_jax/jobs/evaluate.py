@@ -22,61 +22,58 @@ from flax import nnx
 from PIL import Image
 
 from atlas_jax import builders, checkpoint, heatmaps, multihost, sampling
-from atlas_jax import functional_tokens as ft
 from atlas_jax import tokenizer as tokenizer_lib
-from atlas_jax.data import pipeline
+from atlas_jax.data import device_batch, pipeline
 from atlas_jax.rl import rewards
 
 log = logging.getLogger("atlas_jax")
 
 
-def evaluate(graphdef, params, tok, c: mlc.ConfigDict, workdir: str, mesh, *, tag: str, split: str | None = None) -> dict:
-    """Greedy-decodes `c.eval.num_per_task` prompts per task of `split`; returns (the same on
+def evaluate(graphdef, params, model_cfg, tok, tokens: tokenizer_lib.RunTokens, c: mlc.ConfigDict, workdir: str, mesh,
+             *, tag: str, split: str | None = None) -> dict:
+    """Greedy-decodes `c.eval.num_per_task` prompts per task of `split` with the model
+    `nnx.merge(graphdef, params)` (config `model_cfg`); returns (the same on
     every host) accuracy overall / per task and functional-token usage, which process 0 also
     writes, with every scored sample, to WORKDIR/eval_<tag>.json.
 
     Each host scores the prompts it fed (its own answers); the scored samples of all hosts are
-    gathered and put in the order of the eval stream, so the results do not depend on the number
-    of hosts. Heat maps: see `_HeatMaps`."""
+    gathered, batch by batch and host by host, which is the order of the eval stream, so the
+    results do not depend on the number of hosts. Heat maps: see `_HeatMaps`."""
     split = split or c.eval.split
-    model_cfg = graphdef_cfg(graphdef, params)
-    src = builders.source(c, workdir, split)
+    src = builders.load_split(c, workdir, split)
     picked, uids = _per_task(src, c.eval.num_per_task, c.eval.batch_size)
-    pcfg = builders.pipeline_config(c, model_cfg, fmt="rl", batch_size=c.eval.batch_size, shuffle=False, num_epochs=1)
+    pcfg = builders.make_pipeline_config(c, model_cfg, fmt="rl", batch_size=c.eval.batch_size, shuffle=False, num_epochs=1)
     ds = pipeline.make_dataset(_Subset(src, picked), tok, pcfg, model_cfg, source_name=f"{split} (eval subset)")
 
-    names = tuple(c.model.functional_tokens)
-    func_ids = tokenizer_lib.functional_token_ids(tok, ft.by_name(names))
-    stop = tuple(i for i in (tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")) if i is not None)
+    names, func_ids, stop = tokens.functional_names, tokens.functional_ids, tokens.stop_ids
     maps = _HeatMaps(c, model_cfg, names, workdir, tag)
     scfg = sampling.SamplingConfig(
-        max_new_tokens=c.eval.max_new_tokens, greedy=True, stop_ids=stop, pad_id=tok.pad_token_id or 0,
+        max_new_tokens=c.eval.max_new_tokens, greedy=True, stop_ids=stop, pad_id=tokens.pad_id,
         return_op_attention=maps.enabled,
     )
-    hosts, me = jax.process_count(), jax.process_index()
-    per_host = c.eval.batch_size // hosts
-    mine = []
+    me = jax.process_index()
+    mine = []  # per batch: this host's scored samples, its block of the global batch
     for k, host in enumerate(ds):
         batch = pipeline.to_global(host, mesh)
         out = sampling.generate(graphdef, params, batch, None, scfg)
-        tokens, mask = multihost.gather((out["tokens"], out["mask"]))
-        rows = multihost.host_rows(batch["input_ids"])  # global row of each host row
-        for j, r in enumerate(rows):
-            ids = tokens[r][mask[r]].tolist()
+        completions, mask = multihost.gather((out["tokens"], out["mask"]))
+        rows = multihost.own_rows(completions.shape[0])
+        scored = []
+        for j, (row_tokens, row_mask) in enumerate(zip(completions[rows], mask[rows])):
+            ids = row_tokens[row_mask].tolist()
             text = tok.decode([i for i in ids if i not in stop], skip_special_tokens=False)
-            mine.append({
-                # Host h's j-th record of batch k sits at this position of the eval stream
-                # (`pipeline.global_stream`: host h takes positions h, h + hosts, ...).
-                "position": (k * per_host + j) * hosts + me, "host": me,
-                "uid": str(host["uid"][j]), "task": host["task"][j], "answer": host["answer"][j], "completion": text,
-                "correct": rewards.accuracy_reward(text, host["answer"][j]),
+            scored.append({
+                "host": me, "uid": str(host["uid"][j]), "task": host["task"][j], "answer": host["answer"][j],
+                "completion": text, "correct": rewards.accuracy_reward(text, host["answer"][j]),
                 "functional": {name: ids.count(fid) for name, fid in zip(names, func_ids)},
             })
-        maps.collect(k, per_host, host, rows, out)
+        mine.append(scored)
+        maps.collect(k, host, out)
 
     # The padding of the last batch repeats earlier samples: each uid is scored once.
     samples, seen = [], set()
-    for row in sorted(sum(multihost.gather_objects(mine), []), key=lambda row: row["position"]):
+    everyone = multihost.gather_objects(mine)  # [host][batch][row]
+    for row in (row for per_batch in zip(*everyone) for scored in per_batch for row in scored):
         if row["uid"] not in seen:
             seen.add(row["uid"])
             samples.append(row)
@@ -103,8 +100,12 @@ def evaluate(graphdef, params, tok, c: mlc.ConfigDict, workdir: str, mesh, *, ta
     return results
 
 
-def graphdef_cfg(graphdef, params):
-    return nnx.merge(graphdef, params).cfg
+def evaluate_and_log(writer, step: int, *args, **kwargs) -> dict:
+    """`evaluate(*args, **kwargs)`, its results written to `writer` at `step` as `eval/...`;
+    returns them with that prefix."""
+    results = {f"eval/{k}": v for k, v in evaluate(*args, **kwargs).items()}
+    writer.write(step, results)
+    return results
 
 
 def _per_task(src, num_per_task: int, batch_size: int) -> tuple[list[int], dict[str, int]]:
@@ -153,18 +154,21 @@ class _HeatMaps:
         self.dir = os.path.join(workdir, "heatmaps")
         self.generated: dict[str, tuple] = {}  # uid -> (image, grid_thw, op[N], attention[N, P]) on process 0
 
-    def collect(self, k: int, per_host: int, host: dict, rows, out: dict) -> None:
-        """Keeps process 0's first samples' images and op attention. A collective (every host
-        calls it for every batch); only the first batches, which hold those samples, gather."""
+    def collect(self, k: int, host: dict, out: dict) -> None:
+        """Keeps process 0's first samples' images and op attention from batch k (`host`: this
+        process's host batch). A collective (every host calls it for every batch); only the
+        first batches, which hold those samples, gather."""
+        per_host = len(host["uid"])
         if not self.enabled or k * per_host >= self.c.eval.heatmaps:
             return
         op, attn = multihost.gather((out["op"], out["op_attention"]))
         if jax.process_index() != 0:
             return
-        for j, r in enumerate(rows):
+        rows = multihost.own_rows(op.shape[0])
+        for j, (row_op, row_attn) in enumerate(zip(op[rows], attn[rows])):
             uid = str(host["uid"][j])
             if len(self.generated) < self.c.eval.heatmaps and uid not in self.generated:
-                self.generated[uid] = (_first_image(host, j), host["grid_thw"][j][0], op[r], attn[r])
+                self.generated[uid] = (_first_image(host, j), host["grid_thw"][j][0], row_op, row_attn)
 
     def draw(self, graphdef, params, tok, src, uids: dict[str, int], samples: list[dict], mesh) -> None:
         """Writes the maps of process 0's first samples (`samples`: every host's, gathered)."""
@@ -201,7 +205,7 @@ class _HeatMaps:
         c = self.c
         per_host = c.eval.batch_size // jax.process_count()
         cfg = dataclasses.replace(
-            builders.pipeline_config(c, self.model_cfg, fmt="sft", batch_size=per_host, shuffle=False, num_epochs=1),
+            builders.make_pipeline_config(c, self.model_cfg, fmt="sft", batch_size=per_host, shuffle=False, num_epochs=1),
             sft_target="trajectory", pad_to_multiple=0,
         )
         forced = {}
@@ -213,20 +217,20 @@ class _HeatMaps:
                                                    process_index=0, process_count=1)))
             batch = pipeline.to_global(host, mesh)
             with jax.set_mesh(mesh):
-                ops = multihost.gather(_op_attention(graphdef, params, sampling.model_inputs(batch)))
-            if jax.process_index() == 0:
-                for j, r in enumerate(multihost.host_rows(batch["input_ids"])[: len(chunk)]):
+                ops = multihost.gather(_op_attention(graphdef, params, device_batch.model_inputs(batch)))
+            if jax.process_index() == 0:  # its block is rows [0, per_host) of the global batch
+                for j in range(len(chunk)):
                     forced[str(host["uid"][j])] = (
-                        _first_image(host, j), host["grid_thw"][j][0], ops["op"][r], ops["attn"][r], ops["position"][r])
+                        _first_image(host, j), host["grid_thw"][j][0], ops["op"][j], ops["attn"][j], ops["position"][j])
         return forced
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _op_attention(graphdef, params, inputs: dict) -> dict:
-    """The visual-op modules' aux of a full forward: attn float32[B, M, P], op / position int32[B, M]."""
-    model = nnx.merge(graphdef, params)
-    _, _, aux = model(inputs["input_ids"], inputs["positions"], inputs["attention_mask"],
-                      pixel_values=inputs["pixel_values"], vision=inputs["vision"])
+def _op_attention(graphdef, params, inputs: tuple[tuple, dict]) -> dict:
+    """The visual-op modules' aux of a full forward on `device_batch.model_inputs`:
+    attn float32[B, M, P], op / position int32[B, M]."""
+    args, kw = inputs
+    _, _, aux = nnx.merge(graphdef, params)(*args, **kw)
     return aux["ops"]
 
 
@@ -244,14 +248,16 @@ def _first_image(host, r) -> Image.Image:
 
 
 def main(c: mlc.ConfigDict, workdir: str) -> dict:
-    mesh = builders.mesh(c)
+    mesh = builders.make_mesh(c)
     builders.build_data(c, workdir)
-    tok = builders.tokenizer(c, workdir)
-    model = builders.model(c, tok, mesh)
+    tok = builders.make_tokenizer(c, workdir)
+    tokens = tokenizer_lib.RunTokens.of(tok, c.model.functional_tokens)
+    model = builders.make_model(c, tok, tokens, mesh)
+    model_cfg = model.cfg
     graphdef, params = nnx.split(model)
-    source = workdir if checkpoint.Checkpointer(workdir).latest_step() is not None else c.checkpoint.init_from
+    with checkpoint.Checkpoints(workdir, read_only=True) as own:
+        source = workdir if own.latest_step() is not None else c.checkpoint.init_from
     if source:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
-        params = checkpoint.init_from(source, abstract)
+        params = checkpoint.init_from(source, checkpoint.abstract(params))
         log.info("evaluating the parameters of %s", source)
-    return evaluate(graphdef, params, tok, c, workdir, mesh, tag="final")
+    return evaluate(graphdef, params, model_cfg, tok, tokens, c, workdir, mesh, tag="final")

@@ -3,7 +3,9 @@
     python -m atlas_jax.main --config=configs/atlas_synthetic.py --workdir=/tmp/atlas
 
 Stages run in WORKDIR/sft and WORKDIR/la_grpo (each resumable on its own: rerunning the
-command skips finished work) over one shared dataset in WORKDIR/data. At the end it prints a
+command skips finished work) over one shared dataset in WORKDIR/data. Each stage's config is the
+recipe's with its `stages.<job>` settings applied (`run_config.stage`), e.g. the RL stage's
+`stages.la_grpo.optim.lr`. At the end it prints a
 table of held-out accuracy per task and functional-token usage for the SFT and the LA-GRPO
 checkpoints, writes it to WORKDIR/results.md, and draws the curves in WORKDIR/plots/.
 """
@@ -22,10 +24,6 @@ from atlas_jax import plots, run_config
 from atlas_jax.jobs import la_grpo, sft
 
 log = logging.getLogger("atlas_jax")
-
-
-def _stage(c: mlc.ConfigDict, job: str, **overrides) -> mlc.ConfigDict:
-    return run_config.apply_overrides(c, {"job": job, **overrides}, where=f"recipe stage {job}")
 
 
 def _latest_eval(workdir: str, prefix: str) -> dict | None:
@@ -54,15 +52,18 @@ def main(c: mlc.ConfigDict, workdir: str) -> dict:
     sft_dir, rl_dir = os.path.join(workdir, "sft"), os.path.join(workdir, "la_grpo")
 
     # ------------------------------------------------------------------ SFT
-    log.info("== stage 1/2: SFT (%d steps) in %s", c.train.steps, sft_dir)
-    sft.main(_stage(c, "sft", **{"data.data_dir": data_dir}), sft_dir)
+    sft_c = run_config.stage(c, "sft", **{"data.data_dir": data_dir})
+    log.info("== stage 1/2: SFT (%d steps) in %s", sft_c.train.steps, sft_dir)
+    sft.main(sft_c, sft_dir)
 
     # ------------------------------------------------------------------ LA-GRPO
-    log.info("== stage 2/2: LA-GRPO (%d rollout batches, alpha=%g) in %s", c.rl.steps, c.rl.alpha, rl_dir)
-    la_grpo.main(_stage(c, "la_grpo", **{"data.data_dir": data_dir, "rl.init_from": sft_dir}), rl_dir)
+    rl_c = run_config.stage(c, "la_grpo", **{"data.data_dir": data_dir, "checkpoint.init_from": sft_dir})
+    alpha = rl_c.rl.loss.alpha
+    log.info("== stage 2/2: LA-GRPO (%d rollout batches, alpha=%g) in %s", rl_c.train.steps, alpha, rl_dir)
+    la_grpo.main(rl_c, rl_dir)
 
     # ------------------------------------------------------------------ results
-    results = {"SFT": _latest_eval(sft_dir, "sft"), "LA-GRPO" if c.rl.alpha > 0 else "GRPO": _latest_eval(rl_dir, "rl")}
+    results = {"SFT": _latest_eval(sft_dir, "sft"), "LA-GRPO" if alpha > 0 else "GRPO": _latest_eval(rl_dir, "rl")}
     results = {k: v for k, v in results.items() if v is not None}
     table = results_table(results)
     if jax.process_index() == 0:

@@ -19,6 +19,7 @@ import ml_collections as mlc
 from flax import nnx
 
 from atlas_jax import builders, checkpoint, metrics as metrics_lib, multihost, sharding as shd
+from atlas_jax import tokenizer as tokenizer_lib
 from atlas_jax.data import pipeline
 from atlas_jax.jobs import evaluate
 from atlas_jax.train import optimizer, sft, train_state
@@ -29,46 +30,37 @@ log = logging.getLogger("atlas_jax")
 def main(c: mlc.ConfigDict, workdir: str) -> dict:
     """Trains for `c.train.steps` steps; returns the last step's metrics."""
     # ------------------------------------------------------------------ mesh
-    mesh = builders.mesh(c)
+    mesh = builders.make_mesh(c)
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
 
     # ------------------------------------------------------------------ data
     builders.build_data(c, workdir)
-    tok = builders.tokenizer(c, workdir)
+    tok = builders.make_tokenizer(c, workdir)
+    tokens = tokenizer_lib.RunTokens.of(tok, c.model.functional_tokens)
 
     # ------------------------------------------------------------------ model / optimizer
-    model = builders.model(c, tok, mesh)
+    model = builders.make_model(c, tok, tokens, mesh)
     log.info("parameters:\n%s", shd.describe(nnx.state(model)))
-    tx_kw = dict(lr=c.optim.lr, warmup_steps=c.optim.warmup_steps, total_steps=c.train.steps)
-    frozen = ("vision",) if c.optim.freeze_vision else ()
-    tx = optimizer.make_optimizer(
-        nnx.state(model), weight_decay=c.optim.weight_decay, b1=c.optim.b1, b2=c.optim.b2,
-        clip_norm=c.optim.clip_norm, frozen=frozen, **tx_kw,
-    )
-    graphdef, state, state_sh = train_state.create(model, tx, mesh, seed=c.seed)
+    tx, lr_schedule = optimizer.from_config(nnx.state(model), c.optim, total_steps=c.train.steps)
+    graphdef, state, state_sh = train_state.create(model, tx, mesh)
     model_cfg = model.cfg
     n_params = builders.num_params(model)
     del model
 
     train_ds = pipeline.make_dataset(
-        builders.source(c, workdir, "train"), tok, builders.pipeline_config(c, model_cfg, fmt="sft"), model_cfg
+        builders.load_split(c, workdir, "train"), tok, builders.make_pipeline_config(c, model_cfg, fmt="sft"), model_cfg
     )
     data_it = iter(train_ds)
 
     # ------------------------------------------------------------------ checkpoint / resume
-    ckpt = checkpoint.Checkpointer(workdir, keep=c.checkpoint.keep, save_every=c.checkpoint.every, async_save=c.checkpoint.async_save)
+    ckpt = checkpoint.Checkpoints(workdir, keep=c.checkpoint.keep, save_every=c.checkpoint.every, async_save=c.checkpoint.async_save)
     start = ckpt.latest_step()
     if start is not None:
-        state, data_state, _ = ckpt.restore(start, train_state.abstract_state(state, state_sh))
-        if data_state is not None:
-            pipeline.restore(data_it, data_state)
+        state, _ = ckpt.restore(start, checkpoint.abstract(state), data_it)
         log.info("resumed from step %d in %s", start, workdir)
     elif c.checkpoint.init_from:
-        params = checkpoint.init_from(c.checkpoint.init_from, jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state.params, state_sh.params))
-        state = state._replace(params=params)
+        state = state._replace(params=checkpoint.init_from(c.checkpoint.init_from, checkpoint.abstract(state.params)))
         log.info("initialised parameters from %s", c.checkpoint.init_from)
-    preempted = checkpoint.install_sigterm_handler()
     _save_config(c, workdir)
 
     # ------------------------------------------------------------------ step
@@ -77,7 +69,7 @@ def main(c: mlc.ConfigDict, workdir: str) -> dict:
     batch_sh = {k: v.sharding for k, v in batch.items()}
     step_fn = sft.make_train_step(
         graphdef, tx, state_sharding=state_sh, batch_sharding=batch_sh, grad_accum=c.optim.grad_accum,
-        lr_schedule=optimizer.schedule(**tx_kw),
+        lr_schedule=lr_schedule,
     )
     with jax.set_mesh(mesh):
         mem = step_fn.lower(state, batch).compile().memory_analysis()
@@ -101,22 +93,21 @@ def main(c: mlc.ConfigDict, workdir: str) -> dict:
         perf = progress.update(step, last, _count_tokens(batch["attention_mask"]))
         if perf:
             writer.write(step, {**last, **perf})
-        ckpt.save(step, state, data_state=pipeline.pipeline_state(data_it), config=c.to_dict())
-        if preempted.should_stop() or step == c.train.stop_at:
-            log.warning("stopping at step %d (%s): saving", step, "preempted" if preempted.requested else "train.stop_at")
+        ckpt.save(step, state, data_it, c)
+        if c.eval.every and step % c.eval.every == 0 and step < c.train.steps:
+            evaluate.evaluate_and_log(writer, step, graphdef, state.params, model_cfg, tok, tokens, c, workdir, mesh, tag=f"sft_step{step}")
+        if (preempted := ckpt.reached_preemption(step)) or step == c.train.stop_at:
+            log.warning("stopping at step %d (%s): saving", step, "preempted" if preempted else "train.stop_at")
             break
         if step < c.train.steps:
             host_batch = next(data_it)
             batch = _device(pipeline.to_global(host_batch, mesh))
 
     # ------------------------------------------------------------------ final save, evaluation
-    ckpt.save(step, state, data_state=pipeline.pipeline_state(data_it), config=c.to_dict(), force=True)
+    ckpt.save(step, state, data_it, c, force=True)
     ckpt.close()
-    preempted.uninstall()
     if step >= c.train.steps and c.eval.num_per_task > 0:
-        results = evaluate.evaluate(graphdef, state.params, tok, c, workdir, mesh, tag=f"sft_step{step}")
-        writer.write(step, {f"eval/{k}": v for k, v in results.items()})
-        last.update({f"eval/{k}": v for k, v in results.items()})
+        last.update(evaluate.evaluate_and_log(writer, step, graphdef, state.params, model_cfg, tok, tokens, c, workdir, mesh, tag=f"sft_step{step}"))
     writer.close()
     return last
 

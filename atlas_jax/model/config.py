@@ -13,6 +13,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from atlas_jax.model.layers import ACTIVATIONS
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -121,14 +123,6 @@ class ModelConfig:
     def __post_init__(self):
         self.validate()
 
-    @property
-    def compute_dtype(self):
-        return DTYPES[self.dtype]
-
-    @property
-    def weight_dtype(self):
-        return DTYPES[self.param_dtype]
-
     def validate(self) -> None:
         t, v, ops = self.text, self.vision, self.visual_ops
         for name in ("dtype", "param_dtype"):
@@ -150,6 +144,9 @@ class ModelConfig:
             raise ConfigError(
                 f"vision.out_hidden_size={v.out_hidden_size} must equal text.hidden_size={t.hidden_size}"
             )
+        for tower, act in (("text", t.hidden_act), ("vision", v.hidden_act)):
+            if not isinstance(act, str) or act not in ACTIVATIONS:
+                raise ConfigError(f"{tower}.hidden_act={act!r} (the {tower} tower's MLP): expected one of {sorted(ACTIVATIONS)}")
         if any(not 0 <= i < v.depth for i in v.fullatt_block_indexes):
             raise ConfigError(f"vision.fullatt_block_indexes={v.fullatt_block_indexes} out of range [0, {v.depth})")
         if ops.mode not in ("module", "vocab"):
@@ -167,63 +164,114 @@ class ModelConfig:
     # ------------------------------------------------------------------ HF config.json
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides) -> ModelConfig:
-        """Builds a config from a Hugging Face Qwen2.5-VL `config.json` dict."""
+        """Builds a config from a Hugging Face Qwen2.5-VL `config.json` dict.
+
+        Every field read is type-checked here, so a malformed file is rejected naming `source` and
+        the field, never with a raw TypeError later."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: a JSON {type(d).__name__}, expected an object of config fields")
         if d.get("model_type") != "qwen2_5_vl":
             raise ConfigError(
                 f"{source}: model_type={d.get('model_type')!r}, expected 'qwen2_5_vl' (a Qwen2.5-VL checkpoint)"
             )
-        td = dict(d.get("text_config") or {})
+
+        def section(dct, key, where=""):
+            value = dct.get(key) or {}
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {where}{key} is a {type(value).__name__}, expected a JSON object")
+            return dict(value)
+
+        def integer(dct, key, where, default=None, minimum=1):
+            value = dct.get(key)
+            value = default if value is None else value
+            if value is None:
+                raise ConfigError(f"{source}: missing field {where}{key}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"{source}: {where}{key}={value!r}, expected an integer >= {minimum}")
+            return value
+
+        def integers(dct, key, where, default=None, minimum=1):
+            value = dct.get(key, default)
+            if value is None:
+                raise ConfigError(f"{source}: missing field {where}{key}")
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{source}: {where}{key}={value!r}, expected a list of integers")
+            return tuple(integer({key: x}, key, where, minimum=minimum) for x in value)
+
+        def number(dct, key, where, default):
+            value = dct.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"{source}: {where}{key}={value!r}, expected a positive number")
+            return float(value)
+
+        td = section(d, "text_config")
         for k, val in d.items():  # released checkpoints keep text fields at the top level
             if k not in ("text_config", "vision_config"):
                 td.setdefault(k, val)
-        vd = dict(d.get("vision_config") or {})
-        rope = td.get("rope_parameters") or td.get("rope_scaling") or {}
+        vd = section(d, "vision_config")
+        rope_key = "rope_parameters" if td.get("rope_parameters") else "rope_scaling"
+        rope = section(td, rope_key)
+        type_key = "rope_type" if "rope_type" in rope else "type"
+        if rope.get(type_key, "default") not in ("default", "mrope"):
+            # Qwen2.5-VL is released with plain M-RoPE; its authors advise against YaRN (it degrades
+            # temporal and spatial grounding), so no scaled frequencies are built and none are ignored.
+            raise ConfigError(
+                f"{source}: {rope_key}.{type_key}={rope[type_key]!r} is not supported: only Qwen2.5-VL's "
+                "unscaled M-RoPE ('default' or 'mrope'); remove the rope scaling to load this checkpoint"
+            )
         if td.get("use_sliding_window"):
             raise ConfigError(f"{source}: use_sliding_window=true is not supported (Qwen2.5-VL does not use it)")
+        ties = {where: dct.get("tie_word_embeddings", False) for where, dct in (("", d), ("text_config.", td))}
+        for where, tie in ties.items():
+            if not isinstance(tie, bool):
+                raise ConfigError(f"{source}: {where}tie_word_embeddings={tie!r}, expected true or false")
 
-        def need(dct, key, where):
-            if key not in dct:
-                raise ConfigError(f"{source}: missing field {where}{key}")
-            return dct[key]
-
+        num_heads = integer(td, "num_attention_heads", "")
         text = TextConfig(
-            vocab_size=need(td, "vocab_size", ""),
-            hidden_size=need(td, "hidden_size", ""),
-            intermediate_size=need(td, "intermediate_size", ""),
-            num_layers=need(td, "num_hidden_layers", ""),
-            num_heads=need(td, "num_attention_heads", ""),
-            num_kv_heads=td.get("num_key_value_heads") or td["num_attention_heads"],
-            rms_norm_eps=td.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope.get("rope_theta", td.get("rope_theta", 1000000.0))),
-            mrope_section=tuple(need(rope, "mrope_section", "rope_scaling.")),
+            vocab_size=integer(td, "vocab_size", ""),
+            hidden_size=integer(td, "hidden_size", ""),
+            intermediate_size=integer(td, "intermediate_size", ""),
+            num_layers=integer(td, "num_hidden_layers", ""),
+            num_heads=num_heads,
+            num_kv_heads=integer(td, "num_key_value_heads", "", default=num_heads),
+            rms_norm_eps=number(td, "rms_norm_eps", "", 1e-6),
+            rope_theta=number(rope, "rope_theta", f"{rope_key}.", td.get("rope_theta", 1000000.0)),
+            mrope_section=integers(rope, "mrope_section", f"{rope_key}."),
             hidden_act=td.get("hidden_act", "silu"),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", td.get("tie_word_embeddings", False))),
-            max_position_embeddings=td.get("max_position_embeddings", 128000),
+            # transformers 5's rule: a tie flag inside text_config (older saves) ties too.
+            tie_word_embeddings=any(ties.values()),
+            max_position_embeddings=integer(td, "max_position_embeddings", "", 128000),
         )
-        vrope = vd.get("rope_parameters") or {}
+        v = "vision_config."
+        vrope = section(vd, "rope_parameters", v)
         vision = VisionConfig(
-            depth=need(vd, "depth", "vision_config."),
-            hidden_size=need(vd, "hidden_size", "vision_config."),
-            intermediate_size=need(vd, "intermediate_size", "vision_config."),
-            num_heads=need(vd, "num_heads", "vision_config."),
-            in_channels=vd.get("in_channels", vd.get("in_chans", 3)),
-            patch_size=vd.get("patch_size", 14),
-            temporal_patch_size=vd.get("temporal_patch_size", 2),
-            spatial_merge_size=vd.get("spatial_merge_size", 2),
-            window_size=vd.get("window_size", 112),
-            out_hidden_size=vd.get("out_hidden_size", text.hidden_size),
-            fullatt_block_indexes=tuple(vd.get("fullatt_block_indexes", (7, 15, 23, 31))),
+            depth=integer(vd, "depth", v),
+            hidden_size=integer(vd, "hidden_size", v),
+            intermediate_size=integer(vd, "intermediate_size", v),
+            num_heads=integer(vd, "num_heads", v),
+            in_channels=integer(vd, "in_channels", v, vd.get("in_chans", 3)),
+            patch_size=integer(vd, "patch_size", v, 14),
+            temporal_patch_size=integer(vd, "temporal_patch_size", v, 2),
+            spatial_merge_size=integer(vd, "spatial_merge_size", v, 2),
+            window_size=integer(vd, "window_size", v, 112),
+            out_hidden_size=integer(vd, "out_hidden_size", v, text.hidden_size),
+            fullatt_block_indexes=integers(vd, "fullatt_block_indexes", v, (7, 15, 23, 31), minimum=0),
             hidden_act=vd.get("hidden_act", "silu"),
-            rope_theta=float(vrope.get("rope_theta", 10000.0)),
-            tokens_per_second=vd.get("tokens_per_second", 2),
+            rope_theta=number(vrope, "rope_theta", f"{v}rope_parameters.", 10000.0),
+            tokens_per_second=integer(vd, "tokens_per_second", v, 2),
         )
         kw = dict(
             vision=vision,
             text=text,
-            image_token_id=d.get("image_token_id", 151655),
-            video_token_id=d.get("video_token_id", 151656),
-            vision_start_token_id=d.get("vision_start_token_id", 151652),
-            vision_end_token_id=d.get("vision_end_token_id", 151653),
+            **{
+                name: integer(d, name, "", default, minimum=0)
+                for name, default in (
+                    ("image_token_id", 151655),
+                    ("video_token_id", 151656),
+                    ("vision_start_token_id", 151652),
+                    ("vision_end_token_id", 151653),
+                )
+            },
         )
         kw.update(overrides)
         return cls(**kw)

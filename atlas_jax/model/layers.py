@@ -81,22 +81,25 @@ def tensordot_rows(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
     return y.reshape(*lead, *y.shape[1:])
 
 
-class RMSNorm(nnx.Module):
-    """RMSNorm computed in float32, as `transformers`' Qwen2 RMSNorm: scale * (x / rms(x)).
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """scale * (x / rms(x)) over the last axis, as `transformers`' Qwen2 RMSNorm: computed in
+    float32, the normalised value cast back to x's dtype before the scale (the reference
+    rounding in bfloat16). scale broadcasts against x."""
+    dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(dtype) * normed.astype(dtype)
 
-    The normalised value is cast back to the input dtype before the scale, matching the
-    reference rounding in bfloat16.
-    """
+
+class RMSNorm(nnx.Module):
+    """`rms_norm` with a learned scale float[dim]."""
 
     def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs, param_dtype=jnp.float32):
         self.eps = eps
         self.scale = param(rngs, nnx.initializers.ones, (dim,), ("norm",), param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = x.dtype
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...].astype(dtype) * normed.astype(dtype)
+        return rms_norm(x, self.scale[...], self.eps)
 
 
 class SwiGLU(nnx.Module):

@@ -35,11 +35,11 @@ def medium_1b(vocab_size: int = 65536, **kw) -> ModelConfig:
     )
 
 
-def qwen25vl_7b(**kw) -> ModelConfig:
+def qwen25vl_7b(vocab_size: int = 152064, **kw) -> ModelConfig:
     """Qwen2.5-VL-7B-Instruct's architecture (weights come from `from_hf`)."""
     return _build(
         VisionConfig(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584),
-        TextConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4),
+        TextConfig(vocab_size=vocab_size, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4),
         kw,
     )
 

@@ -69,11 +69,14 @@ def mrope_positions(
     return full
 
 
-def next_position(positions_3t: np.ndarray | jax.Array, attention_mask_t=None):
-    """The position index of the first token generated after a prompt: max over valid + 1."""
-    xp = jnp if isinstance(positions_3t, jax.Array) else np
-    p = positions_3t if attention_mask_t is None else xp.where(attention_mask_t, positions_3t, 0)
-    return p.max(axis=(0, -1)) + 1
+def next_position(positions_b3t: np.ndarray | jax.Array, attention_mask_bt=None):
+    """The position index of the first token generated after each prompt: max over valid + 1.
+
+    positions: int[..., 3, T] (one sequence or a batch); attention_mask: bool[..., T].
+    Returns int[...]."""
+    xp = jnp if isinstance(positions_b3t, jax.Array) else np
+    p = positions_b3t if attention_mask_bt is None else xp.where(attention_mask_bt[..., None, :], positions_b3t, 0)
+    return p.max(axis=(-2, -1)) + 1
 
 
 def inv_frequencies(head_dim: int, theta: float) -> jax.Array:
@@ -82,12 +85,12 @@ def inv_frequencies(head_dim: int, theta: float) -> jax.Array:
 
 
 def mrope_cos_sin(
-    positions_3bt: jax.Array, head_dim: int, theta: float, section: Sequence[int]
+    positions_b3t: jax.Array, head_dim: int, theta: float, section: Sequence[int]
 ) -> tuple[jax.Array, jax.Array]:
-    """cos, sin float32[B, T, head_dim] for M-RoPE position ids int[3, B, T]."""
-    freqs = positions_3bt[..., None].astype(jnp.float32) * inv_frequencies(head_dim, theta)  # [3, B, T, Dh/2]
+    """cos, sin float32[B, T, head_dim] for M-RoPE position ids int[B, 3, T]."""
+    freqs = positions_b3t[..., None].astype(jnp.float32) * inv_frequencies(head_dim, theta)  # [B, 3, T, Dh/2]
     bounds = np.cumsum((0,) + tuple(section))
-    chunks = [freqs[i % 3, ..., bounds[i] : bounds[i + 1]] for i in range(len(section))]
+    chunks = [freqs[:, i % 3, :, bounds[i] : bounds[i + 1]] for i in range(len(section))]
     freqs = jnp.concatenate(chunks, axis=-1)  # [B, T, Dh/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)

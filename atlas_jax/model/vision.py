@@ -21,8 +21,7 @@ from flax import nnx
 
 from atlas_jax.model.config import VisionConfig
 from atlas_jax.model.layers import Dense, RMSNorm, SwiGLU, apply_rotary, masked_softmax_attention
-
-LAYOUT_KEYS = ("window_index", "rope_hw", "full_segments", "window_segments", "unit_valid")
+from atlas_jax.model.vision_layout import LAYOUT_KEYS
 
 
 def segment_attention(q_bphe, k_bphe, v_bphe, seg_bp, scale: float, band: int | None = None) -> jax.Array:

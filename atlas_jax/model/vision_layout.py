@@ -25,6 +25,8 @@ import numpy as np
 from atlas_jax.model.config import VisionConfig
 
 Grid = tuple[int, int, int]
+# The arrays `vision_layout` returns, in every batch next to `pixel_values`.
+LAYOUT_KEYS = ("window_index", "rope_hw", "full_segments", "window_segments", "unit_valid")
 
 
 def _check_grid(grid: Sequence[int], i: int, merge: int) -> tuple[int, int, int]:

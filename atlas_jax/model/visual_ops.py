@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from atlas_jax.model.config import ModelConfig
-from atlas_jax.model.layers import param
+from atlas_jax.model.config import DTYPES, ModelConfig
+from atlas_jax.model.layers import param, rms_norm
 
 
 class ImageMemory(NamedTuple):
@@ -46,28 +46,22 @@ class ImageMemory(NamedTuple):
     slot: jax.Array
 
 
-def _rms(x, scale, eps=1e-6):
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return normed.astype(x.dtype) * scale.astype(x.dtype)
-
-
 class VisualOps(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         ops = cfg.visual_ops
         O, D, H, E = ops.num_ops, cfg.text.hidden_size, ops.num_heads, ops.head_dim
-        pd = cfg.weight_dtype
-        self.dtype = cfg.compute_dtype
+        param_dtype = DTYPES[cfg.param_dtype]
+        self.dtype = DTYPES[cfg.dtype]
         self.token_ids = tuple(ops.token_ids)
         self.max_positions = ops.max_positions
         init = nnx.initializers.normal(D**-0.5)
-        self.query_norm = param(rngs, nnx.initializers.ones, (O, D), ("ops", "norm"), pd)
-        self.image_norm = param(rngs, nnx.initializers.ones, (O, D), ("ops", "norm"), pd)
-        self.wq = param(rngs, init, (O, D, H, E), ("ops", "embed", "heads", "head_dim"), pd)
-        self.wk = param(rngs, init, (O, D, H, E), ("ops", "embed", "heads", "head_dim"), pd)
-        self.wv = param(rngs, init, (O, D, H, E), ("ops", "embed", "heads", "head_dim"), pd)
-        self.wo = param(rngs, nnx.initializers.normal((H * E) ** -0.5), (O, H, E, D), ("ops", "heads", "head_dim", "embed"), pd)
-        self.gate = param(rngs, nnx.initializers.zeros, (O,), ("ops",), pd)
+        self.query_norm = param(rngs, nnx.initializers.ones, (O, D), ("ops", "norm"), param_dtype)
+        self.image_norm = param(rngs, nnx.initializers.ones, (O, D), ("ops", "norm"), param_dtype)
+        self.wq = param(rngs, init, (O, D, H, E), ("ops", "embed", "heads", "head_dim"), param_dtype)
+        self.wk = param(rngs, init, (O, D, H, E), ("ops", "embed", "heads", "head_dim"), param_dtype)
+        self.wv = param(rngs, init, (O, D, H, E), ("ops", "embed", "heads", "head_dim"), param_dtype)
+        self.wo = param(rngs, nnx.initializers.normal((H * E) ** -0.5), (O, H, E, D), ("ops", "heads", "head_dim", "embed"), param_dtype)
+        self.gate = param(rngs, nnx.initializers.zeros, (O,), ("ops",), param_dtype)
 
     def op_index(self, tokens_bt: jax.Array) -> jax.Array:
         """int32[B, T]: the operation of each token, -1 for ordinary tokens."""
@@ -82,7 +76,7 @@ class VisualOps(nnx.Module):
 
     def image_memory(self, img_bpd: jax.Array, valid_bp: jax.Array, slot_bp: jax.Array) -> ImageMemory:
         x = img_bpd.astype(self.dtype)
-        xn_bpod = _rms(x[:, :, None, :], self.image_norm[...])
+        xn_bpod = rms_norm(x[:, :, None, :], self.image_norm[...], 1e-6)
         k = jnp.einsum("bpod,odhe->bpohe", xn_bpod, self.wk[...].astype(self.dtype))
         v = jnp.einsum("bpod,odhe->bpohe", xn_bpod, self.wv[...].astype(self.dtype))
         return ImageMemory(k, v, valid_bp, slot_bp)
@@ -118,7 +112,7 @@ class VisualOps(nnx.Module):
         onehot_bmo = jax.nn.one_hot(op_bm, O, dtype=self.dtype)  # all-zero rows where unused
 
         x_bmd = jnp.take_along_axis(h_btd, pos_bm[..., None], axis=1).astype(self.dtype)
-        xn_bmod = _rms(x_bmd[:, :, None, :], self.query_norm[...])
+        xn_bmod = rms_norm(x_bmd[:, :, None, :], self.query_norm[...], 1e-6)
         q_bmohe = jnp.einsum("bmod,odhe->bmohe", xn_bmod, self.wq[...].astype(self.dtype))
         q_bmhe = jnp.einsum("bmohe,bmo->bmhe", q_bmohe, onehot_bmo)
         # Scores against every operation's keys, then keep the position's own operation.

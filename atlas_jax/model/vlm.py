@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from atlas_jax.model.config import ModelConfig
+from atlas_jax.model.config import DTYPES, ModelConfig
 from atlas_jax.model.decoder import AttentionMask, DecoderLayer, LayerCache
 from atlas_jax.model.layers import Dense, RMSNorm, param, tensordot_rows
 from atlas_jax.model.rope import mrope_cos_sin
@@ -64,17 +64,17 @@ class VLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         t = cfg.text
-        dt, pd = cfg.compute_dtype, cfg.weight_dtype
-        self.vision = VisionTower(cfg.vision, rngs=rngs, dtype=dt, param_dtype=pd, remat=cfg.remat)
-        self.embed = Embed(t.vocab_size, t.hidden_size, rngs=rngs, dtype=dt, param_dtype=pd)
+        dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+        self.vision = VisionTower(cfg.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=cfg.remat)
+        self.embed = Embed(t.vocab_size, t.hidden_size, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.layers = nnx.List(
-            [DecoderLayer(t, rngs=rngs, dtype=dt, param_dtype=pd) for _ in range(t.num_layers)]
+            [DecoderLayer(t, rngs=rngs, dtype=dtype, param_dtype=param_dtype) for _ in range(t.num_layers)]
         )
-        self.final_norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, rngs=rngs, param_dtype=pd)
+        self.final_norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, rngs=rngs, param_dtype=param_dtype)
         self.lm_head = (
             None
             if t.tie_word_embeddings
-            else Dense((t.hidden_size,), (t.vocab_size,), ("embed", "vocab"), use_bias=False, rngs=rngs, dtype=dt, param_dtype=pd)
+            else Dense((t.hidden_size,), (t.vocab_size,), ("embed", "vocab"), use_bias=False, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         )
         self.visual_ops = VisualOps(cfg, rngs=rngs) if cfg.visual_ops.enabled else None
 
@@ -86,7 +86,7 @@ class VLM(nnx.Module):
     def init_cache(self, batch: int, length: int, dtype=None) -> Cache:
         """An empty cache of `length` slots (prompt + generated tokens)."""
         t = self.cfg.text
-        dtype = dtype or self.cfg.compute_dtype
+        dtype = dtype or DTYPES[self.cfg.dtype]
         shape = (batch, t.num_kv_heads, length, t.head_dim)
         layers = tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(t.num_layers))
         return Cache(layers, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32), None, jnp.zeros((batch,), jnp.int32))
@@ -101,28 +101,36 @@ class VLM(nnx.Module):
 
     def _empty_memory(self, batch: int) -> ImageMemory:
         o = self.cfg.visual_ops
-        z = jnp.zeros((batch, 0, o.num_ops, o.num_heads, o.head_dim), self.cfg.compute_dtype)
+        z = jnp.zeros((batch, 0, o.num_ops, o.num_heads, o.head_dim), DTYPES[self.cfg.dtype])
         return ImageMemory(z, z, jnp.zeros((batch, 0), bool), jnp.zeros((batch, 0), jnp.int32))
+
+    def output_head(self) -> jax.Array:
+        """The output head float[D, V] in the compute dtype (the embedding's transpose when tied)."""
+        if self.lm_head is None:
+            return self.embed.embedding[...].astype(DTYPES[self.cfg.dtype]).T
+        return self.lm_head.kernel[...].astype(DTYPES[self.cfg.dtype])
 
     # ------------------------------------------------------------------ forward
     def __call__(
         self,
         input_ids_bt: jax.Array,
-        positions_3bt: jax.Array,
+        positions_b3t: jax.Array,
         attention_mask_bt: jax.Array,
         *,
         pixel_values: jax.Array | None = None,
         vision: dict[str, jax.Array] | None = None,
         cache: Cache | None = None,
-        return_hidden: bool = False,
+        head: bool = True,
     ) -> tuple[jax.Array, Cache | None, dict]:
         """Logits float32[B, T, V] for every position, the updated cache, and aux outputs.
+        With head=False the final normed hidden states float[B, T, D] instead of logits: the
+        training losses apply `output_head()` a chunk at a time (`train.token_logprobs`).
 
-        input_ids_bt: int32[B, T]; positions_3bt: int32[3, B, T] M-RoPE ids;
+        input_ids_bt: int32[B, T]; positions_b3t: int32[B, 3, T] M-RoPE ids;
         attention_mask_bt: bool[B, T] (False = padding); pixel_values: float[B, Pp, C] with
         `vision` the layout arrays from `vision_layout.batch_vision_layout` (both None for
-        text-only batches and for decode steps). aux: 'ops' (visual-op attention, see
-        `VisualOps.__call__`), 'hidden' (final normed hidden states, if asked).
+        text-only batches and for decode steps). `device_batch.model_inputs` gives these
+        arguments from a batch. aux: 'ops' (visual-op attention, see `VisualOps.__call__`).
         """
         cfg = self.cfg
         B, T = input_ids_bt.shape
@@ -154,7 +162,7 @@ class VLM(nnx.Module):
                 memory = self._empty_memory(B)
 
         t = cfg.text
-        cos, sin = mrope_cos_sin(positions_3bt, t.head_dim, t.rope_theta, t.mrope_section)
+        cos, sin = mrope_cos_sin(positions_b3t, t.head_dim, t.rope_theta, t.mrope_section)
         layer_fn = nnx.remat(_run_layer) if cfg.remat else _run_layer
         aux = {}
         new_layers = []
@@ -165,17 +173,16 @@ class VLM(nnx.Module):
             if self.visual_ops is not None and i == cfg.visual_ops.layer:
                 x_btd, aux["ops"] = self.visual_ops(x_btd, op_tokens_bt, mask.query_slot, memory, seen)
 
-        h_btd = self.final_norm(x_btd)
-        logits = self.embed.attend(h_btd) if self.lm_head is None else self.lm_head(h_btd)
-        if return_hidden:
-            aux["hidden"] = h_btd
+        out = self.final_norm(x_btd)
+        if head:
+            out = (self.embed.attend(out) if self.lm_head is None else self.lm_head(out)).astype(jnp.float32)
         new_cache = None
         if cache is not None:
             seen = cache.functional_seen
             if self.visual_ops is not None:
                 seen = seen + self.visual_ops.count(op_tokens_bt)
             new_cache = Cache(tuple(new_layers), key_mask, index + T, memory, seen)
-        return logits.astype(jnp.float32), new_cache, aux
+        return out, new_cache, aux
 
 
 def create(cfg: ModelConfig, mesh, *, seed: int = 0, rules=None) -> VLM:

@@ -17,6 +17,7 @@ averaged over the batch's sampled functional-token positions only, weighted by a
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,8 @@ import numpy as np
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
+IMPORTANCE_LEVELS = ("token", "sequence")
+KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 # ---------------------------------------------------------------------------- advantages
@@ -76,48 +79,86 @@ def group_advantages(rewards_b, group_size: int, scale_rewards: str = "group", e
 
 @dataclasses.dataclass(frozen=True)
 class GRPOLossConfig:
-    """Static (hashable) loss configuration; pass it as a static argument to jax.jit.
+    """Static (hashable) loss configuration; the config section `rl.loss` maps onto it 1:1 (its
+    defaults are this class's), and `max_completion_length` is filled from `rl.sample`.
 
     loss_type: 'grpo' (per-sequence token mean, then mean over sequences), 'bnpo' (token mean over
-      the batch), 'dapo' (token sum / tokens in the global batch, `num_items`), 'dr_grpo'
+      the batch), 'dapo' (token sum / completion tokens in the global batch), 'dr_grpo'
       (token sum / (B * max_completion_length)).
     epsilon_low / epsilon_high: the clip range [1 - epsilon_low, 1 + epsilon_high] (DAPO: 0.2 / 0.28).
-    beta: weight of the k3 KL to the reference policy; 0 means no reference is needed.
+    beta: weight of the KL to the reference policy; 0 means no reference is needed.
     alpha: LA-GRPO anchor weight; 0 is plain GRPO, bit for bit.
+    importance_level: 'token' (one ratio per token, TRL's default) or 'sequence' (GSPO: the
+      length-normalised sequence ratio exp(mean_t(logp - old)), clipped per sequence). The anchor
+      term always uses per-token ratios: its point is a direct signal at functional positions.
+    kl_estimator: 'k1' (logp - ref), 'k2' ((logp - ref)^2 / 2) or 'k3' (exp(ref - logp) - (ref -
+      logp) - 1, unbiased and >= 0); each per-token value clamped to [-kl_clamp, kl_clamp] (bf16
+      log-probs can make exp(ref - logp) overflow).
+    entropy_coef: weight of an entropy bonus (loss -= entropy_coef * aggregated entropy); 0 = none.
     max_completion_length: dr_grpo's normaliser; None means the padded length T.
     """
 
     loss_type: str = "grpo"
     epsilon_low: float = 0.2
-    epsilon_high: float = 0.2
+    epsilon_high: float = 0.28
     beta: float = 0.0
     alpha: float = 0.0
+    importance_level: str = "token"
+    kl_estimator: str = "k3"
+    kl_clamp: float = 10.0
+    entropy_coef: float = 0.0
     max_completion_length: int | None = None
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"GRPOLossConfig.loss_type={self.loss_type!r}; expected one of {LOSS_TYPES}")
-        for name in ("epsilon_low", "epsilon_high", "beta", "alpha"):
+            raise ValueError(f"loss_type={self.loss_type!r}: expected one of {LOSS_TYPES}")
+        if self.importance_level not in IMPORTANCE_LEVELS:
+            raise ValueError(f"importance_level={self.importance_level!r}: expected one of {IMPORTANCE_LEVELS}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator={self.kl_estimator!r}: expected one of {KL_ESTIMATORS}")
+        if not self.kl_clamp > 0:
+            raise ValueError(f"kl_clamp={self.kl_clamp!r}: expected > 0")
+        for name in ("epsilon_low", "epsilon_high", "beta", "alpha", "entropy_coef"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"GRPOLossConfig.{name}={value!r}; expected a python float >= 0")
+                raise ValueError(f"{name}={value!r}: expected a python float >= 0")
         if self.epsilon_low >= 1:
-            raise ValueError(
-                f"GRPOLossConfig.epsilon_low={self.epsilon_low}; expected < 1 (the ratio floor 1-eps must stay > 0)"
-            )
+            raise ValueError(f"epsilon_low={self.epsilon_low}: expected < 1 (the ratio floor 1-eps must stay > 0)")
         mcl = self.max_completion_length
         if mcl is not None and (isinstance(mcl, bool) or not isinstance(mcl, int) or mcl < 1):
-            raise ValueError(f"GRPOLossConfig.max_completion_length={mcl!r}; expected a positive int or None")
+            raise ValueError(f"max_completion_length={mcl!r}: expected a positive int or None")
+
+
+class Rollouts(NamedTuple):
+    """What the loss treats as data about a batch of B completions of T padded tokens.
+
+    old_logp_bt: float[B, T] log-probs of the sampled tokens under the rollout policy.
+    advantages_b: float[B]. mask_bt: bool[B, T] completion tokens (no prompt, no padding).
+    functional_bt: bool[B, T] the sampled token is a functional token.
+    ref_logp_bt: float[B, T] reference-policy log-probs; required when beta > 0.
+    num_tokens: 'dapo' only: completion tokens in the global batch when the loss sees part of it
+      (gradient accumulation); None = this batch's mask sum.
+    """
+
+    old_logp_bt: jax.Array
+    advantages_b: jax.Array
+    mask_bt: jax.Array
+    functional_bt: jax.Array
+    ref_logp_bt: jax.Array | None = None
+    num_tokens: jax.Array | float | None = None
 
 
 # ---------------------------------------------------------------------------- per-token parts
 
 
-def per_token_surrogate(logp_bt, old_logp_bt, advantages_b, mask_bt, epsilon_low: float, epsilon_high: float):
+def per_token_surrogate(logp_bt, old_logp_bt, advantages_b, mask_bt, epsilon_low: float, epsilon_high: float,
+                        importance_level: str = "token"):
     """The clipped policy-gradient surrogate per token.
 
     logp_bt, old_logp_bt: float[B, T] log-probs of the sampled tokens under the current / rollout policy.
     advantages_b: float[B]. mask_bt: bool|float[B, T] (1 on completion tokens).
+    importance_level: 'token' (rho_t = exp(logp_t - old_t)) or 'sequence' (GSPO: every token of a
+      completion carries its sequence's rho = exp(masked mean of logp - old), as TRL broadcasts it).
     Returns (s_bt float32[B, T], rho_bt float32[B, T]); both are 0 / 1 at masked-out positions.
     old_logp and advantages are treated as data (stop_gradient), so passing old = logp for a
     single inner iteration gives the on-policy gradient.
@@ -128,24 +169,37 @@ def per_token_surrogate(logp_bt, old_logp_bt, advantages_b, mask_bt, epsilon_low
     # Select before exp: padded positions may hold -inf / garbage log-probs, and a masked
     # multiply afterwards would still propagate NaN into the gradient.
     log_ratio_bt = jnp.where(mask_bt, jnp.asarray(logp_bt, jnp.float32) - old_bt, 0.0)
+    if importance_level == "sequence":
+        count_b1 = jnp.maximum(jnp.sum(mask_bt, axis=-1, keepdims=True), 1).astype(jnp.float32)
+        log_ratio_bt = jnp.where(mask_bt, jnp.sum(log_ratio_bt, axis=-1, keepdims=True) / count_b1, 0.0)
     rho_bt = jnp.exp(log_ratio_bt)
     clipped_bt = jnp.clip(rho_bt, 1.0 - epsilon_low, 1.0 + epsilon_high)
     s_bt = -jnp.minimum(rho_bt * adv_b1, clipped_bt * adv_b1)
     return s_bt, rho_bt
 
 
-def per_token_kl(logp_bt, ref_logp_bt, mask_bt):
-    """k3 estimator exp(ref - logp) - (ref - logp) - 1 >= 0: float32[B, T], 0 at masked positions."""
+def per_token_kl(logp_bt, ref_logp_bt, mask_bt, estimator: str = "k3", clamp: float | None = None):
+    """Per-token estimate of KL(policy || reference) from the sampled tokens: float32[B, T], 0 at
+    masked positions. With d = ref - logp: k1 = -d, k2 = d^2 / 2, k3 = exp(d) - d - 1 (>= 0).
+    `clamp` bounds each value to [-clamp, clamp] (the gradient is 0 where it binds)."""
     mask_bt = jnp.asarray(mask_bt).astype(bool)
     ref_bt = jax.lax.stop_gradient(jnp.asarray(ref_logp_bt, jnp.float32))
     delta_bt = jnp.where(mask_bt, ref_bt - jnp.asarray(logp_bt, jnp.float32), 0.0)
-    return jnp.exp(delta_bt) - delta_bt - 1.0
+    if estimator == "k1":
+        kl_bt = -delta_bt
+    elif estimator == "k2":
+        kl_bt = 0.5 * delta_bt * delta_bt
+    elif estimator == "k3":
+        kl_bt = jnp.exp(delta_bt) - delta_bt - 1.0
+    else:
+        raise ValueError(f"kl estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
+    return kl_bt if clamp is None else jnp.clip(kl_bt, -clamp, clamp)
 
 
-def aggregate(per_token_bt, mask_bt, loss_type: str, max_completion_length: int | None = None, num_items=None):
+def aggregate(per_token_bt, mask_bt, loss_type: str, max_completion_length: int | None = None, num_tokens=None):
     """Reduce float[B, T] per-token losses to a scalar exactly as TRL's loss types do.
 
-    num_items (dapo only): completion tokens in the global batch across gradient-accumulation
+    num_tokens (dapo only): completion tokens in the global batch across gradient-accumulation
     micro-batches; default: this batch's mask sum (inside one jit over the global batch that is
     already the global count).
     """
@@ -156,7 +210,7 @@ def aggregate(per_token_bt, mask_bt, loss_type: str, max_completion_length: int 
     if loss_type == "bnpo":
         return jnp.sum(total_bt) / jnp.maximum(jnp.sum(m_bt), 1.0)
     if loss_type == "dapo":
-        n = jnp.sum(m_bt) if num_items is None else jnp.asarray(num_items, jnp.float32)
+        n = jnp.sum(m_bt) if num_tokens is None else jnp.asarray(num_tokens, jnp.float32)
         return jnp.sum(total_bt) / jnp.maximum(n, 1.0)
     if loss_type == "dr_grpo":
         length = per_token_bt.shape[1] if max_completion_length is None else max_completion_length
@@ -173,108 +227,114 @@ def anchor_term(s_bt, mask_bt, functional_bt):
     return jnp.sum(jnp.where(f_bt, s_bt, 0.0)) / jnp.maximum(count, 1.0), count
 
 
-# ---------------------------------------------------------------------------- the loss
+# ---------------------------------------------------------------------------- the two parts of the loss
 
 
-def _check_shapes(logp_bt, old_logp_bt, advantages_b, mask_bt, functional_bt, ref_logp_bt):
+def _surrogate(logp_bt, r: Rollouts, cfg: GRPOLossConfig, level: str | None = None):
+    return per_token_surrogate(logp_bt, r.old_logp_bt, r.advantages_b, r.mask_bt, cfg.epsilon_low, cfg.epsilon_high,
+                               level or cfg.importance_level)
+
+
+def _kl(logp_bt, r: Rollouts, cfg: GRPOLossConfig):
+    return per_token_kl(logp_bt, r.ref_logp_bt, r.mask_bt, cfg.kl_estimator, cfg.kl_clamp)
+
+
+def pg_part(logp_bt, r: Rollouts, cfg: GRPOLossConfig, entropy_bt=None) -> jax.Array:
+    """The GRPO loss: aggregate(s + beta * kl - entropy_coef * entropy) by `cfg.loss_type` (summed
+    per token before aggregating, as TRL does, so the rounding matches TRL's). entropy_bt: the
+    policy's per-token entropy (`grpo_loss` requires it when entropy_coef > 0)."""
+    s_bt, _ = _surrogate(logp_bt, r, cfg)
+    if cfg.beta > 0:
+        s_bt = s_bt + cfg.beta * _kl(logp_bt, r, cfg)
+    if cfg.entropy_coef > 0 and entropy_bt is not None:  # None: the term's d/dlogp alone (it does not depend on logp)
+        s_bt = s_bt - cfg.entropy_coef * jnp.asarray(entropy_bt, jnp.float32)
+    return aggregate(s_bt, r.mask_bt, cfg.loss_type, cfg.max_completion_length, r.num_tokens)
+
+
+def anchor_part(logp_bt, r: Rollouts, cfg: GRPOLossConfig) -> jax.Array:
+    """alpha * the LA-GRPO anchor (the per-token surrogate averaged over functional positions)."""
+    s_bt, _ = _surrogate(logp_bt, r, cfg, level="token")
+    return cfg.alpha * anchor_term(s_bt, r.mask_bt, r.functional_bt)[0]
+
+
+def _check(logp_bt, r: Rollouts, cfg: GRPOLossConfig, entropy_bt) -> None:
     if jnp.ndim(logp_bt) != 2:
         raise ValueError(f"logp_bt has shape {jnp.shape(logp_bt)}; expected float[B, T]")
     bt = jnp.shape(logp_bt)
-    named = {"old_logp_bt": old_logp_bt, "mask_bt": mask_bt, "functional_bt": functional_bt, "ref_logp_bt": ref_logp_bt}
-    for name, x in named.items():
+    for name, x in (*((n, getattr(r, n)) for n in ("old_logp_bt", "mask_bt", "functional_bt", "ref_logp_bt")),
+                    ("entropy_bt", entropy_bt)):
         if x is not None and jnp.shape(x) != bt:
             raise ValueError(f"{name} has shape {jnp.shape(x)}; expected {bt} like logp_bt")
-    if jnp.shape(advantages_b) != bt[:1]:
-        raise ValueError(f"advantages_b has shape {jnp.shape(advantages_b)}; expected ({bt[0]},), one per completion")
+    if cfg.entropy_coef > 0 and entropy_bt is None:
+        raise ValueError(f"GRPOLossConfig.entropy_coef={cfg.entropy_coef} > 0 needs entropy_bt (the policy's per-token entropy)")
+    if jnp.shape(r.advantages_b) != bt[:1]:
+        raise ValueError(f"advantages_b has shape {jnp.shape(r.advantages_b)}; expected ({bt[0]},), one per completion")
+    if cfg.beta > 0 and r.ref_logp_bt is None:
+        raise ValueError(f"GRPOLossConfig.beta={cfg.beta} > 0 needs ref_logp_bt (reference-policy log-probs); got None")
 
 
-def _logp_grad_norms(logp_bt, old_logp_bt, advantages_b, mask_bt, functional_bt, cfg, ref_logp_bt, num_items):
+def _logp_grad_norms(logp_bt, r: Rollouts, cfg: GRPOLossConfig) -> dict[str, jax.Array]:
     """How much of the gradient w.r.t. the token log-probs the anchor term contributes: norms of
-    d(aggregated GRPO loss)/dlogp and d(alpha * anchor)/dlogp, and share = anchor / (grpo + anchor).
+    d pg_part / dlogp and d anchor_part / dlogp, and share = anchor / (grpo + anchor).
     A cheap [B, T] elementwise diagnostic of dilution (the parameter-space share needs two backward
     passes through the model); zeros when alpha == 0."""
     zero = jnp.zeros((), jnp.float32)
     if cfg.alpha == 0:
         return {"grad_logp/grpo_norm": zero, "grad_logp/anchor_norm": zero, "anchor/grad_share_logp": zero}
-
-    def grpo_part(lp_bt):
-        s_bt, _ = per_token_surrogate(lp_bt, old_logp_bt, advantages_b, mask_bt, cfg.epsilon_low, cfg.epsilon_high)
-        if cfg.beta > 0:
-            s_bt = s_bt + cfg.beta * per_token_kl(lp_bt, ref_logp_bt, mask_bt)
-        return aggregate(s_bt, mask_bt, cfg.loss_type, cfg.max_completion_length, num_items)
-
-    def anchor_part(lp_bt):
-        s_bt, _ = per_token_surrogate(lp_bt, old_logp_bt, advantages_b, mask_bt, cfg.epsilon_low, cfg.epsilon_high)
-        return cfg.alpha * anchor_term(s_bt, mask_bt, functional_bt)[0]
-
     # stop_gradient: a diagnostic, so the outer differentiation never goes second order through it.
     lp_bt = jax.lax.stop_gradient(jnp.asarray(logp_bt, jnp.float32))
-    grpo_norm = jnp.linalg.norm(jax.grad(grpo_part)(lp_bt))
-    anchor_norm = jnp.linalg.norm(jax.grad(anchor_part)(lp_bt))
+    grpo_norm = jnp.linalg.norm(jax.grad(pg_part)(lp_bt, r, cfg))
+    anchor_norm = jnp.linalg.norm(jax.grad(anchor_part)(lp_bt, r, cfg))
     share = jnp.where(grpo_norm + anchor_norm > 0, anchor_norm / jnp.maximum(grpo_norm + anchor_norm, 1e-30), 0.0)
     return {"grad_logp/grpo_norm": grpo_norm, "grad_logp/anchor_norm": anchor_norm, "anchor/grad_share_logp": share}
 
 
-def grpo_loss(
-    logp_bt,
-    old_logp_bt,
-    advantages_b,
-    mask_bt,
-    functional_bt,
-    cfg: GRPOLossConfig,
-    ref_logp_bt=None,
-    num_items=None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """LA-GRPO loss = aggregate(s + beta * k3) + alpha * anchor(s).
+# ---------------------------------------------------------------------------- the loss
+
+
+def grpo_loss(logp_bt, rollouts: Rollouts, cfg: GRPOLossConfig, entropy_bt=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """LA-GRPO loss = pg_part + anchor_part = aggregate(s + beta * kl - entropy_coef * H) + alpha * anchor(s).
 
     logp_bt: float[B, T] current-policy log-probs of the sampled completion tokens (differentiated).
-    old_logp_bt: float[B, T] rollout-policy log-probs (data). advantages_b: float[B].
-    mask_bt: bool[B, T] completion tokens (no prompt, no padding). functional_bt: bool[B, T] sampled
-    token is a functional token. cfg: static. ref_logp_bt: float[B, T], required when cfg.beta > 0.
-    num_items: optional global completion-token count for 'dapo' under gradient accumulation
-      (ignored by the other loss types).
+    rollouts: the batch's data (see `Rollouts`). cfg: static. entropy_bt: float[B, T] the current
+    policy's entropy at each completion position (differentiated; needed when entropy_coef > 0,
+    reported as `entropy` whenever given).
     Returns (loss float32[], metrics: dict of stop-gradient float32[] scalars, no host syncs):
-      loss, pg_loss (aggregated surrogate), kl_loss (beta * aggregated k3), kl (masked mean k3; 0
-      without ref_logp_bt), anchor_loss (unweighted; reported for alpha = 0 too), num_functional,
+      loss, pg_loss (aggregated surrogate), kl_loss (beta * aggregated kl), kl (masked mean of the
+      configured estimator; 0 without ref_logp_bt), entropy (masked mean; 0 without entropy_bt),
+      entropy_loss (-entropy_coef * aggregated entropy), anchor_loss (unweighted; reported for alpha = 0 too), num_functional,
       functional_per_completion, clip_ratio/{low,high,region}_mean (TRL: masked fraction of tokens
       whose low / high clip is active given the sign of A), advantage/{mean,std,absmax} (std with
       ddof=0), ratio/mean, logp_gap/mean_abs, completion_tokens, grad_logp/{grpo,anchor}_norm and
       anchor/grad_share_logp (see `_logp_grad_norms`).
     """
-    _check_shapes(logp_bt, old_logp_bt, advantages_b, mask_bt, functional_bt, ref_logp_bt)
-    if cfg.beta > 0 and ref_logp_bt is None:
-        raise ValueError(f"GRPOLossConfig.beta={cfg.beta} > 0 needs ref_logp_bt (reference-policy log-probs); got None")
-    mask_bt = jnp.asarray(mask_bt).astype(bool)
+    r = rollouts
+    _check(logp_bt, r, cfg, entropy_bt)
+    mask_bt = jnp.asarray(r.mask_bt).astype(bool)
     m_bt = mask_bt.astype(jnp.float32)
-    agg = lambda x_bt: aggregate(x_bt, mask_bt, cfg.loss_type, cfg.max_completion_length, num_items)  # noqa: E731
+    agg = lambda x_bt: aggregate(x_bt, mask_bt, cfg.loss_type, cfg.max_completion_length, r.num_tokens)  # noqa: E731
 
-    s_bt, rho_bt = per_token_surrogate(logp_bt, old_logp_bt, advantages_b, mask_bt, cfg.epsilon_low, cfg.epsilon_high)
-    kl_bt = per_token_kl(logp_bt, ref_logp_bt, mask_bt) if ref_logp_bt is not None else None
-    # The loss is aggregated from the summed per-token loss, as TRL does, so it matches TRL's
-    # rounding; pg_loss / kl_loss are reported separately (aggregation is linear).
-    loss_bt = s_bt + cfg.beta * kl_bt if cfg.beta > 0 else s_bt
-    aggregated = agg(loss_bt)
-    anchor, num_functional = anchor_term(s_bt, mask_bt, functional_bt)
     # alpha is a static python float: alpha == 0 leaves the graph of plain GRPO untouched.
-    loss = aggregated if cfg.alpha == 0 else aggregated + cfg.alpha * anchor
-    grad_metrics = _logp_grad_norms(
-        logp_bt, old_logp_bt, advantages_b, mask_bt, functional_bt, cfg, ref_logp_bt, num_items
-    )
+    loss = pg_part(logp_bt, r, cfg, entropy_bt)
+    if cfg.alpha > 0:
+        loss = loss + anchor_part(logp_bt, r, cfg)
+    s_bt, rho_bt = _surrogate(logp_bt, r, cfg)
+    kl_bt = _kl(logp_bt, r, cfg) if r.ref_logp_bt is not None else None
+    anchor, num_functional = anchor_term(_surrogate(logp_bt, r, cfg, level="token")[0], mask_bt, r.functional_bt)
 
     tokens = jnp.maximum(jnp.sum(m_bt), 1.0)
     masked_mean = lambda x_bt: jnp.sum(jnp.where(mask_bt, x_bt, 0.0)) / tokens  # noqa: E731
-    adv_b1 = jnp.asarray(advantages_b, jnp.float32)[:, None]
-    old_bt = jnp.asarray(old_logp_bt, jnp.float32)
-    is_low_bt = (rho_bt < 1.0 - cfg.epsilon_low) & (adv_b1 < 0)
-    is_high_bt = (rho_bt > 1.0 + cfg.epsilon_high) & (adv_b1 > 0)
-    adv_b = adv_b1[:, 0]
+    adv_b = jnp.asarray(r.advantages_b, jnp.float32)
+    is_low_bt = (rho_bt < 1.0 - cfg.epsilon_low) & (adv_b[:, None] < 0)
+    is_high_bt = (rho_bt > 1.0 + cfg.epsilon_high) & (adv_b[:, None] > 0)
     zero = jnp.zeros((), jnp.float32)
-    sg = jax.lax.stop_gradient
     metrics = {
         "loss": loss,
         "pg_loss": agg(s_bt),
         "kl_loss": cfg.beta * agg(kl_bt) if cfg.beta > 0 else zero,
         "kl": masked_mean(kl_bt) if kl_bt is not None else zero,
+        "entropy": masked_mean(jnp.asarray(entropy_bt, jnp.float32)) if entropy_bt is not None else zero,
+        "entropy_loss": -cfg.entropy_coef * agg(jnp.asarray(entropy_bt, jnp.float32)) if cfg.entropy_coef > 0 else zero,
         "anchor_loss": anchor,
         "num_functional": num_functional,
         "functional_per_completion": num_functional / logp_bt.shape[0],
@@ -286,8 +346,8 @@ def grpo_loss(
         "advantage/absmax": jnp.max(jnp.abs(adv_b)),
         "ratio/mean": masked_mean(rho_bt),
         # Sampler-vs-trainer mismatch on the first inner iteration (afterwards it also holds the updates).
-        "logp_gap/mean_abs": masked_mean(jnp.abs(jnp.asarray(logp_bt, jnp.float32) - old_bt)),
+        "logp_gap/mean_abs": masked_mean(jnp.abs(jnp.asarray(logp_bt, jnp.float32) - jnp.asarray(r.old_logp_bt, jnp.float32))),
         "completion_tokens": jnp.sum(m_bt),
-        **grad_metrics,
+        **_logp_grad_norms(logp_bt, r, cfg),
     }
-    return loss, {k: sg(v) for k, v in metrics.items()}
+    return loss, {k: jax.lax.stop_gradient(v) for k, v in metrics.items()}

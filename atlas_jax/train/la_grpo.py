@@ -13,7 +13,6 @@ N completion tokens, V vocabulary.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -21,50 +20,39 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from atlas_jax.data.batching import LAYOUT_KEYS
+from atlas_jax.data.device_batch import model_inputs
 from atlas_jax.rl import losses
+from atlas_jax.train import token_logprobs
 from atlas_jax.train.train_state import TrainState
-
-
-@dataclasses.dataclass(frozen=True)
-class RLStepConfig:
-    """loss: the GRPO / LA-GRPO loss (alpha, beta, clipping, loss_type).
-    group_size: G completions per prompt (rollouts of one prompt are contiguous).
-    scale_rewards: 'group' | 'batch' | 'none'. anchor_share: also measure the anchor term's
-    share of the parameter-gradient norm (one extra backward pass)."""
-
-    loss: losses.GRPOLossConfig
-    group_size: int
-    scale_rewards: str = "group"
-    advantage_eps: float = 1e-4
-    functional_ids: tuple[int, ...] = ()
-    anchor_share: bool = True
 
 
 def rollout_logprobs(model, batch: dict, group_size: int) -> jax.Array:
     """float32[R, N]: log-probs of the completion tokens under `model`.
 
     batch: `input_ids` int32[R, Tp+N] (left-padded prompt, then completion), `attention_mask`,
-    `positions` int32[3, R, Tp+N], `completion_mask` bool[R, N]; images per PROMPT
+    `positions` int32[R, 3, Tp+N], `completion_mask` bool[R, N]; images per PROMPT
     (`pixel_values` [B, P, C] + layout arrays), repeated here for the G rollouts of each.
+    The output head runs only at the N positions that predict completion tokens, a chunk at a
+    time (`token_logprobs`).
     """
     ids = batch["input_ids"]
     N = batch["completion_mask"].shape[1]
-    kw = {}
-    if "pixel_values" in batch:
-        rep = lambda x: jnp.repeat(x, group_size, axis=0)  # noqa: E731
-        kw = dict(pixel_values=rep(batch["pixel_values"]), vision={k: rep(batch[k]) for k in LAYOUT_KEYS})
-    logits, _, _ = model(ids, batch["positions"], batch["attention_mask"], **kw)
-    logits_rnv = logits[:, -N - 1 : -1]  # position t predicts token t + 1
-    logp_rnv = jax.nn.log_softmax(logits_rnv.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp_rnv, ids[:, -N:, None], axis=-1)[..., 0]
+    args, images = model_inputs(batch)
+    images = jax.tree.map(lambda x: jnp.repeat(x, group_size, axis=0), images)
+    hidden, _, _ = model(*args, head=False, **images)
+    hidden_rnd = hidden[:, -N - 1 : -1]  # position t predicts token t + 1
+    return token_logprobs.target_logprobs(hidden_rnd, model.output_head(), ids[:, -N:])[0]
 
 
 def make_rl_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
-    cfg: RLStepConfig,
+    loss_cfg: losses.GRPOLossConfig,
     *,
+    group_size: int,
+    scale_rewards: str = "group",
+    functional_ids: tuple[int, ...] = (),
+    anchor_share: bool = True,
     state_sharding: Any,
     batch_sharding: Any,
     ref_sharding: Any = None,
@@ -74,32 +62,29 @@ def make_rl_step(
     batch adds to `rollout_logprobs`' inputs: `old_logprobs` float32[R, N] (from the sampler)
     and `rewards` float32[R]. ref_params: the frozen reference policy (None when beta == 0:
     its forward is skipped entirely).
+    group_size: G completions per prompt (rollouts of one prompt are contiguous);
+    scale_rewards: 'group' | 'batch' | 'none' (see `losses.group_advantages`); functional_ids:
+    the tokens the anchor term covers; anchor_share: also measure the anchor term's share of the
+    parameter-gradient norm (one extra backward pass, when alpha > 0).
     """
-    lc = cfg.loss
+    lc = loss_cfg
 
     def step(state: TrainState, ref_params, batch: dict):
         mask = batch["completion_mask"]
         tokens = batch["input_ids"][:, -mask.shape[1] :]
-        functional = jnp.isin(tokens, jnp.asarray(cfg.functional_ids, jnp.int32)) & mask if cfg.functional_ids else jnp.zeros_like(mask)
-        adv = losses.group_advantages(batch["rewards"], cfg.group_size, cfg.scale_rewards, cfg.advantage_eps)
+        functional = jnp.isin(tokens, jnp.asarray(functional_ids, jnp.int32)) & mask if functional_ids else jnp.zeros_like(mask)
+        adv = losses.group_advantages(batch["rewards"], group_size, scale_rewards)
         ref_logp = None
         if lc.beta > 0:
-            ref_logp = jax.lax.stop_gradient(rollout_logprobs(nnx.merge(graphdef, ref_params), batch, cfg.group_size))
+            ref_logp = jax.lax.stop_gradient(rollout_logprobs(nnx.merge(graphdef, ref_params), batch, group_size))
+        rollouts = losses.Rollouts(batch["old_logprobs"], adv, mask, functional, ref_logp)
 
-        logp, pull_back = jax.vjp(lambda p: rollout_logprobs(nnx.merge(graphdef, p), batch, cfg.group_size), state.params)
-
-        def loss_of(lp):
-            return losses.grpo_loss(lp, batch["old_logprobs"], adv, mask, functional, lc, ref_logp)
-
-        (loss, metrics), g_logp = jax.value_and_grad(loss_of, has_aux=True)(logp)
+        logp, pull_back = jax.vjp(lambda p: rollout_logprobs(nnx.merge(graphdef, p), batch, group_size), state.params)
+        (loss, metrics), g_logp = jax.value_and_grad(losses.grpo_loss, has_aux=True)(logp, rollouts, lc)
         (grads,) = pull_back(g_logp)
         metrics = dict(metrics)
-        if cfg.anchor_share and lc.alpha > 0:
-            def anchor_of(lp):
-                s_bt, _ = losses.per_token_surrogate(lp, batch["old_logprobs"], adv, mask, lc.epsilon_low, lc.epsilon_high)
-                return lc.alpha * losses.anchor_term(s_bt, mask, functional)[0]
-
-            (anchor_grads,) = pull_back(jax.grad(anchor_of)(logp))
+        if anchor_share and lc.alpha > 0:
+            (anchor_grads,) = pull_back(jax.grad(losses.anchor_part)(logp, rollouts, lc))
             metrics["anchor/grad_share"] = optax.tree.norm(anchor_grads) / jnp.maximum(optax.tree.norm(grads), 1e-12)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -110,7 +95,7 @@ def make_rl_step(
             reward_mean=batch["rewards"].mean(),
             reward_std=batch["rewards"].std(),
         )
-        return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+        return TrainState(state.step + 1, params, opt_state), metrics
 
     return jax.jit(
         step,

@@ -47,3 +47,13 @@ def make_optimizer(
     if not frozen:
         return tx
     return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, trainable_labels(params, frozen))
+
+
+def from_config(params: nnx.State, optim, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimizer of the config section `optim` (lr, warmup_steps, weight_decay, b1, b2,
+    clip_norm, freeze_vision) over `total_steps` updates, and its learning-rate schedule."""
+    tx = make_optimizer(
+        params, lr=optim.lr, warmup_steps=optim.warmup_steps, total_steps=total_steps, weight_decay=optim.weight_decay,
+        b1=optim.b1, b2=optim.b2, clip_norm=optim.clip_norm, frozen=("vision",) if optim.freeze_vision else (),
+    )
+    return tx, schedule(optim.lr, optim.warmup_steps, total_steps)

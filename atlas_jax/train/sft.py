@@ -16,33 +16,25 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from atlas_jax.data.batching import LAYOUT_KEYS
+from atlas_jax.data.device_batch import model_inputs
+from atlas_jax.train import token_logprobs
 from atlas_jax.train.train_state import TrainState
 
 
-def model_inputs(batch: dict) -> tuple[tuple, dict]:
-    """(positional args, keyword args) of `VLM.__call__` from a pipeline batch."""
-    args = (batch["input_ids"], batch["positions"], batch["attention_mask"])
-    kw = {}
-    if "pixel_values" in batch:
-        kw = dict(pixel_values=batch["pixel_values"], vision={k: batch[k] for k in LAYOUT_KEYS})
-    return args, kw
-
-
-def sft_loss(logits_btv: jax.Array, batch: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
+def sft_loss(hidden_btd: jax.Array, head_dv: jax.Array, batch: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Summed cross-entropy over target tokens and its counts (sums, so micro-batches add exactly).
 
-    The logit at position t predicts token t+1; targets are tokens with `loss_mask`.
+    hidden_btd: float[B, T, D] final hidden states (`VLM(..., head=False)`); head_dv: float[D, V]
+    (`VLM.output_head()`), applied a chunk of positions at a time (`token_logprobs`), so no
+    float32 [B, T, V] logits exist. Position t predicts token t+1; targets are tokens with `loss_mask`.
     Returns (sum of CE, {'tokens', 'correct', 'func_tokens', 'func_correct', 'ce_sum'}).
     """
     ids = batch["input_ids"]
     targets_bt = ids[:, 1:]
     mask_bt = batch["loss_mask"][:, 1:]
     func_bt = batch["functional_mask"][:, 1:] & mask_bt
-    logits = logits_btv[:, :-1].astype(jnp.float32)
-    ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits, targets_bt)
-    ce_sum = jnp.sum(jnp.where(mask_bt, ce_bt, 0.0))
-    hit_bt = jnp.argmax(logits, axis=-1) == targets_bt
+    logp_bt, hit_bt = token_logprobs.target_logprobs(hidden_btd[:, :-1], head_dv, targets_bt)
+    ce_sum = -jnp.sum(jnp.where(mask_bt, logp_bt, 0.0))
     sums = {
         "ce_sum": ce_sum,
         "tokens": mask_bt.sum(),
@@ -54,15 +46,8 @@ def sft_loss(logits_btv: jax.Array, batch: dict) -> tuple[jax.Array, dict[str, j
 
 
 def _split_micro(batch: dict, n: int) -> dict:
-    """[A*B, ...] -> [A, B, ...] (positions: [3, A*B, T] -> [A, 3, B, T])."""
-
-    def one(k, x):
-        if k == "positions":
-            x = x.reshape(x.shape[0], n, x.shape[1] // n, *x.shape[2:])
-            return jnp.moveaxis(x, 1, 0)
-        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
-
-    return {k: one(k, v) for k, v in batch.items()}
+    """[A*B, ...] -> [A, B, ...] for every array: n = A micro-batches of B rows."""
+    return {k: x.reshape(n, x.shape[0] // n, *x.shape[1:]) for k, x in batch.items()}
 
 
 def make_train_step(
@@ -80,8 +65,8 @@ def make_train_step(
         def loss_fn(p):
             model = nnx.merge(graphdef, p)
             args, kw = model_inputs(micro)
-            logits, _, _ = model(*args, **kw)
-            return sft_loss(logits, micro)
+            hidden, _, _ = model(*args, head=False, **kw)
+            return sft_loss(hidden, model.output_head(), micro)
 
         (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return grads, sums
@@ -117,7 +102,7 @@ def make_train_step(
         }
         if lr_schedule is not None:
             metrics["lr"] = lr_schedule(state.step)
-        return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+        return TrainState(state.step + 1, params, opt_state), metrics
 
     return jax.jit(
         step,
