@@ -14,14 +14,15 @@ import os
 import jax
 import ml_collections as mlc
 from flax import nnx
+from transformers import PreTrainedTokenizerFast
 
 from atlas_jax import functional_tokens as ft
-from atlas_jax import hf_checkpoint, multihost
+from atlas_jax import checkpoint, hf_checkpoint, multihost
 from atlas_jax import sharding as shd
 from atlas_jax import tokenizer as tokenizer_lib
 from atlas_jax.data import image_processing, pipeline, tfds_builder
 from atlas_jax.model import extend, presets, vlm
-from atlas_jax.model.config import ModelConfig, VisualOpConfig
+from atlas_jax.model.config import ConfigError, ModelConfig, VisualOpConfig
 
 log = logging.getLogger("atlas_jax")
 
@@ -158,3 +159,41 @@ def make_abstract_model(model_cfg: ModelConfig) -> vlm.VLM:
 
 def num_params(model_: nnx.Module) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(model_, nnx.Param)))
+
+
+# ---------------------------------------------------------------------------- a trained policy
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """A model ready to sample or evaluate: `nnx.merge(graphdef, params)`, its config, the run's
+    tokenizer and token ids. Trainers build one and swap in each step's parameters (`with_params`)."""
+
+    tok: PreTrainedTokenizerFast
+    tokens: tokenizer_lib.RunTokens
+    model_cfg: ModelConfig
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    source: str = ""  # where the parameters came from
+
+    def with_params(self, params: nnx.State) -> Policy:
+        return dataclasses.replace(self, params=params)
+
+
+def load_policy(c: mlc.ConfigDict, workdir: str, mesh) -> Policy:
+    """The run's model with the parameters of the newest checkpoint in `workdir`, else of
+    `checkpoint.init_from`, else as `make_model` builds it (a HF checkpoint's weights)."""
+    run = c.checkpoint.init_from
+    tokenizers = (os.path.join(workdir, "tokenizer"), c.tokenizer.path, run and os.path.join(run, "tokenizer"), c.model.init_from_hf)
+    if not any(path and os.path.exists(path) for path in tokenizers):
+        raise ConfigError(f"no trained tokenizer for the run in {workdir!r}: evaluate a run's workdir, or set "
+                          "checkpoint.init_from (a run's workdir), model.init_from_hf or tokenizer.path")
+    tok = make_tokenizer(c, workdir)
+    tokens = tokenizer_lib.RunTokens.of(tok, c.model.functional_tokens)
+    model = make_model(c, tok, tokens, mesh)
+    graphdef, params = nnx.split(model)
+    with checkpoint.Checkpoints(workdir, read_only=True) as own:
+        source = workdir if own.latest_step() is not None else run
+    if source:
+        params = checkpoint.init_from(source, checkpoint.abstract(params))
+    source = source or c.model.init_from_hf or "a freshly initialised model"
+    log.info("evaluating the parameters of %s", source)
+    return Policy(tok, tokens, model.cfg, graphdef, params, source)

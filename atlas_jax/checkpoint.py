@@ -15,13 +15,17 @@ process), `data_iter/` (each process's grain iterator position, through grain's 
 
 Why the manifest: Orbax makes a save atomic (a tmp dir renamed, or a commit file on GCS), so a
 process killed mid-save leaves only a tmp dir that is never listed; but a committed step whose files
-were later lost or cut short (a full disk, a bad copy, a hand-deleted file) would still be listed.
-The manifest, written into the tmp dir right before the commit, lists every file and its size;
-`latest_step` skips, with a warning naming the file, any step that fails it.
+were later lost, cut short or altered (a full disk, a bad copy, a flipped bit, a hand edit) would
+still be listed, and Orbax would load altered bytes without a word. The manifest, written into the
+tmp dir right before the commit, lists every file with its size and sha256; `latest_step` skips,
+with a warning naming the file, any step that fails it, and `restore` refuses one. Process 0 writes
+the manifest (Orbax commits there, once every process has written its files to the shared
+directory) and checks it (once per step and `Checkpoints`), and every process uses its verdict.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import signal
@@ -42,7 +46,7 @@ _REWRITTEN = frozenset({"_CHECKPOINT_METADATA", "commit_success.txt"})  # by Orb
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete, or does not fit the restore target."""
+    """A checkpoint that is missing, incomplete, corrupted, or does not fit the restore target."""
 
 
 def abstract(tree):
@@ -64,28 +68,41 @@ def _manifest_writing_path_class(root: epath.Path):
         async def finalize(self, *args, **kwargs):
             if self.get_final().parent.name == root.name:  # a step, not an item inside one
                 step_dir = self.get()
-                sizes = {(d / f).relative_to(step_dir).as_posix(): (d / f).stat().length
+                files = {(d / f).relative_to(step_dir).as_posix(): {"bytes": (d / f).stat().length, "sha256": _sha256(d / f)}
                          for d, _, names in step_dir.walk() for f in names if f not in _REWRITTEN}
-                (step_dir / MANIFEST).write_text(json.dumps(sizes, indent=0, sort_keys=True))
+                (step_dir / MANIFEST).write_text(json.dumps(files, indent=0, sort_keys=True))
             return await super().finalize(*args, **kwargs)
 
     return ManifestWritingPath
 
 
-def _incomplete(step_dir: epath.Path) -> str | None:
-    """None when `step_dir` holds every file its manifest lists, at the listed size; else why not."""
+def _sha256(path: epath.Path) -> str:
+    """The file's sha256, read in 16 MiB pieces (checkpoint files reach gigabytes)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for piece in iter(lambda: f.read(1 << 24), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def _damage_in(step_dir: epath.Path) -> str | None:
+    """None when `step_dir` holds every file its manifest lists, with the listed size and sha256;
+    else what is wrong, naming the file. Sizes are checked first: no file is read if one is off."""
     manifest = step_dir / MANIFEST
     if not manifest.exists():
         return f"{manifest} is missing (the save did not finish, or the step was not written by atlas_jax)"
     try:
-        sizes = dict(json.loads(manifest.read_text()))
-    except (ValueError, TypeError) as e:
-        return f"{manifest} is unreadable ({e})"
-    for rel, size in sizes.items():
+        files = {rel: (int(f["bytes"]), str(f["sha256"])) for rel, f in json.loads(manifest.read_text()).items()}
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # UnicodeDecodeError is a ValueError
+        return f"{manifest} is unreadable ({type(e).__name__}: {e}); expected {{file: {{bytes, sha256}}}}"
+    for rel, (size, _) in files.items():
         if not (path := step_dir / rel).exists():
             return f"file {path} is missing"
         if (got := path.stat().length) != size:
             return f"file {path} has {got} bytes, expected {size}"
+    for rel, (_, digest) in files.items():
+        if (got := _sha256(step_dir / rel)) != digest:
+            return f"file {step_dir / rel} does not match its checksum (sha256 {got}, expected {digest})"
     return None
 
 
@@ -94,8 +111,9 @@ class Checkpoints:
     """Saves and restores the train state, data-iterator position and config under
     `workdir/checkpoints`; catches SIGTERM (see `reached_preemption`) unless `read_only`.
 
-    Every process must call `save`, `restore`, `reached_preemption` and `close` at the same steps
-    (arrays are written and read shard by shard by the processes that own them). With `async_save`,
+    Every process must call `latest_step`, `save`, `restore`, `reached_preemption` and `close` at
+    the same steps (arrays are written and read shard by shard by the processes that own them; process
+    0's verdict on a step's checksums is shared with the others). With `async_save`,
     `save` returns once the arrays are copied to host memory; the next `save`, `wait` or `close`
     waits for the files.
     """
@@ -115,6 +133,7 @@ class Checkpoints:
         # With several processes, jax.distributed's preemption notifier catches SIGTERM and Orbax's
         # `reached_preemption` names the step at which all of them save. One process has no notifier
         # (it lives in the distributed client), so here a handler only sets a flag.
+        self._damage_of: dict[int, str | None] = {}  # step -> its `_damage_in` verdict
         self._sigterm, self._previous_handler = False, None
         if not read_only and jax.process_count() == 1:  # `or`: None means a handler set outside Python
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm) or signal.SIG_DFL
@@ -129,9 +148,9 @@ class Checkpoints:
         return self._sigterm or self.manager.reached_preemption(step)
 
     def latest_step(self) -> int | None:
-        """The newest complete step; newer incomplete or corrupted ones are skipped with a warning."""
+        """The newest intact step; newer incomplete or corrupted ones are skipped with a warning."""
         for step in sorted(self.manager.all_steps(), reverse=True):
-            if (reason := _incomplete(self.directory / str(step))) is None:
+            if (reason := self._damage(step)) is None:
                 return step
             log.warning("skipping checkpoint step %d in %s: %s; falling back to an earlier step",
                         step, self.directory, reason)
@@ -156,22 +175,31 @@ class Checkpoints:
             raise CheckpointError(f"config is not JSON-serialisable ({e}); expected numbers, strings, lists, dicts") from e
         self.manager.wait_until_finished()
         if step in self.manager.all_steps():
-            if (reason := _incomplete(self.directory / str(step))) is None:
+            if (reason := self._damage(step)) is None:
                 return False
             self._set_aside(step, reason)
         items = {STATE: ocp.args.PyTreeSave(state), CONFIG: ocp.args.JsonSave(config)}
         if data_iter is not None:
             items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
+        self._damage_of.pop(step, None)
         return bool(self.manager.save(step, args=ocp.args.Composite(**items), force=True))
 
+    def _damage(self, step: int) -> str | None:
+        """`_damage_in` the step's directory, read on process 0 only (every file once per
+        `Checkpoints`) and shared, so that every process takes the same step."""
+        if step not in self._damage_of:
+            reason = _damage_in(self.directory / str(step)) if jax.process_index() == 0 else None
+            self._damage_of[step] = multihost.gather_objects(reason)[0]
+        return self._damage_of[step]
+
     def _set_aside(self, step: int, reason: str) -> None:
-        """Moves an incomplete step out of the way of a new save of it (kept for inspection)."""
+        """Moves a damaged step out of the way of a new save of it (kept for inspection)."""
         if jax.process_index() == 0:
             dst, n = self.directory / f"{step}.incomplete", 1
             while dst.exists():
                 n += 1
                 dst = self.directory / f"{step}.incomplete-{n}"
-            log.warning("checkpoint step %d in %s is incomplete (%s); moving it to %s", step, self.directory, reason, dst)
+            log.warning("checkpoint step %d in %s is damaged (%s); moving it to %s", step, self.directory, reason, dst)
             (self.directory / str(step)).rename(dst)
         multihost.barrier(f"atlas_checkpoint_set_aside_{step}")
         self.manager.reload()
@@ -201,8 +229,8 @@ class Checkpoints:
     def _complete_step(self, step: int | None) -> int:
         if step is None and (step := self.latest_step()) is None:
             raise CheckpointError(f"no complete checkpoint in {self.directory}")
-        if (reason := _incomplete(self.directory / str(step))) is not None:
-            raise CheckpointError(f"checkpoint step {step} in {self.directory} is incomplete: {reason}")
+        if (reason := self._damage(step)) is not None:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: {reason}")
         return int(step)
 
     def wait(self) -> None:

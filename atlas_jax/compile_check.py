@@ -350,6 +350,9 @@ def check(c: mlc.ConfigDict, topology: str, log: Callable[[str], None] = lambda 
     for p in programs:
         log(f"compiling {p.name} ...")
         rows.append(analyse(p, chip, len(devices), param_shapes, logits_dims))
+        r = rows[-1]
+        log(f"  {r['compile_s']:.0f} s; {r['total_bytes'] / GiB:.2f} GiB per chip of {r['hbm_bytes'] / GiB:.0f} GiB "
+            f"({100 * r['headroom']:.1f}% free)")
     return rows
 
 

@@ -79,12 +79,11 @@ def load(checkpoint_dir: str, max_pixels: int = 0):
     from atlas_jax import builders
     from atlas_jax.benchmarks.protocol import BenchmarkConfig
     from atlas_jax.data import image_processing
-    from atlas_jax.jobs.benchmark import load_policy
 
     c, workdir = checkpoint_config(checkpoint_dir)
     mesh = builders.make_mesh(c)
     with tempfile.TemporaryDirectory() as scratch:  # an HF checkpoint's tokenizer, with the functional tokens
-        policy = load_policy(c, workdir or scratch, mesh)
+        policy = builders.load_policy(c, workdir or scratch, mesh)
     if workdir:
         image_cfg = builders.make_pipeline_config(c, policy.model_cfg, fmt="rl").image
     else:

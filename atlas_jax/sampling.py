@@ -40,6 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from atlas_jax import sharding as shd
 from atlas_jax.data.device_batch import model_inputs
+from atlas_jax.model.layers import tensordot_rows
 from atlas_jax.model.rope import next_position
 
 MAX_STOP_IDS = 8
@@ -151,9 +152,10 @@ def _generate(graphdef, state, inputs, rng, temperature, top_p, stop_ids, cfg: S
     keep = lambda x: _batch_constraint(x, mesh)  # noqa: E731
 
     cache = jax.tree.map(keep, model.init_cache(B, T + N))
-    logits_btv, cache, _ = model(ids_bt, pos_b3t, mask_bt, **images, cache=cache)
-    # Left padding: the last column is every prompt's last real token.
-    logits_rv = keep(repeat_rows(logits_btv[:, -1], G))
+    hidden_btd, cache, _ = model(ids_bt, pos_b3t, mask_bt, **images, cache=cache, head=False)
+    # Left padding: the last column is every prompt's last real token; only it needs logits
+    # (the model's head, on one position instead of a [B, T, V] array).
+    logits_rv = keep(repeat_rows(tensordot_rows(hidden_btd[:, -1], model.output_head(), 1).astype(jnp.float32), G))
     cache = jax.tree.map(lambda x: keep(repeat_rows(x, G)) if x.ndim else x, cache)
     start_r = repeat_rows(next_position(pos_b3t, mask_bt).astype(jnp.int32), G)
 

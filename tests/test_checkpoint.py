@@ -2,9 +2,11 @@
 config), keep-N, save_every, async saves, init_from, a save killed mid-write, corrupted steps skipped
 with a warning, SIGTERM sets the flag (in this process and in a subprocess that then saves and exits)."""
 
+import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -195,31 +197,63 @@ def test_init_from_reads_params_only(tmp_path, mesh):
 
 
 def _biggest_file(step_dir: Path) -> Path:
-    return max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    """The biggest OCDBT data file (the parameters' bytes)."""
+    return max((p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "delete"])
-def test_corrupted_step_is_skipped_with_a_warning(tmp_path, mesh, caplog, damage):
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _zero(path: Path) -> None:
+    path.write_bytes(bytes(path.stat().st_size))
+
+
+def _edit_data_position(path: Path) -> None:
+    """The iterator 4 elements further on: a valid state of the same size."""
+    assert json.loads(text := path.read_text()) == {"next_index": 8}
+    path.write_text(text.replace("8", "9"))
+
+
+# Each damages one file of step 2 and returns it.
+DAMAGE = {
+    "truncated data": lambda d: (p := _biggest_file(d), p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]))[0],
+    "deleted data": lambda d: (p := _biggest_file(d), p.unlink())[0],
+    "flipped byte in data": lambda d: (p := _biggest_file(d), _flip_a_byte(p))[0],
+    "zeroed data": lambda d: (p := _biggest_file(d), _zero(p))[0],
+    "edited data position": lambda d: (p := d / "data_iter/process_0-of-1.json", _edit_data_position(p))[0],
+    "zeroed _METADATA": lambda d: (p := d / "state/_METADATA", _zero(p))[0],
+    "zeroed OCDBT manifest": lambda d: (p := d / "state/manifest.ocdbt", _zero(p))[0],
+    "flipped byte in config": lambda d: (p := d / "config/metadata", _flip_a_byte(p))[0],
+    "zeroed atlas manifest": lambda d: (p := d / checkpoint.MANIFEST, _zero(p))[0],
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_step_is_skipped_with_a_warning(tmp_path, mesh, caplog, damage):
     states = {s: {"params": {"w": jnp.full((1024,), float(s))}, "step": jnp.int32(s)} for s in (1, 2)}
     with Checkpoints(tmp_path, save_every=1, async_save=False) as ckpt:
         for s, st in states.items():
-            ckpt.save(s, st, checkpoint_writer.data_iter(s), {})
-    victim = _biggest_file(tmp_path / "checkpoints/2")
-    if damage == "truncate":
-        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    else:
-        victim.unlink()
+            ckpt.save(s, st, checkpoint_writer.data_iter(s), {"lr": 0.5})
+    manifest = json.loads((tmp_path / "checkpoints/2" / checkpoint.MANIFEST).read_text())
+    data_file = tmp_path / "checkpoints/2/data_iter/process_0-of-1.json"
+    assert manifest[data_file.relative_to(tmp_path / "checkpoints/2").as_posix()] == {
+        "bytes": data_file.stat().st_size, "sha256": hashlib.sha256(data_file.read_bytes()).hexdigest()}
+    victim = DAMAGE[damage](tmp_path / "checkpoints/2")
 
     abstract = abstract_of(states[1], mesh)
     with Checkpoints(tmp_path, save_every=1, async_save=False) as ckpt:
         with caplog.at_level(logging.WARNING, logger="atlas_jax.checkpoint"):
             assert ckpt.latest_step() == 1
         assert str(victim) in caplog.text and "skipping checkpoint step 2" in caplog.text
+        # What an uninterrupted run had at step 1: the parameters, the data position, the config.
         data = checkpoint_writer.data_iter(0)
-        restored, _ = ckpt.restore(None, abstract, data)
-        np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), np.full((1024,), 1.0))
-        assert data.get_state() == checkpoint_writer.data_iter(1).get_state()
-        with pytest.raises(CheckpointError, match=str(victim)):
+        restored, config = ckpt.restore(None, abstract, data)
+        assert_same(restored, states[1], abstract)
+        assert data.get_state() == checkpoint_writer.data_iter(1).get_state() and config == {"lr": 0.5}
+        with pytest.raises(CheckpointError, match=re.escape(str(victim))):
             ckpt.restore(2, abstract)
         # The resumed run reaches step 2 again: the damaged one is moved aside, not overwritten.
         assert ckpt.save(2, states[2], config={})
@@ -227,6 +261,17 @@ def test_corrupted_step_is_skipped_with_a_warning(tmp_path, mesh, caplog, damage
         restored, _ = ckpt.restore(2, abstract)
         np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), np.full((1024,), 2.0))
     assert (tmp_path / "checkpoints/2.incomplete").is_dir()
+
+
+def test_nothing_intact_is_an_error_naming_the_files(tmp_path, mesh, caplog):
+    with Checkpoints(tmp_path, save_every=1, async_save=False) as ckpt:
+        ckpt.save(1, {"w": jnp.ones((64,))}, config={})
+    _flip_a_byte(victim := _biggest_file(tmp_path / "checkpoints/1"))
+    abstract = {"w": jax.ShapeDtypeStruct((64,), jnp.float32, sharding=NamedSharding(mesh, P()))}
+    with Checkpoints(tmp_path, async_save=False) as ckpt, caplog.at_level(logging.WARNING):
+        with pytest.raises(CheckpointError, match="no complete checkpoint"):
+            ckpt.restore(None, abstract)
+    assert f"{victim} does not match its checksum" in caplog.text
 
 
 def _start_writer(workdir, *args):

@@ -15,7 +15,6 @@ from PIL import Image
 
 from atlas_jax import builders, checkpoint, generate, hf_checkpoint, run_config
 from atlas_jax import tokenizer as tokenizer_lib
-from atlas_jax.jobs.benchmark import Policy
 from hf_tokenizer_fixture import hf_tokenizer_path  # noqa: F401
 
 NEW_TOKENS = 5
@@ -41,7 +40,7 @@ def run(tmp_path_factory, hf_tokenizer_path):  # noqa: F811
         ckpt.save(1, {"params": params}, None, c, force=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(c.to_dict(), f)
-    return workdir, model, Policy(tok, tokens, model.cfg, graphdef, params, "memory"), mesh
+    return workdir, model, builders.Policy(tok, tokens, model.cfg, graphdef, params, "memory"), mesh
 
 
 def _images():

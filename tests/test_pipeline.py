@@ -435,6 +435,17 @@ def test_skip_mode_counts_and_continues(tok, model_cfg):
     assert it.num_skipped == len(bad)
 
 
+@pytest.mark.parametrize("num_epochs", [None, 1])
+def test_skip_mode_stops_when_every_record_is_bad(tok, model_cfg, num_epochs):
+    """max_length below every sample's image tokens: skipping would read forever (or yield nothing)."""
+    data = [random_sample(i) for i in range(3)]
+    ds = make_dataset(data, tok, config(batch_size=1, max_length=20, skip_bad_records=True, num_epochs=num_epochs),
+                      model_cfg, source_name="user.jsonl")
+    with pytest.raises(ConfigError, match=r"every record of user.jsonl is skipped .* the last 3 read, as many as it "
+                                          r"holds, were all bad; the first because: user.jsonl, record \d .*field 'images': too long"):
+        next(iter(ds))
+
+
 # ----------------------------------------------------------------------------- devices + config
 def test_global_batches_on_a_mesh(tok, model_cfg):
     mesh = sharding.make_mesh((4, 2, 1))

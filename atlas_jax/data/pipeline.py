@@ -168,18 +168,26 @@ class _BuildOrMark:
 
 
 class _SkipBadIterator(grain.DatasetIterator):
-    """Drops BadExample markers, logging each, and tells the next good example how many it follows."""
+    """Drops BadExample markers, logging each, and tells the next good example how many it follows.
+    As many bad records in a row as the source holds mean that none is usable (e.g. `max_length`
+    below every sample's image tokens): that stops the run instead of reading forever."""
 
-    def __init__(self, parent: grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, source_name: str, source_size: int):
         super().__init__(parent)
+        self._source_name, self._source_size = source_name, source_size
 
     def __next__(self):
-        skipped = 0
+        skipped, first_error = 0, None
         while True:
             ex = next(self._parent)
             if isinstance(ex, batching.BadExample):
                 skipped += 1
+                first_error = first_error or ex.error
                 logging.warning("skipping bad record: %s", ex.error)
+                if skipped >= self._source_size:
+                    raise ConfigError(
+                        f"every record of {self._source_name} is skipped as bad (data.skip_bad_records): the last "
+                        f"{skipped} read, as many as it holds, were all bad; the first because: {first_error}")
                 continue
             return {**ex, "skipped": skipped}
 
@@ -191,11 +199,12 @@ class _SkipBadIterator(grain.DatasetIterator):
 
 
 class _SkipBadDataset(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset, source_name: str, source_size: int):
         super().__init__(parent)
+        self._source_name, self._source_size = source_name, source_size
 
     def __iter__(self):
-        return _SkipBadIterator(self._parent.__iter__())
+        return _SkipBadIterator(self._parent.__iter__(), self._source_name, self._source_size)
 
 
 # ----------------------------------------------------------------------------- the dataset
@@ -298,7 +307,7 @@ def make_dataset(
     ds = ds.map(_BuildOrMark(builder, cfg.skip_bad_records))
     threads = cfg.read_threads if cfg.worker_count == 0 else 0
     ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=cfg.read_buffer))
-    ids = _SkipBadDataset(ids)
+    ids = _SkipBadDataset(ids, source_name, len(source))
     ids = ids.batch(
         per_host_batch,
         drop_remainder=True,

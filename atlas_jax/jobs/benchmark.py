@@ -21,52 +21,16 @@ import os
 
 import jax
 import ml_collections as mlc
-from flax import nnx
-from transformers import PreTrainedTokenizerFast
 
-from atlas_jax import builders, checkpoint, multihost, sampling
+from atlas_jax import builders, multihost, sampling
 from atlas_jax import functional_tokens as ft
 from atlas_jax import tokenizer as tokenizer_lib
 from atlas_jax.benchmarks import grading, loaders, tables
 from atlas_jax.benchmarks.protocol import BenchmarkConfig
 from atlas_jax.data import batching, image_processing, pipeline
 from atlas_jax.data.sample import BadRecordError, Sample
-from atlas_jax.model.config import ConfigError, ModelConfig
 
 log = logging.getLogger("atlas_jax")
-
-
-@dataclasses.dataclass(frozen=True)
-class Policy:
-    """A model ready to sample: `nnx.merge(graphdef, params)`, its config and tokenizer."""
-
-    tok: PreTrainedTokenizerFast
-    tokens: tokenizer_lib.RunTokens
-    model_cfg: ModelConfig
-    graphdef: nnx.GraphDef
-    params: nnx.State
-    source: str  # where the parameters came from
-
-
-def load_policy(c: mlc.ConfigDict, workdir: str, mesh) -> Policy:
-    """The run's model with the parameters of the newest checkpoint in `workdir`, else of
-    `checkpoint.init_from`, else as `builders.make_model` builds it (a HF checkpoint's weights)."""
-    run = c.checkpoint.init_from
-    tokenizers = (os.path.join(workdir, "tokenizer"), c.tokenizer.path, run and os.path.join(run, "tokenizer"), c.model.init_from_hf)
-    if not any(path and os.path.exists(path) for path in tokenizers):
-        raise ConfigError(f"no trained tokenizer for the run in {workdir!r}: evaluate a run's workdir, or set "
-                          "checkpoint.init_from (a run's workdir), model.init_from_hf or tokenizer.path")
-    tok = builders.make_tokenizer(c, workdir)
-    tokens = tokenizer_lib.RunTokens.of(tok, c.model.functional_tokens)
-    model = builders.make_model(c, tok, tokens, mesh)
-    graphdef, params = nnx.split(model)
-    with checkpoint.Checkpoints(workdir, read_only=True) as own:
-        source = workdir if own.latest_step() is not None else run
-    if source:
-        params = checkpoint.init_from(source, checkpoint.abstract(params))
-    source = source or c.model.init_from_hf or "a freshly initialised model"
-    log.info("evaluating the parameters of %s", source)
-    return Policy(tok, tokens, model.cfg, graphdef, params, source)
 
 
 def main(c: mlc.ConfigDict, workdir: str) -> dict[str, list[dict]]:
@@ -78,7 +42,7 @@ def main(c: mlc.ConfigDict, workdir: str) -> dict[str, list[dict]]:
 
     # ------------------------------------------------------------------ mesh, model
     mesh = builders.make_mesh(c)
-    policy = load_policy(c, workdir, mesh)
+    policy = builders.load_policy(c, workdir, mesh)
 
     # ------------------------------------------------------------------ decode, grade, write
     out_dir = os.path.join(workdir, "benchmarks")
@@ -98,7 +62,7 @@ def main(c: mlc.ConfigDict, workdir: str) -> dict[str, list[dict]]:
     return results
 
 
-def evaluate(policy: Policy, items: list[loaders.BenchmarkItem], cfg: BenchmarkConfig, judge, mesh, *,
+def evaluate(policy: builders.Policy, items: list[loaders.BenchmarkItem], cfg: BenchmarkConfig, judge, mesh, *,
              pad_to_multiple: int = 64) -> list[dict]:
     """Greedy-decodes every question of `items` (global batches of `cfg.batch_size`; host h
     builds rows [h*b, (h+1)*b) of each) and grades each completion; returns one record per
@@ -143,7 +107,7 @@ class PromptBatcher:
     untrusted text) and `collate`, padded to shapes that fit every prompt of `shapes`
     ((patches, prompt tokens) of each, `prompt_shape`): one compiled sampler per length bucket."""
 
-    def __init__(self, policy: Policy, image_cfg, shapes: list[tuple[int, int]], max_images: int, pad_to_multiple: int):
+    def __init__(self, policy: builders.Policy, image_cfg, shapes: list[tuple[int, int]], max_images: int, pad_to_multiple: int):
         tokens = policy.tokens
         self.builder = batching.ExampleBuilder(
             policy.tok, policy.model_cfg, image_cfg, source_name="prompt", fmt="rl", target="trajectory",
@@ -160,7 +124,7 @@ class PromptBatcher:
         return pipeline.to_global(batching.collate(examples, **self.collate), mesh)
 
 
-def _graded(item: loaders.BenchmarkItem, question: str, ids: list[int], policy: Policy, judge) -> dict:
+def _graded(item: loaders.BenchmarkItem, question: str, ids: list[int], policy: builders.Policy, judge) -> dict:
     tokens = policy.tokens
     text_ids = [i for i in ids if i not in tokens.stop_ids]
     completion = policy.tok.decode(text_ids, skip_special_tokens=False)

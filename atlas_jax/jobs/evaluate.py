@@ -21,18 +21,15 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from atlas_jax import builders, checkpoint, heatmaps, multihost, sampling
-from atlas_jax import tokenizer as tokenizer_lib
+from atlas_jax import builders, heatmaps, multihost, sampling
 from atlas_jax.data import device_batch, pipeline
 from atlas_jax.rl import rewards
 
 log = logging.getLogger("atlas_jax")
 
 
-def evaluate(graphdef, params, model_cfg, tok, tokens: tokenizer_lib.RunTokens, c: mlc.ConfigDict, workdir: str, mesh,
-             *, tag: str, split: str | None = None) -> dict:
-    """Greedy-decodes `c.eval.num_per_task` prompts per task of `split` with the model
-    `nnx.merge(graphdef, params)` (config `model_cfg`); returns (the same on
+def evaluate(policy: builders.Policy, c: mlc.ConfigDict, workdir: str, mesh, *, tag: str, split: str | None = None) -> dict:
+    """Greedy-decodes `c.eval.num_per_task` prompts per task of `split` with `policy`; returns (the same on
     every host) accuracy overall / per task and functional-token usage, which process 0 also
     writes, with every scored sample, to WORKDIR/eval_<tag>.json.
 
@@ -40,6 +37,7 @@ def evaluate(graphdef, params, model_cfg, tok, tokens: tokenizer_lib.RunTokens, 
     gathered, batch by batch and host by host, which is the order of the eval stream, so the
     results do not depend on the number of hosts. Heat maps: see `_HeatMaps`."""
     split = split or c.eval.split
+    graphdef, params, model_cfg, tok, tokens = policy.graphdef, policy.params, policy.model_cfg, policy.tok, policy.tokens
     src = builders.load_split(c, workdir, split)
     picked, uids = _per_task(src, c.eval.num_per_task, c.eval.batch_size)
     pcfg = builders.make_pipeline_config(c, model_cfg, fmt="rl", batch_size=c.eval.batch_size, shuffle=False, num_epochs=1)
@@ -100,10 +98,9 @@ def evaluate(graphdef, params, model_cfg, tok, tokens: tokenizer_lib.RunTokens, 
     return results
 
 
-def evaluate_and_log(writer, step: int, *args, **kwargs) -> dict:
-    """`evaluate(*args, **kwargs)`, its results written to `writer` at `step` as `eval/...`;
-    returns them with that prefix."""
-    results = {f"eval/{k}": v for k, v in evaluate(*args, **kwargs).items()}
+def evaluate_and_log(writer, step: int, policy: builders.Policy, c: mlc.ConfigDict, workdir: str, mesh, *, tag: str) -> dict:
+    """`evaluate`, its results written to `writer` at `step` as `eval/...`; returns them with that prefix."""
+    results = {f"eval/{k}": v for k, v in evaluate(policy, c, workdir, mesh, tag=tag).items()}
     writer.write(step, results)
     return results
 
@@ -250,14 +247,4 @@ def _first_image(host, r) -> Image.Image:
 def main(c: mlc.ConfigDict, workdir: str) -> dict:
     mesh = builders.make_mesh(c)
     builders.build_data(c, workdir)
-    tok = builders.make_tokenizer(c, workdir)
-    tokens = tokenizer_lib.RunTokens.of(tok, c.model.functional_tokens)
-    model = builders.make_model(c, tok, tokens, mesh)
-    model_cfg = model.cfg
-    graphdef, params = nnx.split(model)
-    with checkpoint.Checkpoints(workdir, read_only=True) as own:
-        source = workdir if own.latest_step() is not None else c.checkpoint.init_from
-    if source:
-        params = checkpoint.init_from(source, checkpoint.abstract(params))
-        log.info("evaluating the parameters of %s", source)
-    return evaluate(graphdef, params, model_cfg, tok, tokens, c, workdir, mesh, tag="final")
+    return evaluate(builders.load_policy(c, workdir, mesh), c, workdir, mesh, tag="final")

@@ -122,6 +122,7 @@ def main(c: mlc.ConfigDict, workdir: str) -> dict:
     loss_cfg = run_config.loss_config(c)
     tx, _ = optimizer.from_config(nnx.state(model), c.optim, total_steps=c.train.steps * r.num_iterations)
     graphdef, state, state_sh = train_state.create(model, tx, mesh)
+    policy = builders.Policy(tok, tokens, model_cfg, graphdef, state.params)  # evaluated with each step's params
     del model
     if c.checkpoint.init_from:
         state = state._replace(params=checkpoint.init_from(c.checkpoint.init_from, checkpoint.abstract(state.params)))
@@ -187,7 +188,7 @@ def main(c: mlc.ConfigDict, workdir: str) -> dict:
                      last["functional_per_completion"], last["kl"], last["anchor_loss"])
         ckpt.save(int(jax.device_get(state.step)), state, data_it, c)
         if c.eval.every and rl_step % c.eval.every == 0 and rl_step < c.train.steps:
-            evaluate.evaluate_and_log(writer, rl_step, graphdef, state.params, model_cfg, tok, tokens, c, workdir, mesh, tag=f"rl_step{rl_step}")
+            evaluate.evaluate_and_log(writer, rl_step, policy.with_params(state.params), c, workdir, mesh, tag=f"rl_step{rl_step}")
         if ckpt.reached_preemption(rl_step) or rl_step == c.train.stop_at:
             break
 
@@ -195,6 +196,6 @@ def main(c: mlc.ConfigDict, workdir: str) -> dict:
     ckpt.save(int(jax.device_get(state.step)), state, data_it, c, force=True)
     ckpt.close()
     if rl_step >= c.train.steps and c.eval.num_per_task > 0:
-        last.update(evaluate.evaluate_and_log(writer, rl_step, graphdef, state.params, model_cfg, tok, tokens, c, workdir, mesh, tag=f"rl_step{rl_step}"))
+        last.update(evaluate.evaluate_and_log(writer, rl_step, policy.with_params(state.params), c, workdir, mesh, tag=f"rl_step{rl_step}"))
     writer.close()
     return last

@@ -44,6 +44,7 @@ def main(c: mlc.ConfigDict, workdir: str) -> dict:
     tx, lr_schedule = optimizer.from_config(nnx.state(model), c.optim, total_steps=c.train.steps)
     graphdef, state, state_sh = train_state.create(model, tx, mesh)
     model_cfg = model.cfg
+    policy = builders.Policy(tok, tokens, model_cfg, graphdef, state.params)  # evaluated with each step's params
     n_params = builders.num_params(model)
     del model
 
@@ -95,7 +96,7 @@ def main(c: mlc.ConfigDict, workdir: str) -> dict:
             writer.write(step, {**last, **perf})
         ckpt.save(step, state, data_it, c)
         if c.eval.every and step % c.eval.every == 0 and step < c.train.steps:
-            evaluate.evaluate_and_log(writer, step, graphdef, state.params, model_cfg, tok, tokens, c, workdir, mesh, tag=f"sft_step{step}")
+            evaluate.evaluate_and_log(writer, step, policy.with_params(state.params), c, workdir, mesh, tag=f"sft_step{step}")
         if (preempted := ckpt.reached_preemption(step)) or step == c.train.stop_at:
             log.warning("stopping at step %d (%s): saving", step, "preempted" if preempted else "train.stop_at")
             break
@@ -107,7 +108,7 @@ def main(c: mlc.ConfigDict, workdir: str) -> dict:
     ckpt.save(step, state, data_it, c, force=True)
     ckpt.close()
     if step >= c.train.steps and c.eval.num_per_task > 0:
-        last.update(evaluate.evaluate_and_log(writer, step, graphdef, state.params, model_cfg, tok, tokens, c, workdir, mesh, tag=f"sft_step{step}"))
+        last.update(evaluate.evaluate_and_log(writer, step, policy.with_params(state.params), c, workdir, mesh, tag=f"sft_step{step}"))
     writer.close()
     return last
 

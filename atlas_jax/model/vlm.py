@@ -163,7 +163,9 @@ class VLM(nnx.Module):
 
         t = cfg.text
         cos, sin = mrope_cos_sin(positions_b3t, t.head_dim, t.rope_theta, t.mrope_section)
-        layer_fn = nnx.remat(_run_layer) if cfg.remat else _run_layer
+        # Remat serves a backward pass; with a cache (sampling) there is none, and nnx.remat cannot
+        # run inside the decode loop's trace (its parameters come from the enclosing one).
+        layer_fn = nnx.remat(_run_layer) if cfg.remat and cache is None else _run_layer
         aux = {}
         new_layers = []
         for i, layer in enumerate(self.layers):

@@ -8,10 +8,13 @@ from atlas_jax.rl.losses import (
     LOSS_TYPES,
     SCALE_REWARDS,
     GRPOLossConfig,
+    Rollouts,
     aggregate,
+    anchor_part,
     anchor_term,
     group_advantages,
     grpo_loss,
+    pg_part,
     per_token_kl,
     per_token_surrogate,
 )
