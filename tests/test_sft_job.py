@@ -43,14 +43,18 @@ def test_interrupted_and_resumed_run_repeats_the_uninterrupted_losses(tmp_path):
     entry.run_job(_config(**{"data.data_dir": data}), a)
     entry.run_job(_config(**{"data.data_dir": data, "train.stop_at": 2}), b)
     assert sorted(_losses(b)) == [1, 2]
-    # Resumes from step 2, then evaluates (greedy decoding, accuracy per task, heat maps).
-    entry.run_job(_config(**{"data.data_dir": data, "eval.num_per_task": 1, "eval.heatmaps": 2}), b)
+    # Resumes from step 2, evaluates at step 3 (eval.every) and at the end (greedy decoding,
+    # accuracy per task, heat maps).
+    entry.run_job(_config(**{"data.data_dir": data, "eval.num_per_task": 1, "eval.heatmaps": 2, "eval.every": 3}), b)
     la, lb = _losses(a), _losses(b)
     assert sorted(la) == [1, 2, 3, 4] and sorted(lb) == [1, 2, 3, 4]
     for step in la:
         assert la[step] == lb[step], (step, la[step], lb[step])
     assert la[4] < la[1]
 
+    with open(os.path.join(b, "metrics.jsonl")) as f:
+        evaluated = sorted(r["step"] for r in map(json.loads, f) if "eval/accuracy" in r)
+    assert evaluated == [3, 4] and os.path.exists(os.path.join(b, "eval_sft_step3.json"))
     with open(os.path.join(b, "eval_sft_step4.json")) as f:
         ev = json.load(f)
     tasks = {s["task"] for s in ev["samples"]}
