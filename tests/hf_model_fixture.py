@@ -9,6 +9,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -142,3 +143,17 @@ def assert_logits_match(model, torch_model, examples: list[Example], *, pad_left
         n = len(e.ids)
         sl = slice(T - n, T) if pad_left else slice(0, n)
         np.testing.assert_allclose(got[b, sl], hf_logits(torch_model, e), atol=atol, rtol=0, err_msg=f"example {b}")
+
+
+def one_device_mesh():
+    from atlas_jax import sharding
+
+    return sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    """A tiny random Qwen2.5-VL checkpoint directory written by `transformers` (one per test module)."""
+    path = str(tmp_path_factory.mktemp("hf_src"))
+    make_hf_checkpoint(path, seed=2)
+    return path

@@ -19,18 +19,9 @@ from atlas_jax.functional_tokens import DEFAULT_TOKENS
 from atlas_jax.model import extend
 from atlas_jax.model.config import VisualOpConfig
 from atlas_jax.safetensors_io import SafetensorsFile, save_file
-from hf_model_fixture import assert_logits_match, example, make_hf_checkpoint
+from hf_model_fixture import assert_logits_match, ckpt, example, make_hf_checkpoint, one_device_mesh  # noqa: F401 (ckpt: a fixture)
 from hf_tokenizer_fixture import make_tokenizer
 
-def _mesh():
-    return sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("hf_src"))
-    make_hf_checkpoint(path, seed=2)
-    return path
 
 
 def _tensors(path):
@@ -56,7 +47,7 @@ def test_bfloat16_checkpoint_loads_and_round_trips(ckpt, tmp_path):
 
     t = {k: v.astype(ml_dtypes.bfloat16) for k, v in _tensors(ckpt).items()}
     save_file(t, os.path.join(src, "model.safetensors"))
-    model = hf_checkpoint.from_hf(src, mesh=_mesh(), param_dtype="bfloat16", dtype="bfloat16")
+    model = hf_checkpoint.from_hf(src, mesh=one_device_mesh(), param_dtype="bfloat16", dtype="bfloat16")
     assert model.embed.embedding[...].dtype == jnp.bfloat16
     out = str(tmp_path / "bf16_out")
     hf_checkpoint.to_hf(model, out)
@@ -95,7 +86,7 @@ def extended(request, tmp_path_factory):
     ids = tuple(tok.convert_tokens_to_ids(s) for s in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"))
     src = str(tmp / "base")
     base_torch = make_hf_checkpoint(src, seed=3, vocab=n + 16 if spare_rows else n, ids=ids, tie=tie)
-    base = hf_checkpoint.from_hf(src, mesh=_mesh())
+    base = hf_checkpoint.from_hf(src, mesh=one_device_mesh())
     model = extend.add_functional_tokens(base, tok, layer=1, num_heads=2, head_dim=16)
     out = str(tmp / "exported")
     hf_checkpoint.to_hf(model, out, tokenizer=tok)
@@ -194,7 +185,7 @@ def test_functional_rows_keep_transformers_parity(extended, case, pad_left):
 
 def test_visual_ops_come_back_from_their_own_file(extended):
     """The visual-op modules (config in the file's metadata, weights) are restored by from_hf."""
-    again = hf_checkpoint.from_hf(extended.out, mesh=_mesh())
+    again = hf_checkpoint.from_hf(extended.out, mesh=one_device_mesh())
     assert again.cfg.visual_ops == extended.model.cfg.visual_ops
     for name in ("wq", "wk", "wv", "wo", "gate", "query_norm", "image_norm"):
         np.testing.assert_array_equal(np.asarray(getattr(again.visual_ops, name)[...]), np.asarray(getattr(extended.model.visual_ops, name)[...]))
@@ -216,7 +207,7 @@ def _edit_config(path, **kw):
 
 def _raises(path, *fragments):
     with pytest.raises(hf_checkpoint.CheckpointError) as e:
-        hf_checkpoint.from_hf(path, mesh=_mesh())
+        hf_checkpoint.from_hf(path, mesh=one_device_mesh())
     for f in fragments:
         assert f in str(e.value), str(e.value)
 
@@ -302,8 +293,8 @@ def _shard(ckpt, tmp_path):
 
 def test_sharded_checkpoint_loads(ckpt, tmp_path):
     d, _ = _shard(ckpt, tmp_path)
-    a = hf_checkpoint.from_hf(d, mesh=_mesh())
-    b = hf_checkpoint.from_hf(ckpt, mesh=_mesh())
+    a = hf_checkpoint.from_hf(d, mesh=one_device_mesh())
+    b = hf_checkpoint.from_hf(ckpt, mesh=one_device_mesh())
     np.testing.assert_array_equal(np.asarray(a.layers[2].attn.q_proj.kernel[...]), np.asarray(b.layers[2].attn.q_proj.kernel[...]))
 
 
@@ -337,7 +328,7 @@ OPS = hf_checkpoint.VISUAL_OPS_FILE
 def ops_ckpt(ckpt, tmp_path_factory):
     """`ckpt` with three fresh visual-op modules, exported (so it has an atlas_visual_ops file)."""
     ops = VisualOpConfig(token_ids=(310, 311, 312), layer=1, num_heads=2, head_dim=16)
-    model = hf_checkpoint.from_hf(ckpt, mesh=_mesh(), visual_ops=ops)
+    model = hf_checkpoint.from_hf(ckpt, mesh=one_device_mesh(), visual_ops=ops)
     model.visual_ops.gate[...] = jnp.array([0.5, -1.0, 2.0])
     out = str(tmp_path_factory.mktemp("ops_export"))
     hf_checkpoint.to_hf(model, out)
@@ -352,7 +343,7 @@ def _edit_ops(d, edit):
 
 
 def test_visual_ops_file_round_trips(ops_ckpt, tmp_path):
-    model = hf_checkpoint.from_hf(ops_ckpt, mesh=_mesh())
+    model = hf_checkpoint.from_hf(ops_ckpt, mesh=one_device_mesh())
     assert model.cfg.visual_ops.token_ids == (310, 311, 312)
     np.testing.assert_array_equal(np.asarray(model.visual_ops.gate[...]), [0.5, -1.0, 2.0])
     out = str(tmp_path / "again")
@@ -377,7 +368,7 @@ def test_visual_ops_file_config_disagrees_with_the_weights(ops_ckpt, tmp_path):
     """Metadata (or an override) with more heads than the saved weights: the shapes are named."""
     d = _copy(ops_ckpt, tmp_path)
     with pytest.raises(hf_checkpoint.CheckpointError) as e:
-        hf_checkpoint.from_hf(d, mesh=_mesh(), visual_ops=VisualOpConfig(token_ids=(310, 311, 312), layer=1, num_heads=4, head_dim=16))
+        hf_checkpoint.from_hf(d, mesh=one_device_mesh(), visual_ops=VisualOpConfig(token_ids=(310, 311, 312), layer=1, num_heads=4, head_dim=16))
     msg = str(e.value)
     assert msg.startswith(os.path.join(d, OPS) + ": tensor visual_ops.w"), msg
     assert "shape (3, 64, 2, 16), expected (3, 64, 4, 16)" in msg, msg
@@ -418,7 +409,7 @@ def test_load_reads_only_each_devices_slice(ckpt, ops_ckpt, tmp_path, monkeypatc
     axes give, and is built from per-device slices of lazy file views (no whole-tensor copy)."""
     d = {"single_file": ckpt, "shard_index": lambda: _shard(ckpt, tmp_path)[0], "visual_ops": ops_ckpt}[layout]
     d = d() if callable(d) else d
-    full = hf_checkpoint.from_hf(d, mesh=_mesh())
+    full = hf_checkpoint.from_hf(d, mesh=one_device_mesh())
 
     read, sliced = hf_checkpoint._read, []
 

@@ -7,25 +7,15 @@ import os
 import shutil
 import struct
 
-import jax
 import numpy as np
 import pytest
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from atlas_jax import hf_checkpoint, sharding
+from atlas_jax import hf_checkpoint
 from atlas_jax.safetensors_io import SafetensorsFile
-from hf_model_fixture import assert_logits_match, example, make_hf_checkpoint
+from hf_model_fixture import assert_logits_match, ckpt, example, make_hf_checkpoint, one_device_mesh  # noqa: F401 (ckpt: a fixture)
 
 
-def _mesh():
-    return sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("hf_src"))
-    make_hf_checkpoint(path, seed=2)
-    return path
 
 
 def _copy(ckpt, tmp_path):
@@ -36,7 +26,7 @@ def _copy(ckpt, tmp_path):
 
 def _raises(path, *fragments):
     with pytest.raises(hf_checkpoint.CheckpointError) as e:
-        hf_checkpoint.from_hf(path, mesh=_mesh())
+        hf_checkpoint.from_hf(path, mesh=one_device_mesh())
     for f in fragments:
         assert f in str(e.value), str(e.value)
 
@@ -99,7 +89,7 @@ def test_mrope_type_of_released_checkpoints_loads(ckpt, tmp_path):
     config = json.load(open(path))
     config["text_config"]["rope_parameters"] = {"type": "mrope", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
     json.dump(config, open(path, "w"))
-    assert hf_checkpoint.from_hf(d, mesh=_mesh()).cfg.text.mrope_section == (2, 3, 3)
+    assert hf_checkpoint.from_hf(d, mesh=one_device_mesh()).cfg.text.mrope_section == (2, 3, 3)
 
 
 def test_tie_flag_only_inside_text_config_ties_like_transformers(tmp_path):
@@ -116,7 +106,7 @@ def test_tie_flag_only_inside_text_config_ties_like_transformers(tmp_path):
 
     ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(d, attn_implementation="eager").eval()
     assert ref.config.tie_word_embeddings
-    model = hf_checkpoint.from_hf(d, mesh=_mesh())
+    model = hf_checkpoint.from_hf(d, mesh=one_device_mesh())
     assert model.cfg.text.tie_word_embeddings
     rng = np.random.default_rng(0)
     assert_logits_match(model, ref, [example(rng, 5, [(1, 8, 8)], 4), example(rng, 9, [], 0)], pad_left=False, atol=1e-4)
