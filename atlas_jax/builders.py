@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 
 import jax
 import ml_collections as mlc
@@ -17,11 +18,12 @@ from flax import nnx
 from transformers import PreTrainedTokenizerFast
 
 from atlas_jax import functional_tokens as ft
-from atlas_jax import checkpoint, hf_checkpoint, multihost
+from atlas_jax import checkpoint, hf_checkpoint, multihost, run_config
 from atlas_jax import sharding as shd
 from atlas_jax import tokenizer as tokenizer_lib
 from atlas_jax.data import image_processing, pipeline, tfds_builder
-from atlas_jax.model import extend, presets, vlm
+from atlas_jax.model import extend, lora, presets, vlm
+from atlas_jax.train import optimizer
 from atlas_jax.model.config import ConfigError, ModelConfig, VisualOpConfig
 
 log = logging.getLogger("atlas_jax")
@@ -97,7 +99,7 @@ def make_tokenizer(c: mlc.ConfigDict, workdir: str):
     tokens = ft.by_name(tuple(c.model.functional_tokens))
     saved = os.path.join(workdir, "tokenizer")
     if os.path.exists(os.path.join(saved, "tokenizer.json")):
-        return tokenizer_lib.load_tokenizer(saved)
+        return _load_run_tokenizer(saved)
     run = c.checkpoint.init_from
     from_run = os.path.join(run, "tokenizer") if run and os.path.exists(os.path.join(run, "tokenizer", "tokenizer.json")) else ""
     path = c.tokenizer.path or from_run or c.model.init_from_hf
@@ -106,10 +108,26 @@ def make_tokenizer(c: mlc.ConfigDict, workdir: str):
     else:
         tok = tokenizer_lib.build_tokenizer(_corpus(c, workdir), vocab_size=c.tokenizer.vocab_size)
     tokenizer_lib.add_functional_tokens(tok, tokens)
-    if jax.process_index() == 0:
-        tok.save_pretrained(saved)
+    if jax.process_index() == 0:  # written aside, then renamed: a run killed meanwhile leaves no half file
+        shutil.rmtree(saved + ".tmp", ignore_errors=True)
+        tok.save_pretrained(saved + ".tmp")
+        shutil.rmtree(saved, ignore_errors=True)  # a tokenizer.json-less leftover
+        os.replace(saved + ".tmp", saved)
     multihost.barrier("atlas_jax_tokenizer")
     return tokenizer_lib.load_tokenizer(saved)
+
+
+def _load_run_tokenizer(saved: str):
+    """The tokenizer a run saved in its workdir; its checkpoints hold its token ids, so a damaged
+    one is an error saying how to get it back, not something to replace quietly."""
+    try:
+        return tokenizer_lib.load_tokenizer(saved)
+    except Exception as e:  # noqa: BLE001 - JSON errors, OSError, and the tokenizers library's plain Exception
+        raise checkpoint.CheckpointError(
+            f"{os.path.join(saved, 'tokenizer.json')} is unreadable ({type(e).__name__}: {e}); it is the tokenizer this "
+            f"run's checkpoints were trained with: copy {saved} back from a backup (or from the run it came from), or, "
+            f"if no checkpoint depends on it yet, delete {saved} to rebuild it from the config"
+        ) from e
 
 
 def _corpus(c, workdir):
@@ -139,7 +157,22 @@ def model_config(c: mlc.ConfigDict, tokens: tokenizer_lib.RunTokens, vocab_size:
 
 
 def make_model(c: mlc.ConfigDict, tok, tokens: tokenizer_lib.RunTokens, mesh_) -> vlm.VLM:
-    """A sharded model: from a Hugging Face checkpoint (+ functional tokens) or from scratch."""
+    """A sharded model: from a Hugging Face checkpoint (+ functional tokens) or from scratch,
+    with LoRA adapters when `model.lora.rank` > 0."""
+    model = _base_model(c, tok, tokens, mesh_)
+    lora_cfg = run_config.lora_config(c)
+    if not lora_cfg.enabled:
+        return model
+    with jax.set_mesh(mesh_):
+        return lora.apply(model, lora_cfg, seed=c.seed)
+
+
+def trainable(c: mlc.ConfigDict) -> nnx.filterlib.Filter:
+    """The parameters the run trains (`optimizer.trainable`): the optimizer and the step take it."""
+    return optimizer.trainable(c.optim.freeze_vision, adapters_only=run_config.lora_config(c).enabled)
+
+
+def _base_model(c: mlc.ConfigDict, tok, tokens: tokenizer_lib.RunTokens, mesh_) -> vlm.VLM:
     if c.model.init_from_hf:
         base = hf_checkpoint.from_hf(c.model.init_from_hf, mesh=mesh_, dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
         v = c.model.visual_ops

@@ -1,13 +1,14 @@
 """Orbax checkpoints of everything resume needs: one `ocp.CheckpointManager` over three items.
 
-    ckpt = Checkpoints(workdir, keep=3, save_every=1000)
+    ckpt = Checkpoints(workdir, keep=3, save_every=1000)      # first: SIGTERM is caught from here on
+    ...                                                         # build data, model
     if ckpt.latest_step() is not None:                          # automatic resume
         state, _ = ckpt.restore(None, abstract(state), data_iter)
-    for step in ...:
+    for step in ...:                                            # (SIGTERM before it: stop, raise Preempted)
         ckpt.save(step, state, data_iter, config)              # no-op off the interval
         if ckpt.reached_preemption(step): break                # SIGTERM
     ckpt.save(step, state, data_iter, config, force=True)
-    ckpt.close()
+    ckpt.close()                                                # then, if preempted: raise Preempted
 
 `workdir/checkpoints/<step>/` holds `state/` (the train state pytree, written sharded by every
 process), `data_iter/` (each process's grain iterator position, through grain's Orbax handler),
@@ -47,6 +48,15 @@ _REWRITTEN = frozenset({"_CHECKPOINT_METADATA", "commit_success.txt"})  # by Orb
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete, corrupted, or does not fit the restore target."""
+
+
+class Preempted(Exception):
+    """Raised by a job that stopped early on SIGTERM (a preempted machine), after saving whatever it
+    trained; the command line exits with `main.PREEMPTED`, not 0, so a scheduler runs it again."""
+
+    def __init__(self, step: int, directory: epath.PathLike):
+        super().__init__(f"stopped by SIGTERM at step {step}: run the same command again to resume "
+                         f"from the newest checkpoint in {directory}")
 
 
 def abstract(tree):
@@ -139,7 +149,7 @@ class Checkpoints:
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm) or signal.SIG_DFL
 
     def _on_sigterm(self, signum, frame) -> None:
-        log.warning("received SIGTERM: will save a checkpoint and stop")
+        log.warning("received SIGTERM: will stop (before the first step, or after saving the current one)")
         self._sigterm = True
 
     def reached_preemption(self, step: int) -> bool:

@@ -244,7 +244,7 @@ def la_grpo_programs(c: mlc.ConfigDict, model_cfg: ModelConfig, mesh) -> list[Pr
     loss_cfg = run_config.loss_config(c)
     ref_params, ref_sh = (state.params, state_sh.params) if loss_cfg.beta > 0 else (None, None)
     step = la_grpo.make_rl_step(
-        graphdef, tx, loss_cfg, group_size=r.group_size, scale_rewards=r.scale_rewards,
+        graphdef, tx, loss_cfg, group_size=r.group_size, temperature=scfg.temperature, scale_rewards=r.scale_rewards,
         functional_ids=tokens.functional_ids, anchor_share=r.anchor_share,
         state_sharding=state_sh, ref_sharding=ref_sh, batch_sharding={k: v.sharding for k, v in rollouts.items()},
     )

@@ -344,6 +344,9 @@ def _host(x) -> np.ndarray:
 
 def hf_tensors(model: VLM, dtype=None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(base tensors by HF name, visual-op tensors) as host numpy arrays."""
+    if jax.tree.leaves(nnx.state(model, nnx.LoRAParam)):
+        raise ValueError("the model holds LoRA adapters, which transformers' Qwen2.5-VL has no place for: "
+                         "export the merged weights, `lora.merged(model, lora_cfg)`")
     entries = param_entries(model.cfg)
     base, ops = {}, {}
     for path_, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):

@@ -23,6 +23,9 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots 
 flags.DEFINE_bool("verbose", False, "Show the traceback of a rejected config, record or checkpoint.")
 FLAGS = flags.FLAGS
 USAGE_ERROR = 2  # exit status of a run stopped by bad input (a config field, a record, a checkpoint)
+# Exit status of a run stopped by SIGTERM after saving (128 + 15, what a shell reports for a process
+# SIGTERM ended): not 0, which a scheduler reads as finished; the same command resumes it.
+PREEMPTED = 143
 
 JOB_MODULES = {"sft": "atlas_jax.jobs.sft", "la_grpo": "atlas_jax.jobs.la_grpo", "eval": "atlas_jax.jobs.evaluate", "pipeline": "atlas_jax.jobs.recipe",
                "benchmark": "atlas_jax.jobs.benchmark"}
@@ -133,12 +136,17 @@ def main(argv):
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/atlas_jax/jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     _console_logging()
+    from atlas_jax.checkpoint import Preempted
+
     try:
         run_job(FLAGS.config, FLAGS.workdir)
     except _user_errors() as e:
         if FLAGS.verbose:
             raise
         _reject(str(e))
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        sys.exit(PREEMPTED)
 
 
 def run():

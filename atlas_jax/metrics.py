@@ -69,9 +69,14 @@ def model_flops(cfg, batch: int, seq: int, patches: int) -> dict[str, float]:
 
 
 class MetricsWriter:
-    """Writes scalars to `workdir/metrics.jsonl` and TensorBoard event files (process 0 only)."""
+    """Writes scalars to `workdir/metrics.jsonl` and TensorBoard event files (process 0 only).
 
-    def __init__(self, workdir: str, *, prefix: str = ""):
+    start_step: the step the run starts from (its restored checkpoint's, 0 when fresh). A run that
+    crashed after it logged steps it is about to repeat: those rows are dropped from metrics.jsonl
+    and hidden in TensorBoard (its `purge_step`), so each step is logged once.
+    """
+
+    def __init__(self, workdir: str, *, prefix: str = "", start_step: int = 0):
         self.enabled = jax.process_index() == 0
         self.prefix = prefix
         self._tb = None
@@ -80,8 +85,10 @@ class MetricsWriter:
             os.makedirs(workdir, exist_ok=True)
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
+            path = os.path.join(workdir, "metrics.jsonl")
+            _drop_rows_after(path, start_step)
+            self._jsonl = open(path, "a")
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -96,6 +103,27 @@ class MetricsWriter:
         if self.enabled:
             self._tb.close()
             self._jsonl.close()
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+    """Rewrites the JSONL log at `path` (if any) without its rows of steps after `step`, and
+    without a last line cut short by a crash."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = f.readlines()
+
+    def row_step(line: str) -> float:
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            return math.inf
+
+    kept = [line for line in rows if line.endswith("\n") and row_step(line) <= step]
+    if len(kept) < len(rows):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)  # a crash now leaves the old log or the new one, whole
 
 
 def check_finite(metrics: Mapping[str, float], step: int) -> None:

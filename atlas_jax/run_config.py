@@ -22,9 +22,9 @@ from atlas_jax import sampling
 from atlas_jax.benchmarks.protocol import BenchmarkConfig
 from atlas_jax.data.synthetic import TASKS
 from atlas_jax.functional_tokens import DEFAULT_TOKENS
-from atlas_jax.model import presets
+from atlas_jax.model import lora, presets
 from atlas_jax.model.config import DTYPES, ConfigError
-from atlas_jax.rl import losses
+from atlas_jax.rl import losses, rewards as rewards_lib
 
 JOBS = ("sft", "la_grpo", "eval", "pipeline", "benchmark")
 
@@ -53,6 +53,7 @@ def base() -> mlc.ConfigDict:
     c.model.visual_ops.num_heads = 4
     c.model.visual_ops.head_dim = 32
     c.model.visual_ops.max_positions = 8
+    c.model.lora = _section(lora.LoraConfig, ("rank", "alpha", "module_regex"))  # rank 0 = no adapters
 
     c.tokenizer = mlc.ConfigDict()
     c.tokenizer.path = ""  # '' = train a byte-level BPE on the synthetic corpus (from-scratch runs)
@@ -105,7 +106,16 @@ def base() -> mlc.ConfigDict:
     c.rl.sample = _section(sampling.SamplingConfig, ROLLOUT_SAMPLING)
     c.rl.loss = _section(losses.GRPOLossConfig, tuple(f.name for f in dataclasses.fields(losses.GRPOLossConfig)
                                                       if f.name != "max_completion_length"))  # that one is rl.sample's
-    c.rl.rewards = mlc.ConfigDict(dict(accuracy=1.0, functional_usage=0.2, format=0.2, verbosity=0.5, spam=0.5))
+    c.rl.rewards = mlc.ConfigDict(dict(accuracy=1.0, functional_usage=0.2, format=0.2, verbosity=0.5, spam=0.5, overlong=0.0))
+    # A user's reward functions, "package.module:function=weight" each (ConfigDict keys cannot hold
+    # dots or colons, so they are not rl.rewards keys); imported and signature-checked by validate.
+    c.rl.custom_rewards = ()
+    c.rl.reward_errors = "raise"  # a reward that raises / returns non-finite: raise (stop, naming it) | zero (score 0, counted)
+    c.rl.overlong_buffer = 16  # DAPO soft overlong reward `overlong`: linear from 0 at max_new_tokens - buffer to -penalty
+    c.rl.overlong_penalty = 1.0
+    c.rl.mask_truncated = False  # completions that hit max_new_tokens without a stop token contribute no loss
+    c.rl.filter_groups = "none"  # DAPO dynamic sampling: drop groups whose reward | accuracy is all equal (none = keep all)
+    c.rl.max_extra_rounds = 2  # filter_groups: at most this many extra rollout rounds to refill the batch
 
     c.eval = mlc.ConfigDict()
     c.eval.split = "validation"
@@ -220,6 +230,7 @@ def validate(c: mlc.ConfigDict, num_devices: int, *, paths: bool = True) -> None
     _need(isinstance(c.seed, int) and c.seed >= 0, "seed", c.seed, "an integer >= 0")
     batch_shards = _check_mesh(c, num_devices)
     _check_model(c.model)
+    _check_lora(c)
     _check_data(c.data)
     _check_training(c, batch_shards)
     _check_rl(c.rl, batch_shards if c.job == "la_grpo" else 1)  # an SFT run's slice need not divide its rollouts
@@ -257,6 +268,16 @@ def _check_model(m: mlc.ConfigDict) -> None:
     if not m.init_from_hf:  # a checkpoint's depth is only known once its config.json is read
         layers = presets.get(m.preset).text.num_layers
         _need(-1 <= v.layer < layers, "model.visual_ops.layer", v.layer, f"-1 (the middle) or a decoder layer 0..{layers - 1}")
+
+
+def _check_lora(c: mlc.ConfigDict) -> None:
+    """`model.lora` builds its dataclass (whose checks name the field)."""
+    lora_config(c)
+
+
+def lora_config(c: mlc.ConfigDict) -> lora.LoraConfig:
+    """`model.lora` as the adapters' dataclass."""
+    return _build(lora.LoraConfig, c.model.lora, "model.lora")
 
 
 def _check_data(d: mlc.ConfigDict) -> None:
@@ -301,10 +322,24 @@ def _check_rl(r: mlc.ConfigDict, batch_shards: int) -> None:
     _need(r.num_iterations >= 1, "rl.num_iterations", r.num_iterations, ">= 1")
     _build(sampling.SamplingConfig, r.sample, "rl.sample")
     _build(losses.GRPOLossConfig, r.loss, "rl.loss", max_completion_length=r.sample.max_new_tokens)
-    known = ("accuracy", "functional_usage", "expected_usage", "format", "verbosity", "spam")
+    known = ("accuracy", "functional_usage", "expected_usage", "format", "verbosity", "spam", "overlong")
     _need(set(r.rewards.keys()) <= set(known), "rl.rewards", dict(r.rewards), f"weights for {', '.join(known)}")
     for name, weight in r.rewards.items():
         _need(isinstance(weight, (int, float)) and math.isfinite(weight), f"rl.rewards.{name}", weight, "a finite number")
+    _need(isinstance(r.custom_rewards, (tuple, list)), "rl.custom_rewards", r.custom_rewards,
+          'a tuple of "package.module:function=weight" strings')
+    for i, spec in enumerate(r.custom_rewards):
+        try:
+            rewards_lib.load_reward(spec)
+        except ValueError as e:
+            raise ConfigError(f"config.rl.custom_rewards[{i}]={e}") from None
+    _need(r.reward_errors in ("raise", "zero"), "rl.reward_errors", r.reward_errors, "raise | zero")
+    longest = r.sample.max_new_tokens if r.rewards.get("overlong") else math.inf  # bounded only when the reward is on
+    _need(0 < r.overlong_buffer <= longest, "rl.overlong_buffer", r.overlong_buffer,
+          f"in [1, rl.sample.max_new_tokens={r.sample.max_new_tokens}]")
+    _need(r.overlong_penalty >= 0, "rl.overlong_penalty", r.overlong_penalty, ">= 0")
+    _need(r.filter_groups in ("none", "reward", "accuracy"), "rl.filter_groups", r.filter_groups, "none | reward | accuracy")
+    _need(r.max_extra_rounds >= 0, "rl.max_extra_rounds", r.max_extra_rounds, ">= 0")
 
 
 def _check_benchmark(b: mlc.ConfigDict, batch_shards: int, paths: bool) -> None:

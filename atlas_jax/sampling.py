@@ -17,9 +17,12 @@ Steps, for a batch of B prompts of Tp tokens and N = max_new_tokens:
 The rng of step n is `fold_in(rng, n)` (partitionable threefry: the same tokens on any mesh).
 
 Log-probabilities returned per sampled token (both float32[B*G, N], 0 where `mask` is False):
-  logprobs          log_softmax(logits)[token]: the policy's log-prob at temperature 1 with no
-                    top-k / top-p filtering, i.e. exactly what the LA-GRPO trainer recomputes
-                    from a full forward (use it as `old_logprobs`);
+  logprobs          log_softmax(logits / temperature)[token] (temperature 1 when greedy): the
+                    tempered policy's log-prob with no top-k / top-p filtering, i.e. exactly what
+                    the LA-GRPO trainer recomputes from a full forward at the same temperature
+                    (use it as `old_logprobs`; TRL's convention). The filters are left out on both
+                    sides: a sampled token always lies inside them, and the trainer's ratio
+                    p_new / p_old is of the unfiltered tempered policy, 1 at the first update;
   sample_logprobs   the log-prob under the distribution actually sampled from (temperature,
                     then top-k, then top-p, as `transformers` orders its warpers); 0 when greedy.
 
@@ -110,7 +113,7 @@ def top_p_filter(logits_rv: jax.Array, top_p: jax.Array | float) -> jax.Array:
 
 def _pick(logits_rv, key, temperature, top_p, cfg: SamplingConfig):
     """One token per row: int32[R] and its two log-probs float32[R] (see module docstring)."""
-    logp_rv = jax.nn.log_softmax(logits_rv, axis=-1)
+    logp_rv = jax.nn.log_softmax(logits_rv if cfg.greedy else logits_rv / temperature, axis=-1)
     if cfg.greedy:
         tok_r = jnp.argmax(logits_rv, axis=-1).astype(jnp.int32)
         sample_lp_r = jnp.zeros(tok_r.shape, jnp.float32)
@@ -237,7 +240,7 @@ def generate(graphdef, state, batch: Mapping, rng: jax.Array | None, cfg: Sampli
 
     Returns, for R = B*G rows (row i*G + j is sample j of prompt i):
       tokens            int32[R, N]    pad_id after the stop token / end
-      logprobs          float32[R, N]  policy log-prob (temperature 1, unfiltered)
+      logprobs          float32[R, N]  policy log-prob (tempered, unfiltered)
       sample_logprobs   float32[R, N]  log-prob under the filtered, tempered sampling distribution
       mask              bool[R, N]     real completion tokens, the stop token included
       lengths           int32[R]
@@ -270,6 +273,13 @@ def program_arguments(graphdef, state, batch: Mapping, rng: jax.Array | None, cf
     stop[: len(cfg.stop_ids)] = cfg.stop_ids
     args = (graphdef, state, inputs, rng, jnp.float32(cfg.temperature), jnp.float32(cfg.top_p), jnp.asarray(stop))
     return args, {"cfg": cfg.program(), "mesh": _mesh_of(inputs[0][0])}
+
+
+def compiled_memory(graphdef, state, batch: Mapping, rng: jax.Array | None, cfg: SamplingConfig):
+    """The compiled sampler program's `memory_analysis()` for `generate`'s inputs (None where the
+    backend reports none): the job logs it at start."""
+    args, static = program_arguments(graphdef, state, batch, rng, cfg)
+    return _generate_jit.lower(*args, **static).compile().memory_analysis()
 
 
 def sample_model(model, batch: Mapping, rng: jax.Array, cfg: SamplingConfig) -> dict[str, jax.Array]:

@@ -2,11 +2,17 @@
 
 import importlib.util
 import json
+import logging
 import os
+import re
+from pathlib import Path
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from atlas_jax import main as entry, run_config
+from atlas_jax.jobs import la_grpo as la_grpo_job
 
 
 def _config(**over):
@@ -66,6 +72,26 @@ def test_three_iterations_checkpoint_and_resume_identically(tmp_path, data, unin
 
 
 @pytest.mark.slow
+def test_an_edited_data_position_is_detected_and_the_run_resumes_from_the_step_before(tmp_path, data, uninterrupted, caplog):
+    b = str(tmp_path / "b")
+    entry.run_job(_config(**{"data.data_dir": data, "train.stop_at": 2}), b)
+    # Step 2's data-iterator position moved on by a few records: a valid state of the same size.
+    (victim,) = Path(b, "checkpoints", "2", "data_iter").glob("process_0-of-*.json")
+    text = victim.read_text()
+    edited = re.sub(r'("next_index": \d*)(\d)', lambda m: m[1] + str((int(m[2]) + 3) % 10), text, count=1)
+    assert edited != text and len(edited) == len(text)
+    victim.write_text(edited)
+
+    with caplog.at_level(logging.WARNING, logger="atlas_jax.checkpoint"):
+        entry.run_job(_config(**{"data.data_dir": data}), b)
+    assert "skipping checkpoint step 2" in caplog.text and f"{victim} does not match its checksum" in caplog.text
+    # Resumed from step 1: the rollouts and updates of the uninterrupted run, each step logged once.
+    with open(os.path.join(b, "metrics.jsonl")) as f:
+        assert [r["step"] for r in map(json.loads, f)] == [1, 2, 3]
+    assert _rows(b) == _rows(uninterrupted)
+
+
+@pytest.mark.slow
 def test_two_updates_per_rollout_batch_log_the_pre_update_gap_and_resume(tmp_path, data, uninterrupted):
     over = {"data.data_dir": data, "rl.num_iterations": 2, "train.steps": 2, "optim.warmup_steps": 0}  # the first update moves
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
@@ -88,3 +114,63 @@ def test_two_updates_per_rollout_batch_log_the_pre_update_gap_and_resume(tmp_pat
         assert row["loss"] == pytest.approx((row["loss/first"] + row["loss/last"]) / 2)
     for step in ra:
         assert ra[step] == rb[step], step
+
+
+def always_half(completion, answer, token_ids, /, *, task, functional_ids):
+    """A user's reward, named on the command line as 'test_la_grpo_job:always_half=0.1'."""
+    return 0.5
+
+
+def first_token_rule(completion, answer, token_ids, /, *, task, functional_ids):
+    """A user's reward that differs within groups about half the time (G = 2)."""
+    return float(token_ids[0] % 3 == 0)
+
+
+def test_groups_are_chosen_informative_first_then_filled():
+    rewards = np.array([1, 1, 0, 1, 2, 2, 0, 0], np.float32)  # groups of 2: flat, mixed, flat, flat
+    np.testing.assert_array_equal(la_grpo_job.informative_groups(rewards, 2), [False, True, False, False])
+    extra = np.array([True, False, True, False])
+    groups, filled = la_grpo_job.choose_groups([la_grpo_job.informative_groups(rewards, 2), extra], 4)
+    np.testing.assert_array_equal(groups, [1, 4, 6, 0])  # round 0's group 1, round 1's groups 0 and 2, then a flat one
+    assert filled == 1
+    assert la_grpo_job.choose_groups([extra, extra], 4) == (pytest.approx([0, 2, 4, 6]), 0)
+
+
+def test_take_groups_and_mask_truncated_pick_the_right_rows():
+    G, N = 2, 3
+    def batch(offset):
+        return {"input_ids": jnp.arange(8 * N).reshape(8, N) + offset, "completion_mask": jnp.ones((8, N), bool),
+                "rewards": jnp.arange(8.0) + offset, "pixel_values": jnp.arange(4.0)[:, None] + offset}
+    out = la_grpo_job._take_groups([batch(0), batch(100)], np.array([3, 5]), G)
+    np.testing.assert_array_equal(out["rewards"], [6, 7, 102, 103])
+    np.testing.assert_array_equal(out["pixel_values"][:, 0], [3, 101])
+    np.testing.assert_array_equal(out["input_ids"][:, 0], [18, 21, 106, 109])
+    b = batch(0)
+    b["completion_mask"] = b["completion_mask"].at[1, 2].set(False)  # row 1 stopped early
+    masked = la_grpo_job._mask_truncated(b, (11, 99))  # row 3 ends on a stop id (row k ends on 3k + 2)
+    np.testing.assert_array_equal(np.asarray(masked["completion_mask"]).any(1), [False, True, False, True, False, False, False, False])
+    np.testing.assert_array_equal(masked["completion_mask"][1], [True, True, False])
+
+
+def test_dynamic_sampling_overlong_custom_rewards_and_metrics(tmp_path, data):
+    c = _config(**{"data.data_dir": data, "train.steps": 2, "rl.filter_groups": "reward", "rl.max_extra_rounds": 2,
+                   "rl.mask_truncated": True, "rl.overlong_buffer": 4, "rl.reward_errors": "zero",
+                   "rl.custom_rewards": ("test_la_grpo_job:always_half=0.1", "test_la_grpo_job:first_token_rule")})
+    c.rl.rewards = {"functional_usage": 1.0, "format": 0.2, "overlong": 0.5}
+    entry.run_job(c, str(tmp_path))
+    rows = _rows(str(tmp_path))
+    B = c.rl.prompts_per_step
+    for row in rows.values():
+        assert row["reward/test_la_grpo_job:always_half"] == 0.5 and row["reward/test_la_grpo_job:always_half_std"] == 0.0
+        assert row["reward/errors"] == 0
+        assert row["completion_length/min"] <= row["completion_length"] <= row["completion_length/max"] <= 12
+        assert 0 <= row["truncated_frac"] <= 1 and -1 <= row["reward/overlong"] <= 0
+        assert (row["reward/overlong"] < 0) == (row["completion_length/max"] > 8)
+        assert row["entropy"] >= 0 and "clip_ratio/low_mean" in row and "kl" in row
+        if row["truncated_frac"] == 1:  # a random tiny model never stops: mask_truncated leaves no loss
+            assert row["grad_norm"] == 0 and row["loss"] == 0
+        rounds, dropped = row["dynamic/rounds"], row["dynamic/groups_dropped"]
+        assert 1 <= rounds <= 3 and dropped >= round(row["frac_reward_zero_std"] * B)
+        assert row["dynamic/filled_with_dropped"] == max(0, B - (rounds * B - dropped))
+        if rounds == 1:
+            assert dropped == round(row["frac_reward_zero_std"] * B)

@@ -7,8 +7,9 @@ import optax
 import pytest
 from flax import nnx
 
-from atlas_jax import sharding
-from atlas_jax.data.device_batch import LAYOUT_KEYS
+from atlas_jax import sampling, sharding
+from atlas_jax.jobs import la_grpo as job
+from atlas_jax.data.device_batch import LAYOUT_KEYS, model_inputs
 from atlas_jax.model import vlm
 from atlas_jax.model.rope import next_position
 from atlas_jax.rl import losses
@@ -47,14 +48,15 @@ def _rollouts(cfg, with_func=True, seed=0):
     return batch
 
 
-def _setup(alpha, beta=0.0, loss_type="grpo"):
+def _setup(alpha, beta=0.0, loss_type="grpo", entropy_coef=0.0):
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     cfg = tiny_cfg("module")
     model = vlm.create(cfg, mesh, seed=2)
     model.visual_ops.gate[...] = jnp.full(3, 0.5)
     tx = optax.sgd(0.1)
     graphdef, state, shardings = train_state.create(model, tx, mesh)
-    lc = losses.GRPOLossConfig(loss_type=loss_type, alpha=alpha, beta=beta, epsilon_low=0.2, epsilon_high=0.28)
+    lc = losses.GRPOLossConfig(loss_type=loss_type, alpha=alpha, beta=beta, epsilon_low=0.2, epsilon_high=0.28,
+                               entropy_coef=entropy_coef)
     return cfg, graphdef, state, shardings, tx, lc
 
 
@@ -62,9 +64,21 @@ def _jax(batch):
     return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
-@pytest.mark.parametrize("alpha,beta,loss_type", [(0.0, 0.0, "grpo"), (0.5, 0.04, "dr_grpo"), (1.0, 0.0, "bnpo")])
-def test_step_equals_direct_gradient_of_the_loss(alpha, beta, loss_type):
-    cfg, graphdef, state, shardings, tx, lc = _setup(alpha, beta, loss_type)
+def _dense_logprobs_entropy(model, batch, temperature):
+    """The tempered policy's log-probs and entropy from the model's own dense head ([R, N, V] logits)."""
+    args, images = model_inputs(batch)
+    images = jax.tree.map(lambda x: jnp.repeat(x, G, axis=0), images)
+    logits, _, _ = model(*args, **images)
+    logp_rnv = jax.nn.log_softmax(logits[:, -N - 1 : -1].astype(jnp.float32) / temperature, axis=-1)
+    picked = jnp.take_along_axis(logp_rnv, batch["input_ids"][:, -N:, None], axis=-1)[..., 0]
+    return picked, -jnp.sum(jnp.exp(logp_rnv) * logp_rnv, axis=-1)
+
+
+@pytest.mark.parametrize("alpha,beta,loss_type,entropy_coef,temperature",
+                         [(0.0, 0.0, "grpo", 0.0, 1.0), (0.5, 0.04, "dr_grpo", 0.0, 1.0), (1.0, 0.0, "bnpo", 0.0, 1.0),
+                          (0.5, 0.04, "grpo", 0.05, 0.7)])
+def test_step_equals_direct_gradient_of_the_loss(alpha, beta, loss_type, entropy_coef, temperature):
+    cfg, graphdef, state, shardings, tx, lc = _setup(alpha, beta, loss_type, entropy_coef)
     batch = _jax(_rollouts(cfg))
     ref_params = jax.tree.map(lambda x: x * 1.01, state.params) if beta > 0 else None
     params0 = jax.tree.map(jnp.copy, state.params)
@@ -74,19 +88,21 @@ def test_step_equals_direct_gradient_of_the_loss(alpha, beta, loss_type):
     adv = ((r - r.mean(1, keepdims=True)) / (r.std(1, ddof=1, keepdims=True) + 1e-4)).reshape(-1)
 
     def loss_fn(p):
-        logp = la_grpo.rollout_logprobs(nnx.merge(graphdef, p), batch, G)
-        ref = la_grpo.rollout_logprobs(nnx.merge(graphdef, ref_params), batch, G) if beta > 0 else None
+        logp, entropy = _dense_logprobs_entropy(nnx.merge(graphdef, p), batch, temperature)
+        ref = _dense_logprobs_entropy(nnx.merge(graphdef, ref_params), batch, temperature)[0] if beta > 0 else None
         tokens = batch["input_ids"][:, -N:]
         func = jnp.isin(tokens, jnp.asarray(FUNC)) & batch["completion_mask"]
         rollouts = losses.Rollouts(batch["old_logprobs"], jnp.asarray(adv), batch["completion_mask"], func, ref)
-        return losses.grpo_loss(logp, rollouts, lc)[0]
+        return losses.grpo_loss(logp, rollouts, lc, entropy)
 
-    loss_ref, g = jax.value_and_grad(loss_fn)(params0)
+    (loss_ref, metrics_ref), g = jax.value_and_grad(loss_fn, has_aux=True)(params0)
     want = optax.apply_updates(params0, jax.tree.map(lambda x: -0.1 * x, g))
 
-    step = la_grpo.make_rl_step(graphdef, tx, lc, group_size=G, functional_ids=FUNC, state_sharding=shardings, batch_sharding=None, ref_sharding=None)
+    step = la_grpo.make_rl_step(graphdef, tx, lc, group_size=G, temperature=temperature, functional_ids=FUNC,
+                                state_sharding=shardings, batch_sharding=None, ref_sharding=None)
     state, m = step(state, ref_params, batch)
     assert abs(float(m["loss"]) - float(loss_ref)) < 1e-6
+    assert abs(float(m["entropy"]) - float(metrics_ref["entropy"])) < 1e-5 and float(m["entropy"]) > 0.1
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
     assert step._cache_size() == 1  # advantages, loss, update: one compiled program
@@ -116,3 +132,20 @@ def test_equal_rewards_give_zero_update_and_no_nan():
     step = la_grpo.make_rl_step(graphdef, tx, lc, group_size=G, functional_ids=FUNC, state_sharding=shardings, batch_sharding=None)
     _, m = step(state, None, _jax(batch))
     assert float(m["grad_norm"]) == 0.0 and float(m["loss"]) == 0.0
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.3])
+def test_first_update_ratio_is_one_at_any_temperature_with_filters_on(temperature):
+    """The sampler's old log-probs and the step's are of one tempered distribution: at the first
+    update every sampled token's importance ratio is 1 (top-k / top-p do not enter either side)."""
+    cfg, graphdef, state, shardings, tx, lc = _setup(0.5, beta=0.04)
+    rng = np.random.default_rng(1)
+    prompts = _jax(jax_batch([example(rng, 3, [(1, 4, 4)], 2), example(rng, 5, [(1, 4, 6)], 1)], cfg, pad_left=True))
+    scfg = sampling.SamplingConfig(max_new_tokens=N, temperature=temperature, top_k=20, top_p=0.9, num_samples=G)
+    out = sampling.generate(graphdef, state.params, prompts, jax.random.key(0), scfg)
+    rl_batch = job._rollout_batch(out, prompts, jnp.array([1.0, 0.0, 0.5, 0.25]))
+    step = la_grpo.make_rl_step(graphdef, tx, lc, group_size=G, temperature=temperature, functional_ids=FUNC,
+                                state_sharding=shardings, batch_sharding=None)
+    _, m = step(state, jax.tree.map(jnp.copy, state.params), rl_batch)
+    assert float(m["logp_gap/mean_abs"]) < 1e-5
+    assert abs(float(m["kl"])) < 1e-6  # reference = policy: the same convention on the KL side

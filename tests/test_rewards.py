@@ -16,6 +16,8 @@ from atlas_jax.rl.rewards import (
     extract_boxed,
     format_reward,
     functional_usage_reward,
+    load_reward,
+    overlong_penalty,
     spam_penalty,
     verbosity_penalty,
 )
@@ -218,7 +220,7 @@ def test_combine_weights_and_per_function_values():
         r"I outline it <|Shape|><|Shape|> so \boxed{3}",  # right, spam (back-to-back)
     ]
     token_ids = [[5, SHAPE, 6, 7], [5, 6], [5, SHAPE, SHAPE, 7]]
-    total, parts = combine(DEFAULT_REWARDS, completions, ["3", "3", "3"], token_ids, None, FUNCTIONAL)
+    total, parts, errors = combine(DEFAULT_REWARDS, completions, ["3", "3", "3"], token_ids, None, FUNCTIONAL)
     np.testing.assert_array_equal(parts["accuracy"], [1.0, 0.0, 1.0])
     np.testing.assert_array_equal(parts["functional_usage"], [1.0, 0.0, 1.0])
     np.testing.assert_array_equal(parts["format"], [1.0, 0.0, 1.0])
@@ -229,9 +231,10 @@ def test_combine_weights_and_per_function_values():
     np.testing.assert_allclose(total, expected, rtol=1e-6)
     np.testing.assert_allclose(total, [1.4, 0.0, 1.4 - 0.125], rtol=1e-6)
     assert total.dtype == np.float32 and total.shape == (3,)
+    assert errors == {name: 0 for name in DEFAULT_REWARDS}
 
     custom = {"acc": (2.0, accuracy_reward), "neg": (-1.0, format_reward)}
-    total, _ = combine(custom, completions, ["3"] * 3, token_ids, ["t"] * 3, FUNCTIONAL)
+    total, _, _ = combine(custom, completions, ["3"] * 3, token_ids, ["t"] * 3, FUNCTIONAL)
     np.testing.assert_allclose(total, [1.0, 0.0, 1.0])
 
 
@@ -253,6 +256,17 @@ def test_reward_error_names_function_and_sample():
     assert isinstance(err.__cause__, KeyError)
 
 
+def test_on_error_zero_scores_failures_zero_and_counts_them():
+    def flaky(completion, answer, token_ids, *, task, functional_ids):
+        return float("nan") if "nan" in completion else 1 / 0 if "boom" in completion else 0.5
+
+    rewards = {"flaky": (2.0, flaky), "acc": (1.0, accuracy_reward)}
+    total, parts, errors = combine(rewards, [r"\boxed{1}", "nan", "boom"], ["1"] * 3, [[1]] * 3, None, FUNCTIONAL, on_error="zero")
+    np.testing.assert_array_equal(parts["flaky"], [0.5, 0.0, 0.0])
+    np.testing.assert_allclose(total, [2.0, 0.0, 0.0])
+    assert errors == {"flaky": 2, "acc": 0}
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), None, "1.0", True, np.array([1.0])])
 def test_reward_returning_non_float_is_an_error(bad):
     def returns_bad(*args, **kwargs):
@@ -264,7 +278,7 @@ def test_reward_returning_non_float_is_an_error(bad):
 
 def test_combine_accepts_numpy_scalars_and_rejects_mismatched_lengths():
     numpy_scalar = {"np": (0.5, lambda *a, **k: np.float32(2.0))}
-    total, _ = combine(numpy_scalar, ["c", "d"], ["1", "1"], [[1], [2]], None, FUNCTIONAL)
+    total, _, _ = combine(numpy_scalar, ["c", "d"], ["1", "1"], [[1], [2]], None, FUNCTIONAL)
     np.testing.assert_array_equal(total, [1.0, 1.0])
     with pytest.raises(ValueError, match="answers has 1 entries; expected 2"):
         combine(DEFAULT_REWARDS, ["c", "d"], ["1"], [[1], [2]], None, FUNCTIONAL)
@@ -290,3 +304,35 @@ def test_gold_synthetic_trajectories_score_full_marks():
         assert expected(sample.response, sample.answer, token_ids, **kw) == 1.0, task
         wrong = sample.response.replace("\\boxed{" + sample.answer + "}", "\\boxed{" + sample.answer + "0}")
         assert accuracy_reward(wrong, sample.answer) == 0.0, task
+
+
+# ---------------------------------------------------------------------------- overlong, user rewards
+
+
+@pytest.mark.parametrize("length,expected", [(0, 0.0), (80, 0.0), (81, -0.0625), (88, -0.5), (96, -1.0), (100, -1.0)])
+def test_overlong_penalty_is_dapo_soft_punishment(length, expected):
+    # DAPO: 0 up to L_max - L_cache, then (L_max - L_cache - |y|) / L_cache, -1 at L_max.
+    got = overlong_penalty("c", "a", [7] * length, task="", functional_ids=(), max_length=96, buffer=16)
+    assert got == pytest.approx(expected)
+    assert overlong_penalty("c", "a", [7] * 88, max_length=96, buffer=16, penalty=0.5) == pytest.approx(-0.25)
+
+
+def length_bonus(completion, answer, token_ids, /, *, task, functional_ids):
+    """A user's reward: used by test_load_reward_* as 'test_rewards:length_bonus'."""
+    return len(token_ids) / 10
+
+
+def wrong_signature(completion):
+    return 0.0
+
+
+def test_load_reward_imports_and_checks_the_signature():
+    name, weight, fn = load_reward("test_rewards:length_bonus=0.5")
+    assert (name, weight, fn) == ("test_rewards:length_bonus", 0.5, length_bonus)
+    assert load_reward("test_rewards:length_bonus")[1] == 1.0
+    for spec, problem in (("test_rewards:wrong_signature=1", "expected fn"), ("no_such_module_xyz:f", "cannot import"),
+                          ("test_rewards:missing", "cannot import"), ("test_rewards:length_bonus=lots", "not a number"),
+                          ("length_bonus", "package.module:function")):
+        with pytest.raises(ValueError, match=problem) as info:
+            load_reward(spec)
+        assert repr(spec) in str(info.value)

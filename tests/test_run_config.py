@@ -64,12 +64,26 @@ def test_rl_sections_take_their_defaults_from_the_dataclasses_that_use_them():
     ("data.image_size", 56, r"config\.data\.image_size=56: expected a multiple of 28, >= 112"),
     ("rl.sample.top_k", -3, r"config\.rl\.sample\.top_k=-3"),
     ("rl.rewards.accuracy", float("nan"), r"config\.rl\.rewards\.accuracy=nan"),
+    ("rl.custom_rewards", ("no_such_module_xyz:f=1",), r"config\.rl\.custom_rewards\[0\]='no_such_module_xyz:f=1': cannot import"),
+    ("rl.custom_rewards", ("atlas_jax.rl.rewards:extract_boxed",), r"config\.rl\.custom_rewards\[0\]=.*expected fn\(completion_text"),
+    ("rl.reward_errors", "ignore", r"config\.rl\.reward_errors='ignore': expected raise \| zero"),
+    ("rl.filter_groups", "std", r"config\.rl\.filter_groups='std'"),
+    ("rl.max_extra_rounds", -1, r"config\.rl\.max_extra_rounds=-1"),
+    ("rl.overlong_buffer", 0, r"config\.rl\.overlong_buffer=0"),
     ("checkpoint.init_from", "/no/such/run", r"config\.checkpoint\.init_from='/no/such/run': expected an existing run directory"),
     ("model.init_from_hf", "/no/such/ckpt", r"config\.model\.init_from_hf='/no/such/ckpt': expected a Hugging Face checkpoint"),
 ])
 def test_a_bad_field_is_rejected_once_by_name(field, value, message):
     c = run_config.apply_overrides(run_config.base(), {field: value})
     with pytest.raises(ConfigError, match=message):
+        run_config.validate(c, 8)
+
+
+def test_overlong_buffer_is_bounded_by_the_sampled_length_when_the_reward_is_on():
+    c = run_config.apply_overrides(run_config.base(), {"rl.sample.max_new_tokens": 12, "rl.overlong_buffer": 16})
+    run_config.validate(c, 8)  # the overlong reward is off: the buffer is not used
+    c.rl.rewards.overlong = 0.5
+    with pytest.raises(ConfigError, match=r"config\.rl\.overlong_buffer=16: expected in \[1, rl\.sample\.max_new_tokens=12\]"):
         run_config.validate(c, 8)
 
 

@@ -143,6 +143,20 @@ def test_stop_tokens_end_sequences(split, batch):
     assert np.asarray(out["lengths"]).max() <= 2 and out["tokens"].shape == (2 * G, N)
 
 
+def test_logprobs_are_the_tempered_unfiltered_policy(model, split, batch):
+    """logprobs: log_softmax(logits / T)[token] whatever top-k / top-p (what the trainer recomputes);
+    sample_logprobs: the filtered distribution's, >= logprobs (filtering only removes mass)."""
+    G, Nl, temp = 2, 6, 0.7
+    cfg = SamplingConfig(max_new_tokens=Nl, num_samples=G, temperature=temp, top_k=20, top_p=0.9)
+    out = jax.tree.map(np.asarray, sampling.generate(*split, batch, jax.random.key(4), cfg))
+    tokens, mask = out["tokens"], out["mask"]
+    logits, _ = full_forward(model, batch, tokens, mask, G)
+    ref_lp = np.take_along_axis(jax.nn.log_softmax(logits[:, T_PROMPT - 1 : -1] / temp), tokens[..., None], -1)[..., 0]
+    np.testing.assert_allclose(out["logprobs"], np.where(mask, ref_lp, 0), atol=1e-5, rtol=0)
+    assert (out["sample_logprobs"][mask] >= out["logprobs"][mask] - 1e-5).all()
+    assert (out["sample_logprobs"][mask] > out["logprobs"][mask] + 1e-3).any()
+
+
 def test_top_k_one_equals_greedy(split, batch):
     greedy = sampling.generate(*split, batch, None, SamplingConfig(max_new_tokens=N, greedy=True))
     topk = sampling.generate(*split, batch, jax.random.key(9), SamplingConfig(max_new_tokens=N, top_k=1, temperature=0.7))

@@ -1,11 +1,14 @@
-"""The SFT job end to end on 8 fake devices: trains, evaluates, and resumes exactly."""
+"""The SFT job end to end on 8 fake devices: trains, evaluates, and resumes exactly (after a stop,
+and after a preemption whose last checkpoint was then damaged)."""
 
 import json
+import logging
 import os
+from pathlib import Path
 
 import pytest
 
-from atlas_jax import main as entry, run_config
+from atlas_jax import checkpoint, main as entry, run_config
 from atlas_jax.model.config import ConfigError
 
 
@@ -36,11 +39,28 @@ def _losses(workdir):
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
+def _logged_steps(workdir) -> list[int]:
+    """The steps of metrics.jsonl's training rows, in file order (a step logged twice shows twice)."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r["step"] for r in map(json.loads, f) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("sft_data"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data) -> str:
+    """Four steps in one go."""
+    workdir = str(tmp_path_factory.mktemp("sft_a"))
+    entry.run_job(_config(**{"data.data_dir": data}), workdir)
+    return workdir
+
+
 @pytest.mark.slow
-def test_interrupted_and_resumed_run_repeats_the_uninterrupted_losses(tmp_path):
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    data = str(tmp_path / "data")
-    entry.run_job(_config(**{"data.data_dir": data}), a)
+def test_interrupted_and_resumed_run_repeats_the_uninterrupted_losses(tmp_path, data, uninterrupted):
+    a, b = uninterrupted, str(tmp_path / "b")
     entry.run_job(_config(**{"data.data_dir": data, "train.stop_at": 2}), b)
     assert sorted(_losses(b)) == [1, 2]
     # Resumes from step 2, evaluates at step 3 (eval.every) and at the end (greedy decoding,
@@ -69,6 +89,31 @@ def test_interrupted_and_resumed_run_repeats_the_uninterrupted_losses(tmp_path):
     res = entry.run_job(_config(**{"data.data_dir": data, "job": "eval", "eval.num_per_task": 1, "eval.heatmaps": 2}), b)
     assert res == ev["results"]
     _assert_heatmaps(b, "final", ev["samples"][:2])
+
+
+@pytest.mark.slow
+def test_preempted_run_with_a_damaged_checkpoint_resumes_from_the_one_before(tmp_path, data, uninterrupted, monkeypatch, caplog):
+    b = str(tmp_path / "b")
+    # SIGTERM seen at step 3, between the checkpoints of steps 2 and 4: save step 3, stop as preempted.
+    monkeypatch.setattr(checkpoint.Checkpoints, "reached_preemption", lambda self, step: step == 3)
+    with pytest.raises(checkpoint.Preempted, match="stopped by SIGTERM at step 3"):
+        entry.run_job(_config(**{"data.data_dir": data}), b)
+    monkeypatch.undo()
+    assert _logged_steps(b) == [1, 2, 3]
+    steps = Path(b, "checkpoints")
+    assert sorted(p.name for p in steps.iterdir()) == ["2", "3"]
+    # One flipped byte in the biggest parameter data file of step 3.
+    victim = max((p for p in (steps / "3").rglob("*") if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size)
+    data_bytes = bytearray(victim.read_bytes())
+    data_bytes[len(data_bytes) // 2] ^= 0x01
+    victim.write_bytes(bytes(data_bytes))
+
+    with caplog.at_level(logging.WARNING, logger="atlas_jax.checkpoint"):
+        entry.run_job(_config(**{"data.data_dir": data}), b)
+    assert "skipping checkpoint step 3" in caplog.text and f"{victim} does not match its checksum" in caplog.text
+    # Resumed from step 2: steps 3 and 4 as the uninterrupted run had them, and step 3 logged once.
+    assert _logged_steps(b) == [1, 2, 3, 4]
+    assert _losses(b) == _losses(uninterrupted)
 
 
 def _assert_heatmaps(workdir: str, tag: str, samples: list[dict]) -> None:

@@ -59,7 +59,7 @@ def _setup(mesh, accum, sgd=False):
 
         tx = optax.sgd(0.5)
     else:
-        tx = optimizer.make_optimizer(nnx_params(model), lr=1e-2, warmup_steps=0, total_steps=10, frozen=("vision",))
+        tx = optimizer.make_optimizer(nnx_params(model), lr=1e-2, warmup_steps=0, total_steps=10, train=optimizer.trainable(freeze_vision=True))
     graphdef, state, shardings = train_state.create(model, tx, mesh)
     return cfg, graphdef, state, shardings, tx
 

@@ -28,7 +28,14 @@ log = logging.getLogger("atlas_jax")
 
 
 def main(c: mlc.ConfigDict, workdir: str) -> dict:
-    """Trains for `c.train.steps` steps; returns the last step's metrics."""
+    """Trains for `c.train.steps` steps; returns the last step's metrics. Stopped by SIGTERM, it
+    saves and raises `checkpoint.Preempted`."""
+    # Checkpoints first: a SIGTERM during the minutes of start-up is caught, and honoured before the loop.
+    with checkpoint.Checkpoints(workdir, keep=c.checkpoint.keep, save_every=c.checkpoint.every, async_save=c.checkpoint.async_save) as ckpt:
+        return _train(c, workdir, ckpt)
+
+
+def _train(c: mlc.ConfigDict, workdir: str, ckpt: checkpoint.Checkpoints) -> dict:
     # ------------------------------------------------------------------ mesh
     mesh = builders.make_mesh(c)
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
@@ -41,7 +48,8 @@ def main(c: mlc.ConfigDict, workdir: str) -> dict:
     # ------------------------------------------------------------------ model / optimizer
     model = builders.make_model(c, tok, tokens, mesh)
     log.info("parameters:\n%s", shd.describe(nnx.state(model)))
-    tx, lr_schedule = optimizer.from_config(nnx.state(model), c.optim, total_steps=c.train.steps)
+    train = builders.trainable(c)
+    tx, lr_schedule = optimizer.from_config(nnx.state(model), c.optim, total_steps=c.train.steps, train=train)
     graphdef, state, state_sh = train_state.create(model, tx, mesh)
     model_cfg = model.cfg
     policy = builders.Policy(tok, tokens, model_cfg, graphdef, state.params)  # evaluated with each step's params
@@ -53,8 +61,7 @@ def main(c: mlc.ConfigDict, workdir: str) -> dict:
     )
     data_it = iter(train_ds)
 
-    # ------------------------------------------------------------------ checkpoint / resume
-    ckpt = checkpoint.Checkpoints(workdir, keep=c.checkpoint.keep, save_every=c.checkpoint.every, async_save=c.checkpoint.async_save)
+    # ------------------------------------------------------------------ resume
     start = ckpt.latest_step()
     if start is not None:
         state, _ = ckpt.restore(start, checkpoint.abstract(state), data_it)
@@ -70,7 +77,7 @@ def main(c: mlc.ConfigDict, workdir: str) -> dict:
     batch_sh = {k: v.sharding for k, v in batch.items()}
     step_fn = sft.make_train_step(
         graphdef, tx, state_sharding=state_sh, batch_sharding=batch_sh, grad_accum=c.optim.grad_accum,
-        lr_schedule=lr_schedule,
+        lr_schedule=lr_schedule, train=train,
     )
     with jax.set_mesh(mesh):
         mem = step_fn.lower(state, batch).compile().memory_analysis()
@@ -78,11 +85,14 @@ def main(c: mlc.ConfigDict, workdir: str) -> dict:
         log.info("compiled step memory: %s", mem)
 
     # ------------------------------------------------------------------ loop
-    writer = metrics_lib.MetricsWriter(workdir)
+    step = int(jax.device_get(state.step))
+    if ckpt.reached_preemption(step):  # SIGTERM during start-up: nothing trained, nothing to save
+        raise checkpoint.Preempted(step, workdir)
+    writer = metrics_lib.MetricsWriter(workdir, start_step=step)
     flops = metrics_lib.train_flops_per_token(n_params, model_cfg.text.num_layers, model_cfg.text.hidden_size, c.data.max_length)
     progress = metrics_lib.Progress(c.train.steps, flops_per_token=flops, every=c.train.log_every)
-    step = int(jax.device_get(state.step))
     last: dict = {}
+    preempted = False
     while step < c.train.steps:
         with jax.set_mesh(mesh):
             state, m = step_fn(state, batch)
@@ -106,10 +116,11 @@ def main(c: mlc.ConfigDict, workdir: str) -> dict:
 
     # ------------------------------------------------------------------ final save, evaluation
     ckpt.save(step, state, data_it, c, force=True)
-    ckpt.close()
-    if step >= c.train.steps and c.eval.num_per_task > 0:
+    if step >= c.train.steps and c.eval.num_per_task > 0 and not preempted:
         last.update(evaluate.evaluate_and_log(writer, step, policy.with_params(state.params), c, workdir, mesh, tag=f"sft_step{step}"))
     writer.close()
+    if preempted:
+        raise checkpoint.Preempted(step, workdir)
     return last
 
 

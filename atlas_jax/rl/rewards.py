@@ -7,11 +7,15 @@ Every reward function has the `RewardFunction` signature
 where token_ids are the completion's sampled ids (no prompt, no padding) and functional_ids the
 vocabulary ids of the functional tokens. Extra knobs are keyword arguments with defaults; bind
 them with functools.partial. `combine` evaluates a weighted set of them over a rollout batch and
-turns any failure into a `RewardError` that names the function and the sample, never a zero.
+turns any failure into a `RewardError` that names the function and the sample (or, with
+on_error='zero', a counted 0), never a silent zero. `load_reward` imports a user's function from
+'package.module:function=weight' (config `rl.custom_rewards`) and checks its signature.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 import re
 import types
@@ -341,6 +345,24 @@ def spam_penalty(
     return -min(max_penalty, per_excess * max(0, count - max_functional) + per_repeat * repeats)
 
 
+def overlong_penalty(
+    completion: str,
+    answer: str = "",
+    token_ids: Sequence[int] = (),
+    /,
+    *,
+    task: str = "",
+    functional_ids: Sequence[int] = (),
+    max_length: int = 96,
+    buffer: int = 16,
+    penalty: float = 1.0,
+) -> float:
+    """DAPO's soft overlong punishment: 0 up to max_length - buffer completion tokens, then linear
+    down to -penalty at max_length (and beyond). max_length: the sampler's max_new_tokens."""
+    excess = len(token_ids) - (max_length - buffer)
+    return -penalty * min(1.0, max(0, excess) / buffer)
+
+
 # Paper: correctness + functional-token usage + format, minus verbosity and spam penalties (the
 # penalty functions return values <= 0, so every weight is positive). Correctness dominates so
 # that usage and format bonuses cannot outweigh a wrong answer.
@@ -353,6 +375,33 @@ DEFAULT_REWARDS: Mapping[str, tuple[float, RewardFunction]] = types.MappingProxy
         "spam": (0.5, spam_penalty),
     }
 )
+
+
+# ---------------------------------------------------------------------------- user rewards
+
+
+def load_reward(spec: str) -> tuple[str, float, RewardFunction]:
+    """(name, weight, fn) of 'package.module:function=weight' (weight defaults to 1): the function
+    imported and checked to accept `RewardFunction`'s arguments. Raises ValueError naming the entry."""
+    path, _, weight_text = spec.partition("=")
+    module_name, _, name = path.strip().partition(":")
+    try:
+        weight = float(weight_text) if weight_text.strip() else 1.0
+    except ValueError:
+        raise ValueError(f"{spec!r}: the weight {weight_text!r} is not a number") from None
+    if not math.isfinite(weight):
+        raise ValueError(f"{spec!r}: the weight must be finite")
+    if not module_name or not name:
+        raise ValueError(f"{spec!r}: expected 'package.module:function=weight'")
+    try:
+        fn = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{spec!r}: cannot import it ({type(e).__name__}: {e})") from None
+    try:
+        inspect.signature(fn).bind("completion", "answer", [1], task="task", functional_ids=(1,))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{spec!r}: expected fn(completion_text, answer, token_ids, /, *, task, functional_ids) -> float; {e}") from None
+    return path.strip(), weight, fn
 
 
 # ---------------------------------------------------------------------------- combine
@@ -373,16 +422,21 @@ def combine(
     token_ids: Sequence[Sequence[int]],
     tasks: Sequence[str] | None,
     functional_ids: Sequence[int],
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    on_error: str = "raise",
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, int]]:
     """Weighted sum of reward functions over N completions.
 
     rewards: name -> (weight, RewardFunction). completions / answers / token_ids / tasks: one per
     completion (answers and tasks repeated for each of a prompt's G completions); tasks None means
     '' for all. functional_ids: vocabulary ids of the functional tokens.
-    Returns (total float32[N] = sum_k weight_k * value_k, {name: unweighted float32[N]}).
-    Raises RewardError naming the function, the sample and a snippet of its completion when a
-    function raises or returns a non-float / NaN / inf.
+    Returns (total float32[N] = sum_k weight_k * value_k, {name: unweighted float32[N]},
+    {name: samples on which it failed}).
+    A function that raises or returns a non-float / NaN / inf raises RewardError naming the
+    function, the sample and a snippet of its completion (on_error='raise'), or scores 0 there and
+    is counted (on_error='zero').
     """
+    if on_error not in ("raise", "zero"):
+        raise ValueError(f"on_error={on_error!r}; expected 'raise' or 'zero'")
     n = len(completions)
     tasks = [""] * n if tasks is None else tasks
     for name, seq in (("answers", answers), ("token_ids", token_ids), ("tasks", tasks)):
@@ -395,16 +449,19 @@ def combine(
             raise ValueError(f"rewards[{name!r}] weight {entry[0]!r}; expected a finite float")
     functional_ids = tuple(int(i) for i in functional_ids)
     total = np.zeros(n, np.float64)
-    per_function = {}
+    per_function, errors = {}, {}
     for name, (weight, fn) in rewards.items():
         values = np.zeros(n, np.float64)
+        errors[name] = 0
         for i in range(n):
             try:
                 values[i] = _as_reward_value(
                     fn(completions[i], answers[i], token_ids[i], task=tasks[i], functional_ids=functional_ids)
                 )
-            except Exception as e:  # noqa: BLE001 - re-raised with the reward and sample named
-                raise RewardError(name, i, tasks[i], completions[i], f"{type(e).__name__}: {e}") from e
+            except Exception as e:  # noqa: BLE001 - re-raised with the reward and sample named, or counted
+                if on_error == "raise":
+                    raise RewardError(name, i, tasks[i], completions[i], f"{type(e).__name__}: {e}") from e
+                errors[name] += 1
         per_function[name] = values.astype(np.float32)
         total += weight * values
-    return total.astype(np.float32), per_function
+    return total.astype(np.float32), per_function, errors

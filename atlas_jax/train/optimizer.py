@@ -1,4 +1,4 @@
-"""AdamW with warmup + cosine decay, global-norm clipping, and optional frozen parameter groups."""
+"""AdamW with warmup + cosine decay, global-norm clipping, and the set of parameters that train."""
 
 from __future__ import annotations
 
@@ -19,13 +19,21 @@ def schedule(lr: float, warmup_steps: int, total_steps: int, end_factor: float =
     )
 
 
-def trainable_labels(params: nnx.State, frozen_prefixes: tuple[str, ...]) -> nnx.State:
-    """'train' / 'freeze' per parameter, by the first path component (e.g. 'vision')."""
+def trainable(freeze_vision: bool, adapters_only: bool = False) -> nnx.filterlib.Filter:
+    """The parameters that train, as an NNX filter: the LoRA adapters alone (`model.lora`), else
+    all but the vision tower (`optim.freeze_vision`), else all. The steps differentiate only these,
+    so no backward pass runs through (or stores activations for) what is frozen."""
+    if adapters_only:
+        return nnx.LoRAParam
+    if freeze_vision:
+        return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vision")))
+    return nnx.Param
 
-    def label(path, _):
-        return "freeze" if str(path[0].key if hasattr(path[0], "key") else path[0]) in frozen_prefixes else "train"
 
-    return jax.tree_util.tree_map_with_path(label, params)
+def trainable_labels(params: nnx.State, train: nnx.filterlib.Filter) -> nnx.State:
+    """'train' / 'freeze' per parameter, by the filter `train` (see `trainable`)."""
+    trained, frozen = nnx.split_state(params, train, ...)
+    return nnx.merge_state(jax.tree.map(lambda _: "train", trained), jax.tree.map(lambda _: "freeze", frozen))
 
 
 def make_optimizer(
@@ -39,21 +47,25 @@ def make_optimizer(
     b2: float = 0.95,
     eps: float = 1e-8,
     clip_norm: float = 1.0,
-    frozen: tuple[str, ...] = (),
+    train: nnx.filterlib.Filter = nnx.Param,
 ) -> optax.GradientTransformation:
-    """clip(global norm) -> AdamW(schedule); parameters under `frozen` get no update and no Adam state."""
+    """clip(global norm) -> AdamW(schedule); parameters outside `train` get no update and no Adam state."""
     adamw = optax.adamw(schedule(lr, warmup_steps, total_steps), b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
     tx = optax.chain(optax.clip_by_global_norm(clip_norm) if clip_norm > 0 else optax.identity(), adamw)
-    if not frozen:
+    if train is nnx.Param:
         return tx
-    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, trainable_labels(params, frozen))
+    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, trainable_labels(params, train))
 
 
-def from_config(params: nnx.State, optim, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def from_config(
+    params: nnx.State, optim, total_steps: int, *, train: nnx.filterlib.Filter | None = None
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer of the config section `optim` (lr, warmup_steps, weight_decay, b1, b2,
-    clip_norm, freeze_vision) over `total_steps` updates, and its learning-rate schedule."""
+    clip_norm) for the parameters `train` (default `trainable(optim.freeze_vision)`) over
+    `total_steps` updates, and its learning-rate schedule."""
+    train = trainable(optim.freeze_vision) if train is None else train
     tx = make_optimizer(
         params, lr=optim.lr, warmup_steps=optim.warmup_steps, total_steps=total_steps, weight_decay=optim.weight_decay,
-        b1=optim.b1, b2=optim.b2, clip_norm=optim.clip_norm, frozen=("vision",) if optim.freeze_vision else (),
+        b1=optim.b1, b2=optim.b2, clip_norm=optim.clip_norm, train=train,
     )
     return tx, schedule(optim.lr, optim.warmup_steps, total_steps)

@@ -58,36 +58,40 @@ def make_train_step(
     batch_sharding: Any,
     grad_accum: int = 1,
     lr_schedule: Callable | None = None,
+    train: nnx.filterlib.Filter = nnx.Param,
 ):
-    """The compiled SFT step `(TrainState, batch) -> (TrainState, metrics)`."""
+    """The compiled SFT step `(TrainState, batch) -> (TrainState, metrics)`. Gradients are taken
+    w.r.t. the parameters `train` only (`optimizer.trainable`): no backward pass runs through
+    the frozen rest (a frozen vision tower, LoRA's base weights)."""
 
-    def grads_of(params, micro):
-        def loss_fn(p):
-            model = nnx.merge(graphdef, p)
+    def grads_of(trained, frozen, micro):
+        def loss_fn(t):
+            model = nnx.merge(graphdef, t, frozen)
             args, kw = model_inputs(micro)
             hidden, _, _ = model(*args, head=False, **kw)
             return sft_loss(hidden, model.output_head(), micro)
 
-        (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
         return grads, sums
 
     def step(state: TrainState, batch: dict):
+        trained, frozen = nnx.split_state(state.params, train, ...)
         if grad_accum == 1:
-            grads, sums = grads_of(state.params, batch)
+            grads, sums = grads_of(trained, frozen, batch)
         else:
             micro = _split_micro(batch, grad_accum)
 
             def body(carry, mb):
-                g, s = grads_of(state.params, mb)
+                g, s = grads_of(trained, frozen, mb)
                 return jax.tree.map(jnp.add, carry, (g, s)), None
 
-            zero_g = jax.tree.map(jnp.zeros_like, state.params)
-            zero_s = jax.eval_shape(lambda: grads_of(state.params, jax.tree.map(lambda x: x[0], micro))[1])
+            zero_g = jax.tree.map(jnp.zeros_like, trained)
+            zero_s = jax.eval_shape(lambda: grads_of(trained, frozen, jax.tree.map(lambda x: x[0], micro))[1])
             zero_s = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_s)
             (grads, sums), _ = jax.lax.scan(body, (zero_g, zero_s), micro)
         n = jnp.maximum(sums["tokens"], 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / n, grads)  # exact token mean over the whole batch
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = tx.update(nnx.merge_state(grads, jax.tree.map(jnp.zeros_like, frozen)), state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": sums["ce_sum"] / n,

@@ -1,0 +1,107 @@
+"""Low-rank adapters (LoRA) on the decoder's projections, by `qwix` (what tunix uses).
+
+`qwix.apply_lora_to_model` intercepts the `dot_general` of every `Dense` whose module path
+('layers/3/attn/q_proj') matches `LoraConfig.module_regex`: y = x W + (alpha / r) (x A) B, with
+A he-uniform and B zero, so a fresh adapter leaves the model unchanged. The adapters are
+`nnx.LoRAParam`s named `<weight>_lora_a` float[K, r] and `<weight>_lora_b` float[r, N], where
+K and N are the weight's flattened input and output sizes (`tensordot_rows` hands qwix the
+kernel reshaped to [K, N]). Training differentiates and optimizes them alone
+(`train.optimizer.trainable`); the base weights stay frozen, so they may be stored in bf16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import qwix
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from atlas_jax.model.vlm import VLM
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """The config section `model.lora`. rank: r (0 = no adapters); alpha: the update's scale is
+    alpha / r; module_regex: fully matches the module paths that get adapters (default: every
+    projection of the decoder layers, so not the vision tower, the output head or the
+    visual-operation module)."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    module_regex: str = r"layers/\d+/(attn|mlp)/\w+_proj"
+
+    def __post_init__(self):
+        if not (isinstance(self.rank, int) and self.rank >= 0):
+            raise ValueError(f"rank={self.rank!r}: expected an integer >= 0 (0 = no adapters)")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha={self.alpha!r}: expected > 0")
+        try:
+            pattern = re.compile(self.module_regex)
+        except re.error as e:
+            raise ValueError(f"module_regex={self.module_regex!r}: not a regular expression ({e})") from None
+        # Adapters are created by one text-only forward, which never runs the tower; and qwix
+        # cannot adapt the visual-operation module's three-operand einsums.
+        for path in ("vision/blocks/0/attn/qkv", "visual_ops/query"):
+            if pattern.fullmatch(path):
+                raise ValueError(f"module_regex={self.module_regex!r} matches {path!r}: "
+                                 "adapters go on the decoder ('layers/...', 'lm_head') only")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def apply(model: VLM, cfg: LoraConfig, *, seed: int = 0) -> VLM:
+    """A copy of `model` with adapters on the matching projections (qwix creates them in one
+    forward over a single text token). Adapters are replicated: r * (K + N) values per weight
+    are negligible next to it, and need no sharding rule."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    adapted = qwix.apply_lora_to_model(
+        model, qwix.LoraProvider(module_path=cfg.module_regex, rank=cfg.rank, alpha=cfg.alpha),
+        ids, jnp.zeros((1, 3, 1), jnp.int32), jnp.ones((1, 1), bool), rngs=nnx.Rngs(seed),
+    )
+    adapters = nnx.state(adapted, nnx.LoRAParam)
+    if not jax.tree.leaves(adapters):
+        raise ValueError(f"model.lora.module_regex={cfg.module_regex!r} matches no decoder projection")
+    mesh = jax.tree.leaves(nnx.state(model))[0].sharding.mesh
+    for _, var in nnx.to_flat_state(adapters):
+        # qwix copies the kernel's `axes`, which do not fit the adapter's [K, r] / [r, N] shape.
+        var.set_metadata("axes", (None, None))
+        var.set_value(jax.device_put(var.get_value(), NamedSharding(mesh, P())))
+    nnx.update(adapted, adapters)
+    return adapted
+
+
+def adapters_off(params: nnx.State) -> nnx.State:
+    """`params` with every B set to zero: the base model's function, the same base weights (the
+    LA-GRPO reference policy needs no second copy of them)."""
+
+    def off(path, var):
+        return var.replace(jnp.zeros_like(var.get_value())) if str(path[-1].key).endswith("_lora_b") else var
+
+    return jax.tree_util.tree_map_with_path(off, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def merged(model: VLM, cfg: LoraConfig) -> VLM:
+    """The plain `VLM` (no adapters, no qwix interception) with W + (alpha / r) A B in place of
+    every adapted weight W: what `hf_checkpoint.to_hf` exports."""
+    flat = dict(nnx.to_flat_state(nnx.state(model)))
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: VLM(model.cfg, rngs=nnx.Rngs(0))))
+    values = {}
+    for path, _ in nnx.to_flat_state(abstract):
+        w = flat[path].get_value()
+        a_path = path[:-1] + (f"{path[-1]}_lora_a",)
+        if a_path in flat:
+            a = flat[a_path].get_value().astype(jnp.float32)
+            b = flat[path[:-1] + (f"{path[-1]}_lora_b",)].get_value().astype(jnp.float32)
+            w = (w.astype(jnp.float32) + cfg.scale * (a @ b).reshape(w.shape)).astype(w.dtype)
+        values[path] = w
+    state = nnx.from_flat_state({p: v.replace(values[p]) for p, v in nnx.to_flat_state(abstract)})
+    return nnx.merge(graphdef, state)
