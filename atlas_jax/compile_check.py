@@ -325,8 +325,9 @@ def advice(row: dict, c: mlc.ConfigDict) -> str:
     if c.job == "la_grpo":
         knobs = "fewer rollouts per chip (rl.prompts_per_step, rl.group_size) or a shorter rl.max_new_tokens"
     remat = "" if c.model.remat else ", model.remat=True"
+    mesh = "" if tuple(c.mesh) == (1, -1, 1) else ", or a mesh that shards more (mesh=(1, -1, 1): all fsdp)"
     return (f"{row['name']} does not fit: {row['total_bytes'] / GiB:.2f} GiB per chip > {row['hbm_bytes'] / GiB:.2f} GiB HBM "
-            f"(over by {over:.2f} GiB); try {knobs}{remat}, or a mesh that shards more (mesh=(1, -1, 1): all fsdp)")
+            f"(over by {over:.2f} GiB); try {knobs}{remat}{mesh}")
 
 
 def check(c: mlc.ConfigDict, topology: str, log: Callable[[str], None] = lambda s: None) -> list[dict]:
