@@ -45,7 +45,6 @@ def main() -> None:
     args = ap.parse_args()
 
     import jax
-    import jax.numpy as jnp
 
     from atlas_jax import metrics, sharding
     from atlas_jax.data import device_batch, pipeline
