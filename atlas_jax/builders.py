@@ -22,11 +22,14 @@ from atlas_jax import checkpoint, hf_checkpoint, multihost, run_config
 from atlas_jax import sharding as shd
 from atlas_jax import tokenizer as tokenizer_lib
 from atlas_jax.data import image_processing, pipeline, tfds_builder
-from atlas_jax.model import extend, lora, presets, vlm
+from atlas_jax.data.synthetic import perception
+from atlas_jax.data.synthetic.source import SyntheticSource
+from atlas_jax.model import attention, extend, lora, presets, vlm
 from atlas_jax.train import optimizer
 from atlas_jax.model.config import ConfigError, ModelConfig, VisualOpConfig
 
 log = logging.getLogger("atlas_jax")
+CORPUS_RECORDS = 512  # training records a from-scratch tokenizer is trained on (64 per synthetic task)
 
 
 def make_mesh(c: mlc.ConfigDict, devices=None):
@@ -46,12 +49,13 @@ def synthetic_config(c: mlc.ConfigDict) -> str:
 
 
 def build_data(c: mlc.ConfigDict, workdir: str) -> None:
-    """Writes the ArrayRecord dataset (idempotent). Process 0 builds; the others wait."""
+    """Writes the ArrayRecord dataset (idempotent; synthetic data only for a fixed-size training set,
+    `data.num_per_task` > 0). Process 0 builds; the others wait."""
     d = data_dir(c, workdir)
     if jax.process_index() == 0:
-        if c.data.source == "synthetic":
+        if c.data.source == "synthetic" and c.data.num_per_task:
             tfds_builder.build_synthetic(d, c.data.synthetic_config, num_per_task=c.data.num_per_task or None, image_size=c.data.image_size, seed=c.seed)
-        else:
+        elif c.data.source == "jsonl":
             splits = {"train": c.data.jsonl_train}
             if c.data.jsonl_eval:
                 splits[c.eval.split] = c.data.jsonl_eval
@@ -60,9 +64,15 @@ def build_data(c: mlc.ConfigDict, workdir: str) -> None:
 
 
 def load_split(c: mlc.ConfigDict, workdir: str, split: str):
-    """Random-access records of one split."""
+    """Random-access records of one split. Synthetic, `data.num_per_task` = 0: generated on the fly,
+    `train` without end, an evaluation condition `eval.num_per_task` per task; > 0: the stored set."""
     d = data_dir(c, workdir)
+    if c.data.source == "perception":
+        return perception.PerceptionSource(split, seed=c.seed, image_size=c.data.image_size)
     if c.data.source == "synthetic":
+        if not c.data.num_per_task:
+            size = None if split == "train" else c.eval.num_per_task
+            return SyntheticSource(split, size, seed=c.seed, image_size=c.data.image_size)
         return tfds_builder.load_split(d, split, synthetic_config(c))
     return tfds_builder.load_split(d, split, "user", dataset="atlas_user_data")
 
@@ -131,10 +141,13 @@ def _load_run_tokenizer(saved: str):
 
 
 def _corpus(c, workdir):
-    """Texts to train a from-scratch BPE on: the training split plus the functional words."""
-    src = load_split(c, workdir, "train")
-    texts = []
-    for i in range(len(src)):
+    """Texts to train a from-scratch BPE on: the training split (its first CORPUS_RECORDS records
+    when generated without end) plus the functional words. Perception pretraining adds its own
+    texts to the suite's: the model it makes is the suite's starting point."""
+    perceive = c.data.source == "perception"
+    src = SyntheticSource("train", None, seed=c.seed, image_size=c.data.image_size) if perceive else load_split(c, workdir, "train")
+    texts = perception.corpus(c.seed, image_size=c.data.image_size) if perceive else []
+    for i in range(min(len(src), CORPUS_RECORDS)):
         r = src[i]
         texts += [r["question"], r["response"].replace("<|", " ").replace("|>", " ")]
     texts += [" ".join(t.words) for t in ft.DEFAULT_TOKENS]
@@ -142,11 +155,19 @@ def _corpus(c, workdir):
 
 
 # ---------------------------------------------------------------------------- model
-def model_config(c: mlc.ConfigDict, tokens: tokenizer_lib.RunTokens, vocab_size: int) -> ModelConfig:
-    """The from-scratch architecture for the run's tokenizer (`vocab_size` entries; ids from `tokens`)."""
+def attention_implementation(c: mlc.ConfigDict, mesh_) -> str:
+    """`model.attention` for the devices of `mesh_` (a TPU topology's in the compile check, whatever
+    the host's backend): 'auto' becomes splash on TPU, cuDNN on GPU, XLA on CPU."""
+    return attention.resolve(c.model.attention, mesh_.devices.flat[0].platform, c.model.dtype)
+
+
+def model_config(c: mlc.ConfigDict, tokens: tokenizer_lib.RunTokens, vocab_size: int, mesh_) -> ModelConfig:
+    """The from-scratch architecture for the run's tokenizer (`vocab_size` entries; ids from `tokens`)
+    on the devices of `mesh_`."""
     cfg = presets.get(
         c.model.preset, vocab_size=-(-vocab_size // 128) * 128, dtype=c.model.dtype, param_dtype=c.model.param_dtype,
-        remat=c.model.remat, image_token_id=tokens.image_id, video_token_id=tokens.video_id,
+        remat=c.model.remat, scan_layers=c.model.scan_layers, attention=attention_implementation(c, mesh_),
+        image_token_id=tokens.image_id, video_token_id=tokens.video_id,
         vision_start_token_id=tokens.vision_start_id, vision_end_token_id=tokens.vision_end_id,
     )
     v = c.model.visual_ops
@@ -174,7 +195,10 @@ def trainable(c: mlc.ConfigDict) -> nnx.filterlib.Filter:
 
 def _base_model(c: mlc.ConfigDict, tok, tokens: tokenizer_lib.RunTokens, mesh_) -> vlm.VLM:
     if c.model.init_from_hf:
-        base = hf_checkpoint.from_hf(c.model.init_from_hf, mesh=mesh_, dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
+        base = hf_checkpoint.from_hf(
+            c.model.init_from_hf, mesh=mesh_, dtype=c.model.dtype, param_dtype=c.model.param_dtype,
+            remat=c.model.remat, scan_layers=c.model.scan_layers, attention=attention_implementation(c, mesh_),
+        )
         v = c.model.visual_ops
         if base.cfg.visual_ops.token_ids:  # an exported atlas-jax checkpoint: tokens already there
             return base
@@ -182,7 +206,7 @@ def _base_model(c: mlc.ConfigDict, tok, tokens: tokenizer_lib.RunTokens, mesh_) 
             base, tok, ft.by_name(tokens.functional_names), mode=v.mode,
             layer=None if v.layer < 0 else v.layer, num_heads=v.num_heads, head_dim=v.head_dim, max_positions=v.max_positions,
         )
-    return vlm.create(model_config(c, tokens, len(tok)), mesh_, seed=c.seed)
+    return vlm.create(model_config(c, tokens, len(tok), mesh_), mesh_, seed=c.seed)
 
 
 def make_abstract_model(model_cfg: ModelConfig) -> vlm.VLM:

@@ -123,12 +123,12 @@ def placeholder_tokens(c: mlc.ConfigDict, vocab_size: int) -> tokenizer_lib.RunT
     )
 
 
-def shape_model_config(c: mlc.ConfigDict) -> ModelConfig:
+def shape_model_config(c: mlc.ConfigDict, mesh) -> ModelConfig:
     """`builders.model_config` without a tokenizer: the preset's vocabulary, or the from-scratch
     tokenizer's largest (BPE + control + functional tokens) when that is larger."""
     scratch = c.tokenizer.vocab_size + len(tokenizer_lib.QWEN_SPECIAL_TOKENS) + len(c.model.functional_tokens)
     vocab = max(presets.get(c.model.preset).text.vocab_size, scratch)
-    return builders.model_config(c, placeholder_tokens(c, vocab), vocab)
+    return builders.model_config(c, placeholder_tokens(c, vocab), vocab, mesh)
 
 
 def _placeholder_example(model_cfg: ModelConfig, max_patches: int) -> dict:
@@ -245,7 +245,7 @@ def la_grpo_programs(c: mlc.ConfigDict, model_cfg: ModelConfig, mesh) -> list[Pr
     ref_params, ref_sh = (state.params, state_sh.params) if loss_cfg.beta > 0 else (None, None)
     step = la_grpo.make_rl_step(
         graphdef, tx, loss_cfg, group_size=r.group_size, temperature=scfg.temperature, scale_rewards=r.scale_rewards,
-        functional_ids=tokens.functional_ids, anchor_share=r.anchor_share,
+        functional_ids=tokens.functional_ids, anchor_share=r.anchor_share, micro_batch=r.micro_batch,
         state_sharding=state_sh, ref_sharding=ref_sh, batch_sharding={k: v.sharding for k, v in rollouts.items()},
     )
     R, L = rollouts["input_ids"].shape
@@ -324,7 +324,7 @@ def advice(row: dict, c: mlc.ConfigDict) -> str:
     knobs = "a smaller per-chip batch (data.batch_size, or a larger optim.grad_accum)"
     if c.job == "la_grpo":
         knobs = "fewer rollouts per chip (rl.prompts_per_step, rl.group_size) or a shorter rl.max_new_tokens"
-    remat = "" if c.model.remat else ", model.remat=True"
+    remat = "" if c.model.remat == "full" else ", model.remat='full'"
     mesh = "" if tuple(c.mesh) == (1, -1, 1) else ", or a mesh that shards more (mesh=(1, -1, 1): all fsdp)"
     return (f"{row['name']} does not fit: {row['total_bytes'] / GiB:.2f} GiB per chip > {row['hbm_bytes'] / GiB:.2f} GiB HBM "
             f"(over by {over:.2f} GiB); try {knobs}{remat}{mesh}")
@@ -339,7 +339,7 @@ def check(c: mlc.ConfigDict, topology: str, log: Callable[[str], None] = lambda 
     try:
         run_config.validate(c, len(devices), paths=False)
         mesh = builders.make_mesh(c, devices)
-        model_cfg = shape_model_config(c)
+        model_cfg = shape_model_config(c, mesh)
     except (ConfigError, ValueError) as e:
         raise CompileCheckError(f"config does not fit topology {topology} ({len(devices)} chips): {e}") from None
     log(f"topology {topology}: {len(devices)} x {devices[0].device_kind}, {chip.hbm / GiB:.0f} GiB HBM per chip; mesh {dict(mesh.shape)}")

@@ -374,6 +374,8 @@ def to_hf(model: VLM, path: str, *, tokenizer=None, dtype=None) -> None:
     cfg_dict = model.cfg.to_hf_dict()
     if dtype is not None:
         cfg_dict["torch_dtype"] = np.dtype(dtype).name
+    if tokenizer is not None:  # the released config.json's ids; without them transformers assumes Qwen's 151643 / 151645
+        cfg_dict.update(bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tokenizer.eos_token_id)
     save_file(base, os.path.join(path, WEIGHTS_FILE))
     if ops:
         save_file(ops, os.path.join(path, VISUAL_OPS_FILE), metadata={"format": "atlas_jax", "visual_ops": json.dumps(dataclasses.asdict(model.cfg.visual_ops))})

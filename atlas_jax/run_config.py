@@ -21,12 +21,14 @@ import ml_collections as mlc
 from atlas_jax import sampling
 from atlas_jax.benchmarks.protocol import BenchmarkConfig
 from atlas_jax.data.synthetic import TASKS
+from atlas_jax.data.synthetic.family import EVAL_CONDITIONS
 from atlas_jax.functional_tokens import DEFAULT_TOKENS
 from atlas_jax.model import lora, presets
-from atlas_jax.model.config import DTYPES, ConfigError
+from atlas_jax.model.config import ATTENTION, DTYPES, ConfigError
+from atlas_jax.model.layer_stack import REMAT_POLICIES
 from atlas_jax.rl import losses, rewards as rewards_lib
 
-JOBS = ("sft", "la_grpo", "eval", "pipeline", "benchmark")
+JOBS = ("sft", "la_grpo", "eval", "pipeline", "benchmark", "perceive")
 
 
 def base() -> mlc.ConfigDict:
@@ -45,7 +47,11 @@ def base() -> mlc.ConfigDict:
     c.model.init_from_hf = ""  # a Hugging Face Qwen2.5-VL checkpoint directory (overrides preset)
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
-    c.model.remat = False
+    c.model.remat = "none"  # 'none' | 'full' | 'save_projections' (atlas_jax/model/layer_stack.py)
+    c.model.scan_layers = False  # one lax.scan per run of identical layers: compiles once per run
+    # Cache-free attention: 'auto' (splash on TPU, cuDNN on GPU in 16-bit, XLA on CPU) | 'xla' |
+    # 'splash' | 'cudnn' (atlas_jax/model/attention.py).
+    c.model.attention = "auto"
     c.model.functional_tokens = tuple(t.name for t in DEFAULT_TOKENS)
     c.model.visual_ops = mlc.ConfigDict()
     c.model.visual_ops.mode = "module"  # 'module' | 'vocab' (the paper exactly)
@@ -53,17 +59,17 @@ def base() -> mlc.ConfigDict:
     c.model.visual_ops.num_heads = 4
     c.model.visual_ops.head_dim = 32
     c.model.visual_ops.max_positions = 8
-    c.model.lora = _section(lora.LoraConfig, ("rank", "alpha", "module_regex"))  # rank 0 = no adapters
+    c.model.lora = _section(lora.LoraConfig, ("rank", "alpha", "module_regex", "base_dtype"))  # rank 0 = no adapters
 
     c.tokenizer = mlc.ConfigDict()
     c.tokenizer.path = ""  # '' = train a byte-level BPE on the synthetic corpus (from-scratch runs)
     c.tokenizer.vocab_size = 1024
 
     c.data = mlc.ConfigDict()
-    c.data.source = "synthetic"  # 'synthetic' | 'jsonl'
+    c.data.source = "synthetic"  # 'synthetic' | 'jsonl' | 'perception' (pretraining to see, jobs/perceive.py)
     c.data.data_dir = ""  # '' = WORKDIR/data
     c.data.synthetic_config = "tiny"
-    c.data.num_per_task = 0  # 0 = the synthetic config's default
+    c.data.num_per_task = 0  # synthetic training data: 0 = an unlimited stream generated on the fly; N = a stored set of N per task
     c.data.image_size = 112
     c.data.jsonl_train = ""
     c.data.jsonl_eval = ""
@@ -85,11 +91,14 @@ def base() -> mlc.ConfigDict:
     c.optim.clip_norm = 1.0
     c.optim.grad_accum = 1
     c.optim.freeze_vision = False
+    c.optim.vision_lr_scale = 1.0  # the vision tower's learning rate relative to optim.lr (a parameter group)
 
     c.train = mlc.ConfigDict()
     c.train.steps = 300
     c.train.log_every = 10
     c.train.stop_at = 0  # > 0: save and stop at this step (a planned interruption; the schedule still spans `steps`)
+    c.train.wandb_project = ""  # '' = no Weights & Biases (TensorBoard and metrics.jsonl always); needs the [wandb] extra
+    c.train.profile_steps = ()  # (first, end): a jax.profiler trace of steps first..end-1 in WORKDIR/profile; () = off
 
     c.checkpoint = mlc.ConfigDict()
     c.checkpoint.every = 100
@@ -103,6 +112,7 @@ def base() -> mlc.ConfigDict:
     c.rl.num_iterations = 1  # mu: updates per rollout batch (old log-probs reused)
     c.rl.scale_rewards = "group"  # group | batch | none
     c.rl.anchor_share = True  # also measure the anchor term's share of the parameter gradient
+    c.rl.micro_batch = 0  # rollouts per forward / backward pass of the update (gradients summed exactly); 0 = all at once
     c.rl.sample = _section(sampling.SamplingConfig, ROLLOUT_SAMPLING)
     c.rl.loss = _section(losses.GRPOLossConfig, tuple(f.name for f in dataclasses.fields(losses.GRPOLossConfig)
                                                       if f.name != "max_completion_length"))  # that one is rl.sample's
@@ -118,8 +128,10 @@ def base() -> mlc.ConfigDict:
     c.rl.max_extra_rounds = 2  # filter_groups: at most this many extra rollout rounds to refill the batch
 
     c.eval = mlc.ConfigDict()
-    c.eval.split = "validation"
-    c.eval.num_per_task = 16
+    c.eval.split = "in_distribution"  # what the trainers evaluate (eval.every, the end); synthetic: one of EVAL_CONDITIONS
+    c.eval.conditions = EVAL_CONDITIONS  # the recipe's results: every checkpoint on each (synthetic data)
+    c.eval.num_per_task = 16  # prompts per task of each evaluated split (synthetic: generated, apart from data.num_per_task)
+    c.eval.image_swap = True  # also score each prompt with another sample's image (same batch, rotated by one)
     c.eval.batch_size = 16
     c.eval.max_new_tokens = 96
     c.eval.heatmaps = 4  # samples whose visual-op attention is saved as PNG heat maps
@@ -160,7 +172,7 @@ def _build(cls, section: mlc.ConfigDict, where: str, **fields):
 def synthetic_suite(c: mlc.ConfigDict) -> mlc.ConfigDict:
     """The tiny-model, built-in-suite settings the CPU configs share (SFT and LA-GRPO budgets)."""
     c.data.synthetic_config = "small"
-    c.data.num_per_task = 64
+    c.data.num_per_task = 0  # unlimited, on the fly
     c.data.image_size = 112
     c.data.batch_size = 16
     c.data.max_length = 192
@@ -240,6 +252,10 @@ def validate(c: mlc.ConfigDict, num_devices: int, *, paths: bool = True) -> None
     _need(e.every >= 0 and e.num_per_task >= 0 and e.heatmaps >= 0, "eval.every", e.every,
           ">= 0 (and eval.num_per_task, eval.heatmaps >= 0)")
     _need(e.max_new_tokens >= 1, "eval.max_new_tokens", e.max_new_tokens, ">= 1")
+    if c.data.source == "synthetic":
+        _need(e.split in EVAL_CONDITIONS, "eval.split", e.split, f"one of {EVAL_CONDITIONS} (the synthetic suite's evaluation conditions)")
+        _need(len(e.conditions) > 0 and set(e.conditions) <= set(EVAL_CONDITIONS), "eval.conditions", e.conditions,
+              f"some of {EVAL_CONDITIONS}")
     if c.job == "benchmark":
         _check_benchmark(c.benchmark, batch_shards, paths)
     if paths:
@@ -259,6 +275,8 @@ def _check_model(m: mlc.ConfigDict) -> None:
     _need(m.init_from_hf != "" or m.preset in presets.PRESETS, "model.preset", m.preset, f"one of {sorted(presets.PRESETS)}")
     _need(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {sorted(DTYPES)}")
     _need(m.param_dtype in DTYPES, "model.param_dtype", m.param_dtype, f"one of {sorted(DTYPES)}")
+    _need(m.remat in REMAT_POLICIES, "model.remat", m.remat, f"one of {sorted(REMAT_POLICIES)}")
+    _need(m.attention in ("auto", *ATTENTION), "model.attention", m.attention, f"'auto' or one of {list(ATTENTION)}")
     names = {tok.name for tok in DEFAULT_TOKENS}
     _need(all(n in names for n in m.functional_tokens), "model.functional_tokens", m.functional_tokens, f"names from {sorted(names)}")
     v = m.visual_ops
@@ -281,7 +299,7 @@ def lora_config(c: mlc.ConfigDict) -> lora.LoraConfig:
 
 
 def _check_data(d: mlc.ConfigDict) -> None:
-    _need(d.source in ("synthetic", "jsonl"), "data.source", d.source, "'synthetic' or 'jsonl'")
+    _need(d.source in ("synthetic", "jsonl", "perception"), "data.source", d.source, "'synthetic', 'jsonl' or 'perception'")
     _need(d.max_length >= 32, "data.max_length", d.max_length, ">= 32 tokens (prompt + image + response)")
     _need(d.max_patches > 0 and d.max_patches % 4 == 0, "data.max_patches", d.max_patches, "a positive multiple of 4")
     _need(d.max_images >= 1, "data.max_images", d.max_images, ">= 1")
@@ -304,12 +322,17 @@ def _check_training(c: mlc.ConfigDict, batch_shards: int) -> None:
     _need(math.isfinite(o.lr) and o.lr > 0, "optim.lr", o.lr, "a finite number > 0")
     _need(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
     _need(math.isfinite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a finite number >= 0")
+    _need(math.isfinite(o.vision_lr_scale) and o.vision_lr_scale > 0, "optim.vision_lr_scale", o.vision_lr_scale,
+          "a finite number > 0 (freeze the tower with optim.freeze_vision)")
     _need(0 <= o.b1 < 1, "optim.b1", o.b1, "in [0, 1)")
     _need(0 <= o.b2 < 1, "optim.b2", o.b2, "in [0, 1)")
     _need(math.isfinite(o.clip_norm) and o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, ">= 0 (0 = no clipping)")
     _need(t.steps >= 0, "train.steps", t.steps, ">= 0")
     _need(t.log_every >= 1, "train.log_every", t.log_every, ">= 1")
     _need(t.stop_at >= 0, "train.stop_at", t.stop_at, ">= 0 (0 = never)")
+    p = tuple(t.profile_steps)
+    _need(p == () or (len(p) == 2 and 1 <= p[0] < p[1]), "train.profile_steps", t.profile_steps,
+          "() (off) or (first, end) with 1 <= first < end: the steps first..end-1 are traced")
     _need(c.checkpoint.every > 0, "checkpoint.every", c.checkpoint.every, "> 0")
     _need(c.checkpoint.keep > 0, "checkpoint.keep", c.checkpoint.keep, "> 0")
 
@@ -320,6 +343,10 @@ def _check_rl(r: mlc.ConfigDict, batch_shards: int) -> None:
           "rl.prompts_per_step", r.prompts_per_step, f"a positive multiple of data*fsdp={batch_shards}")
     _need(r.scale_rewards in losses.SCALE_REWARDS, "rl.scale_rewards", r.scale_rewards, " | ".join(losses.SCALE_REWARDS))
     _need(r.num_iterations >= 1, "rl.num_iterations", r.num_iterations, ">= 1")
+    rollouts = r.prompts_per_step * r.group_size
+    _need(r.micro_batch == 0 or (r.micro_batch > 0 and rollouts % r.micro_batch == 0 and r.micro_batch % batch_shards == 0),
+          "rl.micro_batch", r.micro_batch, f"0 (all rollouts at once) or a divisor of rl.prompts_per_step * rl.group_size = "
+          f"{rollouts} that is a multiple of data*fsdp={batch_shards} (every micro-batch spans every batch shard)")
     _build(sampling.SamplingConfig, r.sample, "rl.sample")
     _build(losses.GRPOLossConfig, r.loss, "rl.loss", max_completion_length=r.sample.max_new_tokens)
     known = ("accuracy", "functional_usage", "expected_usage", "format", "verbosity", "spam", "overlong")

@@ -4,7 +4,7 @@
     python bench/attention_blocks.py vision    # 100m vision tower fwd+bwd, 448 px images: window bands vs dense
 
 decoder: the forward+backward step of `bench_train_step.py` (tiny config, batch 8 x 256, one
-112 px image per sample, one core), compiled twice: with `decoder.MIN_CAUSAL_BLOCK` at its value
+112 px image per sample, one core), compiled twice: with `attention.MIN_CAUSAL_BLOCK` at its value
 (4 query blocks of 64 here) and so large that attention is one dense [T, T] block.
 vision: the `small_100m` vision tower (6 blocks, 4 of them windowed) on 2 images of 448 px (1024
 patches each), forward + backward of a sum of squares, compiled with every window block's
@@ -38,15 +38,15 @@ def _alternate(a, b, n: int) -> tuple[float, float]:
 def decoder_study(ckpt: str) -> None:
     import bench_train_step as b
 
-    from atlas_jax.model import decoder
+    from atlas_jax.model import attention
 
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:1])
     batch = b.make_batch(b.model_config("tiny"), 8, 256, 112)
-    default = decoder.MIN_CAUSAL_BLOCK
-    decoder.MIN_CAUSAL_BLOCK = 10**9  # read when the step is traced: one dense block
+    default = attention.MIN_CAUSAL_BLOCK
+    attention.MIN_CAUSAL_BLOCK = 10**9  # read when the step is traced: one dense block
     dense, _ = b.jax_step_fn(ckpt, batch)
     ld = dense(check=True)[0]
-    decoder.MIN_CAUSAL_BLOCK = default
+    attention.MIN_CAUSAL_BLOCK = default
     blocked, _ = b.jax_step_fn(ckpt, batch)
     lb = blocked(check=True)[0]
     for _ in range(3):

@@ -14,7 +14,7 @@ import time
 import numpy as np, jax, jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_train_step as b
-from atlas_jax.model import layers, decoder, vision
+from atlas_jax.model import attention, layers
 
 def v_bias(q, k, v, mask, scale):
     logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
@@ -51,8 +51,7 @@ def v_manual_softmax(q, k, v, mask, scale):
 variants = {"current": layers.masked_softmax_attention, "bias": v_bias, "transposed": v_transposed, "dpa": v_dpa, "manual": v_manual_softmax}
 name = sys.argv[1]
 fn = variants[name]
-decoder.masked_softmax_attention = fn
-vision.masked_softmax_attention = fn
+attention.masked_softmax_attention = fn  # the XLA attention of both towers
 cfg = b.model_config("tiny")
 d = tempfile.mkdtemp()
 b.save_checkpoint(cfg, d)

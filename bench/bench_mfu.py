@@ -57,7 +57,7 @@ def main() -> None:
     base = presets.get(args.preset)
     V = base.text.vocab_size
     cfg = presets.get(
-        args.preset, dtype=args.dtype, param_dtype=args.param_dtype, remat=not args.no_remat,
+        args.preset, dtype=args.dtype, param_dtype=args.param_dtype, remat="none" if args.no_remat else "full",
         image_token_id=V - 4, video_token_id=V - 3, vision_start_token_id=V - 2, vision_end_token_id=V - 1,
     )
     mesh = sharding.make_mesh(tuple(int(x) for x in args.mesh.split(",")))

@@ -80,7 +80,7 @@ def main() -> None:
 
     import bench_train_step as b
 
-    from atlas_jax.model import decoder, layers, vision
+    from atlas_jax.model import attention, layers
 
     cfg = b.model_config("tiny")
     batch = b.make_batch(cfg, 8, 256, 112)
@@ -88,8 +88,7 @@ def main() -> None:
         "current": [],
         "tensordot": [(layers, "tensordot_rows", tensordot_matmul)],
         "hand-written attention": [
-            (decoder, "masked_softmax_attention", hand_written_attention),
-            (vision, "masked_softmax_attention", hand_written_attention),
+            (attention, "masked_softmax_attention", hand_written_attention),
         ],
     }
     steps, losses = {}, {}

@@ -1,11 +1,12 @@
-"""The decoder's cache-free causal attention, computed per query block, equals the dense form."""
+"""The XLA attention of the cache-free forwards (`model/attention.py`), computed per query block
+or band, equals the dense form."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from atlas_jax.model import decoder
+from atlas_jax.model import attention, decoder
 from atlas_jax.model.layers import masked_softmax_attention
 
 
@@ -22,36 +23,35 @@ def test_causal_blocks_equal_dense_attention_values_and_gradients(T):
     mask = decoder.AttentionMask(jnp.arange(T, dtype=jnp.int32), key_mask, jnp.zeros((), jnp.int32))
 
     def blocked(q, k, v):
-        return jnp.sum(decoder.causal_block_attention(q, k, v, mask, 0.3) * cot)
+        return jnp.sum(attention.causal_xla(q, k, v, key_mask, 0.3) * cot)
 
     def dense(q, k, v):
         return jnp.sum(masked_softmax_attention(q, k, v, mask.dense(), 0.3) * cot)
 
     np.testing.assert_allclose(
-        decoder.causal_block_attention(q, k, v, mask, 0.3), masked_softmax_attention(q, k, v, mask.dense(), 0.3),
+        attention.causal_xla(q, k, v, key_mask, 0.3), masked_softmax_attention(q, k, v, mask.dense(), 0.3),
         atol=2e-6, rtol=0,
     )
     for gb, gd in zip(jax.grad(blocked, (0, 1, 2))(q, k, v), jax.grad(dense, (0, 1, 2))(q, k, v)):
         np.testing.assert_allclose(gb, gd, atol=2e-5, rtol=0)
     # The padded queries of sample 1 see no key: zeros, not NaN.
-    assert not np.any(np.asarray(decoder.causal_block_attention(q, k, v, mask, 0.3))[1, : T // 3])
+    assert not np.any(np.asarray(attention.causal_xla(q, k, v, key_mask, 0.3))[1, : T // 3])
 
 
 def test_block_count():
     # 64-query blocks at least, 8 at most; short sequences stay one block.
     seen = []
-    orig = decoder.masked_softmax_attention
+    orig = attention.masked_softmax_attention
     try:
-        decoder.masked_softmax_attention = lambda q, *a: seen.append(q.shape[1]) or orig(q, *a)
+        attention.masked_softmax_attention = lambda q, *a: seen.append(q.shape[1]) or orig(q, *a)
         for T in (100, 256, 4096):
             seen.clear()
             x = jnp.zeros((1, T, 1, 1, 4))
-            m = decoder.AttentionMask(jnp.arange(T, dtype=jnp.int32), jnp.ones((1, T), bool), jnp.zeros((), jnp.int32))
-            decoder.causal_block_attention(x, x[:, :, :, 0], x[:, :, :, 0], m, 1.0)
+            attention.causal_xla(x, x[:, :, :, 0], x[:, :, :, 0], jnp.ones((1, T), bool), 1.0)
             assert sum(seen) == T
             assert len(seen) == {100: 1, 256: 4, 4096: 8}[T], (T, seen)
     finally:
-        decoder.masked_softmax_attention = orig
+        attention.masked_softmax_attention = orig
 
 
 def test_head_major_attention_equals_masked_softmax_attention():
@@ -81,7 +81,6 @@ def test_vision_window_bands_equal_dense_segment_attention(grids):
     """Window blocks attend over bands of the window-order row: same values and gradients as
     the dense block-diagonal mask, on a real layout (partial edge windows, two frames, padding)."""
     from atlas_jax.model.config import VisionConfig
-    from atlas_jax.model.vision import segment_attention
     from atlas_jax.model.vision_layout import batch_vision_layout
 
     cfg = VisionConfig(depth=1, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=16, window_size=56)
@@ -93,9 +92,9 @@ def test_vision_window_bands_equal_dense_segment_attention(grids):
     q, k, v, cot = (jax.random.normal(key, (2, P, 2, 8)) for key in (kq, kk, kv, kc))
 
     def loss(q, k, v, band):
-        return jnp.sum(segment_attention(q, k, v, seg, 0.35, band) * cot)
+        return jnp.sum(attention.segment_xla(q, k, v, seg, 0.35, band) * cot)
 
-    banded, dense = segment_attention(q, k, v, seg, 0.35, band), segment_attention(q, k, v, seg, 0.35, None)
+    banded, dense = attention.segment_xla(q, k, v, seg, 0.35, band), attention.segment_xla(q, k, v, seg, 0.35, None)
     np.testing.assert_allclose(banded, dense, atol=2e-6, rtol=0)
     assert np.all(np.asarray(dense)[np.asarray(seg) == 0] == 0)  # padding sees nothing
     for gb, gd in zip(jax.grad(loss, (0, 1, 2))(q, k, v, band), jax.grad(loss, (0, 1, 2))(q, k, v, None)):

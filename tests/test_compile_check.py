@@ -72,7 +72,7 @@ def test_la_grpo_sampler_and_update_compile_and_fit():
     c.rl.group_size = 2
     c.rl.sample.max_new_tokens = 16
     c.rl.anchor_share = False
-    c.model.remat = True  # as in the pod configs: the decode loop must lower with it too
+    c.model.remat = "full"  # as in the pod configs: the decode loop must lower with it too
     rows = compile_check.check(c, TOPOLOGY)
     assert [r["name"] for r in rows] == ["sampler", "update_step"]
     assert all(r["fits"] and 0.9 < r["headroom"] < 1 for r in rows)
@@ -81,11 +81,26 @@ def test_la_grpo_sampler_and_update_compile_and_fit():
     assert 0 < update["est_mfu"] <= 1
 
 
+def test_auto_attention_compiles_the_splash_kernel_for_tpu():
+    """model.attention='auto' follows the mesh's devices, not this CPU host: the programs above
+    run the splash kernel (a Mosaic custom call in the lowered step, not the interpreter)."""
+    from atlas_jax import builders
+
+    c = small(config("sft_synthetic", "module"))
+    c.eval.num_per_task = 0
+    devices, _ = compile_check.topology_devices(TOPOLOGY)
+    mesh = builders.make_mesh(c, devices)
+    model_cfg = compile_check.shape_model_config(c, mesh)
+    assert c.model.attention == "auto" and model_cfg.attention == "splash"
+    (step,) = compile_check.sft_programs(c, model_cfg, mesh)
+    assert "tpu_custom_call" in step.lower().as_text()
+
+
 def test_advice_names_the_overflow_and_the_knobs(sft_report):
     row = dict(sft_report[1]["programs"][0], total_bytes=HBM + 2**30, fits=False)
     msg = compile_check.advice(row, small(config("sft_synthetic", "module")))
     assert msg.startswith("train_step does not fit: 17.00 GiB per chip > 16.00 GiB HBM (over by 1.00 GiB)")
-    assert "data.batch_size" in msg and "optim.grad_accum" in msg and "model.remat=True" in msg
+    assert "data.batch_size" in msg and "optim.grad_accum" in msg and "model.remat='full'" in msg
 
 
 @pytest.mark.parametrize(

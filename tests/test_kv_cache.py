@@ -24,14 +24,15 @@ def _open_gates(model):
 
 
 @pytest.mark.parametrize(
-    "mode,max_positions,cont",
-    [("vocab", 16, 8), ("module", 16, 8), ("module", 3, 6)],
-    ids=["vocab", "module", "module_capped"],
+    "mode,max_positions,cont,scan",
+    [("vocab", 16, 8, False), ("module", 16, 8, False), ("module", 3, 6, False), ("module", 16, 8, True)],
+    ids=["vocab", "module", "module_capped", "module_scanned"],
 )
-def test_decode_matches_full_forward(mode, max_positions, cont):
+def test_decode_matches_full_forward(mode, max_positions, cont, scan):
     """capped: 5 functional tokens per sample, 1 in the prefilled prompt and 4 decoded, with the
-    modules acting on the first 3 only: the cache's count keeps decoding on the same 3."""
-    cfg = tiny_cfg(mode, max_positions)
+    modules acting on the first 3 only: the cache's count keeps decoding on the same 3.
+    scanned: the layers run as scans around the visual operations, the cache updated in place."""
+    cfg = tiny_cfg(mode, max_positions).replace(scan_layers=scan)
     model = vlm.create(cfg, sharding.make_mesh((1, 1, 1), jax.devices()[:1]), seed=1)
     _open_gates(model)
     rng = np.random.default_rng(0)

@@ -7,12 +7,14 @@ import os
 import re
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from atlas_jax import main as entry, run_config
 from atlas_jax.jobs import la_grpo as la_grpo_job
+from atlas_jax.model.config import ConfigError
 
 
 def _config(**over):
@@ -116,6 +118,32 @@ def test_two_updates_per_rollout_batch_log_the_pre_update_gap_and_resume(tmp_pat
         assert ra[step] == rb[step], step
 
 
+def test_micro_batch_must_divide_the_rollouts_over_every_batch_shard():
+    run_config.validate(_config(**{"rl.micro_batch": 4}), 8, paths=False)  # 8 rollouts, data*fsdp = 4
+    for bad in (3, 2, -4):
+        with pytest.raises(ConfigError, match=rf"config\.rl\.micro_batch={bad}: expected 0 \(all rollouts at once\) or a divisor "
+                                              r"of rl\.prompts_per_step \* rl\.group_size = 8 that is a multiple of data\*fsdp=4"):
+            run_config.validate(_config(**{"rl.micro_batch": bad}), 8, paths=False)
+
+
+def test_micro_batched_resume_without_reference_reads_no_init_params_and_compiles_the_update_once(
+        tmp_path, data, monkeypatch, caplog):
+    """beta = 0: a resumed run restores its policy and needs no reference, so it never reads
+    `checkpoint.init_from`; the loop runs the update step compiled (ahead of time, for its memory
+    report) once."""
+    over = {"data.data_dir": data, "train.steps": 2, "rl.loss.beta": 0.0, "rl.micro_batch": 4}
+    b = str(tmp_path / "b")
+    entry.run_job(_config(**over, **{"train.stop_at": 1}), b)
+    reads = []
+    monkeypatch.setattr(la_grpo_job.checkpoint, "init_from", lambda *args, **kw: reads.append(args))
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        entry.run_job(_config(**over, **{"checkpoint.init_from": b}), b)  # any run directory: it is not read
+    assert reads == []
+    rows = _rows(b)
+    assert sorted(rows) == [1, 2] and rows[2]["kl"] == 0.0 and np.isfinite(rows[2]["loss"])
+    assert caplog.text.count("Finished XLA compilation of jit(step)") == 1
+
+
 def always_half(completion, answer, token_ids, /, *, task, functional_ids):
     """A user's reward, named on the command line as 'test_la_grpo_job:always_half=0.1'."""
     return 0.5
@@ -124,6 +152,38 @@ def always_half(completion, answer, token_ids, /, *, task, functional_ids):
 def first_token_rule(completion, answer, token_ids, /, *, task, functional_ids):
     """A user's reward that differs within groups about half the time (G = 2)."""
     return float(token_ids[0] % 3 == 0)
+
+
+RECORDED: list[float] = []
+
+
+def recorded_first_token_rule(completion, answer, token_ids, /, *, task, functional_ids):
+    """`first_token_rule`, each value also appended to RECORDED (one call per rollout, in row order)."""
+    RECORDED.append(first_token_rule(completion, answer, token_ids, task=task, functional_ids=functional_ids))
+    return RECORDED[-1]
+
+
+def test_dynamic_sampling_rounds_and_dropped_groups_match_an_independent_count(tmp_path, data):
+    """Filtering on the reward takes extra rollout rounds while fewer than prompts_per_step groups
+    have unequal rewards; the logged rounds and dropped groups equal a count from the reward calls."""
+    c = _config(**{"data.data_dir": data, "train.steps": 2, "rl.filter_groups": "reward", "rl.max_extra_rounds": 2,
+                   "rl.custom_rewards": ("test_la_grpo_job:recorded_first_token_rule",)})
+    c.rl.rewards = {"accuracy": 0.0}
+    RECORDED.clear()
+    entry.run_job(c, str(tmp_path))
+    B, G = c.rl.prompts_per_step, c.rl.group_size
+    calls = np.asarray(RECORDED).reshape(-1, B, G)  # [rounds of all steps, prompts, G]
+    informative = calls.max(-1) > calls.min(-1)
+    rows, used = _rows(str(tmp_path)), 0
+    for step in (1, 2):
+        rounds = 1
+        while informative[used : used + rounds].sum() < B and rounds <= c.rl.max_extra_rounds:
+            rounds += 1
+        dropped = int((~informative[used : used + rounds]).sum())
+        assert (rows[step]["dynamic/rounds"], rows[step]["dynamic/groups_dropped"]) == (rounds, dropped), step
+        assert rows[step]["dynamic/filled_with_dropped"] == max(0, B - (rounds * B - dropped))
+        used += rounds
+    assert used == len(calls) and used > 2  # every round is accounted for, and some step took extra rounds
 
 
 def test_groups_are_chosen_informative_first_then_filled():

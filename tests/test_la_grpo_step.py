@@ -48,7 +48,7 @@ def _rollouts(cfg, with_func=True, seed=0):
     return batch
 
 
-def _setup(alpha, beta=0.0, loss_type="grpo", entropy_coef=0.0):
+def _setup(alpha, beta=0.0, loss_type="grpo", entropy_coef=0.0, importance_level="token"):
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     cfg = tiny_cfg("module")
     model = vlm.create(cfg, mesh, seed=2)
@@ -56,7 +56,7 @@ def _setup(alpha, beta=0.0, loss_type="grpo", entropy_coef=0.0):
     tx = optax.sgd(0.1)
     graphdef, state, shardings = train_state.create(model, tx, mesh)
     lc = losses.GRPOLossConfig(loss_type=loss_type, alpha=alpha, beta=beta, epsilon_low=0.2, epsilon_high=0.28,
-                               entropy_coef=entropy_coef)
+                               entropy_coef=entropy_coef, importance_level=importance_level)
     return cfg, graphdef, state, shardings, tx, lc
 
 
@@ -109,6 +109,36 @@ def test_step_equals_direct_gradient_of_the_loss(alpha, beta, loss_type, entropy
     if alpha > 0:
         assert 0 < float(m["anchor/grad_share"]) < 10
     assert int(m["num_functional"]) == 3
+
+
+@pytest.mark.parametrize("loss_type,importance_level,alpha,beta",
+                         [("grpo", "token", 0.5, 0.04), ("dapo", "sequence", 0.5, 0.0), ("dr_grpo", "sequence", 0.0, 0.04)])
+def test_micro_batched_step_equals_the_whole_batch_step(loss_type, importance_level, alpha, beta):
+    """4 micro-batches of 1 rollout (the reference forward too): the loss, every metric and the
+    updated parameters are the whole-batch step's."""
+    results = []
+    for micro_batch in (0, 1):
+        cfg, graphdef, state, shardings, tx, lc = _setup(alpha, beta, loss_type, 0.01, importance_level)
+        batch = _jax(dict(_rollouts(cfg), rewards=np.array([1.0, 0.0, 0.25, 0.75], np.float32)))
+        ref_params = jax.tree.map(lambda x: x * 1.01, state.params) if beta > 0 else None
+        step = la_grpo.make_rl_step(graphdef, tx, lc, group_size=G, temperature=0.8, functional_ids=FUNC, micro_batch=micro_batch,
+                                    state_sharding=shardings, batch_sharding=None)
+        state, m = step(state, ref_params, batch)
+        results.append((jax.device_get(state.params), jax.device_get(m)))
+    (want_params, want), (got_params, got) = results
+    assert float(want["grad_norm"]) > 1e-3 and abs(float(want["loss"])) > 1e-4 and (beta == 0 or float(want["kl"]) > 1e-6)
+    assert set(got) == set(want)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-6, err_msg=name)
+    for a, b in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_micro_batch_must_divide_the_rollouts():
+    cfg, graphdef, state, shardings, tx, lc = _setup(0.0)
+    step = la_grpo.make_rl_step(graphdef, tx, lc, group_size=G, micro_batch=3, state_sharding=shardings, batch_sharding=None)
+    with pytest.raises(ValueError, match="micro_batch=3: expected 0 or a divisor of the 4 rollouts"):
+        step(state, None, _jax(_rollouts(cfg)))
 
 
 def test_alpha_zero_is_plain_grpo_and_no_functional_tokens_gives_zero_anchor():

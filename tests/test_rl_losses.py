@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from atlas_jax.sharding import batch_sharding, make_mesh
-from atlas_jax.rl.losses import GRPOLossConfig, Rollouts, anchor_term, group_advantages, grpo_loss, per_token_surrogate
+from atlas_jax.rl.losses import (BatchTotals, GRPOLossConfig, Rollouts, anchor_term, finish_metrics, group_advantages, grpo_loss,
+                                 grpo_loss_part, per_token_surrogate)
 from atlas_jax.rl.losses import per_token_kl as losses_per_token_kl
 
 B, T, G = 8, 12, 4
@@ -161,13 +162,43 @@ def test_loss_and_grad_match_torch_reference(loss_type, beta, clipping, alpha):
     np.testing.assert_allclose(metrics["pg_loss"] + metrics["kl_loss"] + alpha * metrics["anchor_loss"], loss, **TOL)
 
 
-def test_dapo_num_tokens_for_gradient_accumulation():
+def test_dapo_normalises_by_the_whole_batch_tokens_given():
     x = make_inputs(seed=3, clipping=True)
     adv = group_advantages(x["rewards"], G)
     cfg = GRPOLossConfig(loss_type="dapo")
-    sum_loss, _ = grpo_loss(x["logp"], rollouts(x, adv, num_tokens=1.0), cfg)
+    sum_loss, _ = grpo_loss(x["logp"], rollouts(x, adv, totals=BatchTotals(B, 1.0, 1.0)), cfg)
     bnpo, _ = grpo_loss(x["logp"], rollouts(x, adv), GRPOLossConfig(loss_type="bnpo"))
     np.testing.assert_allclose(sum_loss / x["mask"].sum(), bnpo, **TOL)
+
+
+@pytest.mark.parametrize("loss_type,importance_level", [("grpo", "token"), ("dapo", "token"), ("dr_grpo", "token"),
+                                                        ("bnpo", "sequence"), ("grpo", "sequence")])
+def test_micro_batch_parts_add_up_to_the_whole_batch(loss_type, importance_level):
+    """Row parts given the whole batch's totals: their losses, d loss / d logp and metric shares
+    add up to the whole batch's (what the micro-batched update step relies on)."""
+    x = make_inputs(seed=11, clipping=True)
+    adv = group_advantages(x["rewards"], G)
+    entropy = np.random.default_rng(0).uniform(0.5, 2.0, (B, T)).astype(np.float32)
+    cfg = GRPOLossConfig(loss_type=loss_type, importance_level=importance_level, beta=0.04, alpha=0.5, entropy_coef=0.01)
+    whole = rollouts(x, adv, with_ref=True)
+    f = lambda lp, r, h: grpo_loss_part(lp, r, cfg, h)  # noqa: E731
+    (loss, want), grad = jax.value_and_grad(f, has_aux=True)(jnp.asarray(x["logp"]), whole, entropy)
+    want = finish_metrics(want, adv)
+    totals = BatchTotals.of(x["mask"], x["functional"])
+    rows = np.arange(B).reshape(-1, 2).T  # 2 strided parts of B/2 rows, as the step splits them
+    parts = [jax.value_and_grad(f, has_aux=True)(
+        jnp.asarray(x["logp"][i]), Rollouts(*(np.asarray(a)[i] for a in whole[:5]), totals), entropy[i])
+        for i in rows]
+    shares = jax.tree.map(lambda *v: sum(v), *[m for (_, m), _ in parts])
+    got = finish_metrics(shares, adv)
+    np.testing.assert_allclose(sum(l for (l, _), _ in parts), loss, rtol=1e-6, atol=1e-7)
+    got_grad = np.zeros((B, T), np.float32)
+    for i, (_, g) in zip(rows, parts):
+        got_grad[i] = g
+    np.testing.assert_allclose(got_grad, grad, rtol=1e-6, atol=1e-8)
+    assert set(got) == set(want)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-7, err_msg=name)
 
 
 # ---------------------------------------------------------------------------- LA-GRPO anchor

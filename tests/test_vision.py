@@ -116,7 +116,7 @@ def test_jit_and_remat_equal_eager(state_dict, tower):
     jitted = np.asarray(nnx.jit(lambda m, x, lay: m(x, lay))(tower, pv, layout))
     np.testing.assert_allclose(jitted, eager, atol=1e-5, rtol=0)
 
-    remat_tower = VisionTower(CFG, rngs=nnx.Rngs(1), remat=True)
+    remat_tower = VisionTower(CFG, rngs=nnx.Rngs(1), remat="full")
     load_vision(remat_tower, state_dict)
 
     def loss(m):

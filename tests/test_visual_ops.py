@@ -186,7 +186,7 @@ def test_remat_and_bfloat16(batch):
     base = vlm.create(cfg, _mesh1(), seed=3)
     base.visual_ops.gate[...] = jnp.full(3, 0.5)
     state = nnx.state(base)
-    remat = vlm.create(dataclasses.replace(cfg, remat=True), _mesh1(), seed=3)
+    remat = vlm.create(dataclasses.replace(cfg, remat="full"), _mesh1(), seed=3)
     nnx.update(remat, state)
     la, ga = nnx.value_and_grad(_loss)(base, batch)
     lb, gb = nnx.value_and_grad(_loss)(remat, batch)

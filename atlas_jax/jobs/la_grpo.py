@@ -211,12 +211,16 @@ def _train(c: mlc.ConfigDict, workdir: str, ckpt: checkpoint.Checkpoints) -> dic
     graphdef, state, state_sh = train_state.create(model, tx, mesh)
     policy = builders.Policy(tok, tokens, model_cfg, graphdef, state.params)  # evaluated with each step's params
     del model
-    if c.checkpoint.init_from:
-        state = state._replace(params=checkpoint.init_from(c.checkpoint.init_from, checkpoint.abstract(state.params)))
-        log.info("policy and reference start from %s", c.checkpoint.init_from)
-    # The reference: with LoRA, the policy with its adapters off (no copy); else a frozen copy.
+    # The reference: with LoRA, the policy with its adapters off (no copy); else (beta > 0) a frozen
+    # copy of the starting params. A resumed run restores its policy below, so it reads
+    # `checkpoint.init_from` only for that copy.
     ref_adapters_off = run_config.lora_config(c).enabled
-    ref_params = jax.tree.map(jnp.copy, state.params) if loss_cfg.beta > 0 and not ref_adapters_off else None
+    reference_copy = loss_cfg.beta > 0 and not ref_adapters_off
+    start = ckpt.latest_step()
+    if c.checkpoint.init_from and (start is None or reference_copy):
+        state = state._replace(params=checkpoint.init_from(c.checkpoint.init_from, checkpoint.abstract(state.params)))
+        log.info("%s start from %s", "reference" if start is not None else "policy and reference", c.checkpoint.init_from)
+    ref_params = jax.tree.map(jnp.copy, state.params) if reference_copy else None
     ref_sh = state_sh.params if ref_params is not None else None
 
     prompts = pipeline.make_dataset(
@@ -226,7 +230,7 @@ def _train(c: mlc.ConfigDict, workdir: str, ckpt: checkpoint.Checkpoints) -> dic
     data_it = iter(prompts)
 
     # ------------------------------------------------------------------ resume
-    if (start := ckpt.latest_step()) is not None:
+    if start is not None:
         state, _ = ckpt.restore(start, checkpoint.abstract(state), data_it)
         log.info("resumed from update %d in %s", start, workdir)
 
@@ -276,15 +280,16 @@ def _train(c: mlc.ConfigDict, workdir: str, ckpt: checkpoint.Checkpoints) -> dic
             if filled:
                 log.warning("rl step %d: %d of %d groups are uninformative (all %s equal) after %d rollout rounds",
                             rl_step + 1, filled, r.prompts_per_step, key, len(rounds))
-        if step_fn is None:
-            step_fn = la_grpo.make_rl_step(
-                graphdef, tx, loss_cfg, group_size=G, temperature=scfg.temperature, scale_rewards=r.scale_rewards,
-                functional_ids=tokens.functional_ids, anchor_share=r.anchor_share,
-                state_sharding=state_sh, ref_sharding=ref_sh, batch_sharding={k: v.sharding for k, v in rl_batch.items()},
-                train=train, reference_adapters_off=ref_adapters_off)
+        if step_fn is None:  # compiled ahead of time, once: the loop runs this executable, whose memory is logged
             with jax.set_mesh(mesh):
+                step_fn = la_grpo.make_rl_step(
+                    graphdef, tx, loss_cfg, group_size=G, temperature=scfg.temperature, scale_rewards=r.scale_rewards,
+                    functional_ids=tokens.functional_ids, anchor_share=r.anchor_share, micro_batch=r.micro_batch,
+                    state_sharding=state_sh, ref_sharding=ref_sh, batch_sharding={k: v.sharding for k, v in rl_batch.items()},
+                    train=train, reference_adapters_off=ref_adapters_off,
+                ).lower(state, ref_params, rl_batch).compile()
                 memory = {"sampler": sampling.compiled_memory(graphdef, state.params, prompt_batch, rng, scfg),
-                          "update": step_fn.lower(state, ref_params, rl_batch).compile().memory_analysis()}
+                          "update": step_fn.memory_analysis()}
             for name, mem in memory.items():
                 if mem is not None:
                     log.info("compiled %s memory: %s", name, mem)

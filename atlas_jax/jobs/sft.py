@@ -75,13 +75,13 @@ def _train(c: mlc.ConfigDict, workdir: str, ckpt: checkpoint.Checkpoints) -> dic
     host_batch = next(data_it)
     batch = _device(pipeline.to_global(host_batch, mesh))
     batch_sh = {k: v.sharding for k, v in batch.items()}
-    step_fn = sft.make_train_step(
-        graphdef, tx, state_sharding=state_sh, batch_sharding=batch_sh, grad_accum=c.optim.grad_accum,
-        lr_schedule=lr_schedule, train=train,
-    )
+    # Compiled ahead of time, once: the loop runs this executable, whose memory is logged.
     with jax.set_mesh(mesh):
-        mem = step_fn.lower(state, batch).compile().memory_analysis()
-    if mem is not None:
+        step_fn = sft.make_train_step(
+            graphdef, tx, state_sharding=state_sh, batch_sharding=batch_sh, grad_accum=c.optim.grad_accum,
+            lr_schedule=lr_schedule, train=train,
+        ).lower(state, batch).compile()
+    if (mem := step_fn.memory_analysis()) is not None:
         log.info("compiled step memory: %s", mem)
 
     # ------------------------------------------------------------------ loop

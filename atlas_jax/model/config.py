@@ -13,9 +13,12 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from atlas_jax.model.layer_stack import REMAT_POLICIES
 from atlas_jax.model.layers import ACTIVATIONS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Attention implementations (`model/attention.py`); the run config's 'auto' picks one per platform.
+ATTENTION = ("xla", "splash", "cudnn")
 
 
 class ConfigError(ValueError):
@@ -41,6 +44,7 @@ class VisionConfig:
     rope_theta: float = 10000.0
     tokens_per_second: int = 2
     rms_norm_eps: float = 1e-6
+    attention: str = "xla"  # set from ModelConfig.attention (the tower's blocks see only this section)
 
     @property
     def head_dim(self) -> int:
@@ -72,6 +76,7 @@ class TextConfig:
     hidden_act: str = "silu"
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 128000
+    attention: str = "xla"  # set from ModelConfig.attention (the decoder layers see only this section)
 
     @property
     def head_dim(self) -> int:
@@ -118,9 +123,15 @@ class ModelConfig:
     vision_end_token_id: int = 151653
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    remat: bool = False  # rematerialise decoder and vision blocks in the backward pass
+    # What the backward pass keeps of each decoder / vision layer: a key of
+    # layer_stack.REMAT_POLICIES ('none' | 'full' | 'save_projections').
+    remat: str = "none"
+    scan_layers: bool = False  # run runs of identical layers as one lax.scan (compiles once per run)
+    attention: str = "xla"  # cache-free attention: one of ATTENTION (`model/attention.py`)
 
     def __post_init__(self):
+        for tower in ("text", "vision"):  # each tower's layers receive only their own section
+            object.__setattr__(self, tower, dataclasses.replace(getattr(self, tower), attention=self.attention))
         self.validate()
 
     def validate(self) -> None:
@@ -128,6 +139,13 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r}: expected one of {sorted(DTYPES)}")
+        if self.attention not in ATTENTION:
+            raise ConfigError(f"model.attention={self.attention!r}: expected one of {list(ATTENTION)}")
+        if self.attention == "cudnn" and self.dtype == "float32":
+            raise ConfigError("model.attention='cudnn' needs a 16-bit model.dtype (cuDNN has no float32 kernel): "
+                              "set model.dtype='bfloat16', or model.attention='xla'")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"model.remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
         if t.hidden_size % t.num_heads:
             raise ConfigError(f"text.hidden_size={t.hidden_size} must be divisible by text.num_heads={t.num_heads}")
         if t.num_heads % t.num_kv_heads:

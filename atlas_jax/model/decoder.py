@@ -3,9 +3,10 @@
 Einsum letters: B batch, T query positions, S key positions (cache slots), D model width,
 H query heads, K key/value heads, G query heads per key/value head (H = K * G), E head dim.
 
-The cache is a pure pytree (`LayerCache` per layer) passed in and returned, so the jitted
-sampler owns it and can donate it. Slots are filled left to right for the whole batch at once
-(prompts are left-padded); `key_mask` marks slots holding real tokens.
+The cache is a pure pytree (`KVCache`, all layers in one array) passed in and returned, so the
+jitted sampler owns it and can donate it, and a scan over the layers updates it in place. Slots are
+filled left to right for the whole batch at once (prompts are left-padded); `key_mask` marks slots
+holding real tokens.
 """
 
 from __future__ import annotations
@@ -16,19 +17,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from atlas_jax.model import attention
 from atlas_jax.model.config import TextConfig
-from atlas_jax.model.layers import (
-    Dense,
-    RMSNorm,
-    SwiGLU,
-    apply_rotary,
-    head_major_attention,
-    masked_softmax_attention,
-)
+from atlas_jax.model.layers import Dense, RMSNorm, SwiGLU, apply_rotary, head_major_attention
 
 
-class LayerCache(NamedTuple):
-    """k, v: [B, K, S, E] for one decoder layer, head-major as `head_major_attention` reads them."""
+class KVCache(NamedTuple):
+    """k, v: [B, L, K, S, E] for all L decoder layers; layer l's [B, K, S, E] slice is head-major as
+    `head_major_attention` reads it. Batch first, like every other cache array (the sampler
+    shards and repeats rows on axis 0)."""
 
     k: jax.Array
     v: jax.Array
@@ -53,31 +50,6 @@ class AttentionMask(NamedTuple):
         return (causal[None] & self.key_mask[:, None, :])[:, None, None]
 
 
-# Without a cache the mask is causal, so query block i needs only the keys up to its own end:
-# splitting the queries into n blocks skips (n - 1) / 2n of the score matrix (the fully masked
-# upper triangle) in both passes. Blocks are at least MIN_CAUSAL_BLOCK queries; at most
-# MAX_CAUSAL_BLOCKS keep the program small for long sequences.
-MIN_CAUSAL_BLOCK = 64
-MAX_CAUSAL_BLOCKS = 8
-
-
-def causal_block_attention(q_btkge, k_bske, v_bske, mask: AttentionMask, scale: float) -> jax.Array:
-    """`masked_softmax_attention` of a cache-free forward (S == T, query t at slot t), computed
-    per query block over the keys that block can see. Same shapes and values (the skipped
-    scores are masked, i.e. exactly zero after the softmax)."""
-    T = q_btkge.shape[1]
-    dense = mask.dense()
-    n = max(1, min(MAX_CAUSAL_BLOCKS, T // MIN_CAUSAL_BLOCK))
-    if n == 1:
-        return masked_softmax_attention(q_btkge, k_bske, v_bske, dense, scale)
-    bounds = [T * i // n for i in range(n + 1)]
-    out = [
-        masked_softmax_attention(q_btkge[:, lo:hi], k_bske[:, :hi], v_bske[:, :hi], dense[..., lo:hi, :hi], scale)
-        for lo, hi in zip(bounds[:-1], bounds[1:])
-    ]
-    return jnp.concatenate(out, axis=1)
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
         D, H, K, E = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -88,6 +60,7 @@ class Attention(nnx.Module):
         self.v_proj = Dense((D,), (K, E), ("embed", "kv_heads", "head_dim"), use_bias=True, **kw)
         self.o_proj = Dense((H, E), (D,), ("heads", "head_dim", "embed"), use_bias=False, **kw)
         self.scale = E**-0.5
+        self.implementation = cfg.attention  # of the cache-free forward; decoding stays on XLA
 
     def __call__(
         self,
@@ -95,8 +68,10 @@ class Attention(nnx.Module):
         cos_bte: jax.Array,
         sin_bte: jax.Array,
         mask: AttentionMask,
-        cache: LayerCache | None,
-    ) -> tuple[jax.Array, LayerCache | None]:
+        cache: KVCache | None,
+        layer: jax.Array | int = 0,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """layer: this layer's slot in the cache (a traced index under a scan over the layers)."""
         B, T, _ = x_btd.shape
         q_bthe = apply_rotary(self.q_proj(x_btd), cos_bte, sin_bte)
         k_btke = apply_rotary(self.k_proj(x_btd), cos_bte, sin_bte)
@@ -104,13 +79,19 @@ class Attention(nnx.Module):
         K = k_btke.shape[2]
         q_btkge = q_bthe.reshape(B, T, K, self.num_groups, -1)
         if cache is None:
-            out_btkge = causal_block_attention(q_btkge, k_btke, v_btke, mask, self.scale)
+            # Without a cache, query t sits at slot t and the mask is causal over real keys.
+            causal = attention.CAUSAL[self.implementation]
+            out_btkge = causal(q_btkge, k_btke, v_btke, mask.key_mask, self.scale)
         else:
+            # Write only the T new tokens into the whole cache (in place under donation and in a
+            # scan's loop), then read this layer's slice.
             zero = jnp.zeros((), jnp.int32)
-            at = (zero, zero, mask.index, zero)
-            k_bkse = jax.lax.dynamic_update_slice(cache.k, jnp.swapaxes(k_btke, 1, 2).astype(cache.k.dtype), at)
-            v_bkse = jax.lax.dynamic_update_slice(cache.v, jnp.swapaxes(v_btke, 1, 2).astype(cache.v.dtype), at)
-            cache = LayerCache(k_bkse, v_bkse)
+            at = (zero, jnp.asarray(layer, jnp.int32), zero, mask.index, zero)
+            new_k = jnp.swapaxes(k_btke, 1, 2)[:, None].astype(cache.k.dtype)
+            new_v = jnp.swapaxes(v_btke, 1, 2)[:, None].astype(cache.v.dtype)
+            cache = KVCache(jax.lax.dynamic_update_slice(cache.k, new_k, at), jax.lax.dynamic_update_slice(cache.v, new_v, at))
+            k_bkse = jax.lax.dynamic_index_in_dim(cache.k, layer, axis=1, keepdims=False)
+            v_bkse = jax.lax.dynamic_index_in_dim(cache.v, layer, axis=1, keepdims=False)
             out_bkgte = head_major_attention(
                 jnp.transpose(q_btkge, (0, 2, 3, 1, 4)),
                 k_bkse.astype(q_btkge.dtype),
@@ -132,8 +113,8 @@ class DecoderLayer(nnx.Module):
             cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act, use_bias=False, dtype=dtype, **kw
         )
 
-    def __call__(self, x_btd, cos_bte, sin_bte, mask: AttentionMask, cache: LayerCache | None):
-        h_btd, cache = self.attn(self.input_norm(x_btd), cos_bte, sin_bte, mask, cache)
+    def __call__(self, x_btd, cos_bte, sin_bte, mask: AttentionMask, cache: KVCache | None, layer: jax.Array | int = 0):
+        h_btd, cache = self.attn(self.input_norm(x_btd), cos_bte, sin_bte, mask, cache, layer)
         x_btd = x_btd + h_btd
         x_btd = x_btd + self.mlp(self.post_attn_norm(x_btd))
         return x_btd, cache

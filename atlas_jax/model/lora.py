@@ -6,7 +6,8 @@ A he-uniform and B zero, so a fresh adapter leaves the model unchanged. The adap
 `nnx.LoRAParam`s named `<weight>_lora_a` float[K, r] and `<weight>_lora_b` float[r, N], where
 K and N are the weight's flattened input and output sizes (`tensordot_rows` hands qwix the
 kernel reshaped to [K, N]). Training differentiates and optimizes them alone
-(`train.optimizer.trainable`); the base weights stay frozen, so they may be stored in bf16.
+(`train.optimizer.trainable`); the base weights stay frozen, so `base_dtype` may store them in
+bfloat16 (half the bytes of float32) while the adapters and their optimizer state stay float32.
 """
 
 from __future__ import annotations
@@ -22,22 +23,29 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from atlas_jax.model.vlm import VLM
 
+BASE_DTYPES = ("param_dtype", "bfloat16")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """The config section `model.lora`. rank: r (0 = no adapters); alpha: the update's scale is
     alpha / r; module_regex: fully matches the module paths that get adapters (default: every
     projection of the decoder layers, so not the vision tower, the output head or the
-    visual-operation module)."""
+    visual-operation module); base_dtype: how the frozen base weights (every parameter that is not
+    an adapter) are stored: 'param_dtype' (as `model.param_dtype`) or 'bfloat16'."""
 
     rank: int = 0
     alpha: float = 16.0
     module_regex: str = r"layers/\d+/(attn|mlp)/\w+_proj"
+    base_dtype: str = "param_dtype"
 
     def __post_init__(self):
         if not (isinstance(self.rank, int) and self.rank >= 0):
             raise ValueError(f"rank={self.rank!r}: expected an integer >= 0 (0 = no adapters)")
         if not self.alpha > 0:
             raise ValueError(f"alpha={self.alpha!r}: expected > 0")
+        if self.base_dtype not in BASE_DTYPES:
+            raise ValueError(f"base_dtype={self.base_dtype!r}: expected one of {BASE_DTYPES}")
         try:
             pattern = re.compile(self.module_regex)
         except re.error as e:
@@ -63,10 +71,17 @@ def apply(model: VLM, cfg: LoraConfig, *, seed: int = 0) -> VLM:
     forward over a single text token). Adapters are replicated: r * (K + N) values per weight
     are negligible next to it, and need no sharding rule."""
     ids = jnp.zeros((1, 1), jnp.int32)
-    adapted = qwix.apply_lora_to_model(
-        model, qwix.LoraProvider(module_path=cfg.module_regex, rank=cfg.rank, alpha=cfg.alpha),
-        ids, jnp.zeros((1, 3, 1), jnp.int32), jnp.ones((1, 1), bool), rngs=nnx.Rngs(seed),
-    )
+    # qwix creates each adapter inside the module that runs: the creating forward runs the layers
+    # themselves, unrolled (a scan runs copies of them).
+    scan_layers, model.cfg = model.cfg.scan_layers, model.cfg.replace(scan_layers=False)
+    try:
+        adapted = qwix.apply_lora_to_model(
+            model, qwix.LoraProvider(module_path=cfg.module_regex, rank=cfg.rank, alpha=cfg.alpha),
+            ids, jnp.zeros((1, 3, 1), jnp.int32), jnp.ones((1, 1), bool), rngs=nnx.Rngs(seed),
+        )
+    finally:
+        model.cfg = model.cfg.replace(scan_layers=scan_layers)
+    adapted.cfg = model.cfg
     adapters = nnx.state(adapted, nnx.LoRAParam)
     if not jax.tree.leaves(adapters):
         raise ValueError(f"model.lora.module_regex={cfg.module_regex!r} matches no decoder projection")
@@ -76,6 +91,10 @@ def apply(model: VLM, cfg: LoraConfig, *, seed: int = 0) -> VLM:
         var.set_metadata("axes", (None, None))
         var.set_value(jax.device_put(var.get_value(), NamedSharding(mesh, P())))
     nnx.update(adapted, adapters)
+    if cfg.base_dtype != "param_dtype":
+        # After the adapters exist: qwix gives them the kernel's dtype, and they train in float32.
+        base = nnx.state(adapted, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+        nnx.update(adapted, jax.tree.map(lambda x: x.astype(cfg.base_dtype), base))
     return adapted
 
 

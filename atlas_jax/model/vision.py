@@ -4,7 +4,7 @@ Numerically the `transformers` `Qwen2_5_VisionTransformerPretrainedModel`, rearr
 shapes: every sample holds a row of P patches (its images' patches in processor order, then
 zero padding) and the data-dependent structure (window permutation, rotary positions, frame and
 window boundaries) arrives as the integer tables of `vision_layout.py`. HF's variable-length
-`cu_seqlens` attention becomes dense attention with a block-diagonal mask from segment ids.
+`cu_seqlens` attention becomes attention within segment ids (`attention.SEGMENT`).
 
 Einsum letters: B batch, P patches per sample, U merged units (P // M), M patches per unit
 (spatial_merge_size**2), C flattened patch (patch_dim), D width, H heads, E head dim,
@@ -13,50 +13,25 @@ F rotary frequencies per axis (E // 4), O output width (the LLM width).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from atlas_jax.model import attention
 from atlas_jax.model.config import VisionConfig
-from atlas_jax.model.layers import Dense, RMSNorm, SwiGLU, apply_rotary, masked_softmax_attention
+from atlas_jax.model.layer_stack import run_layers
+from atlas_jax.model.layers import Dense, RMSNorm, SwiGLU, apply_rotary
 from atlas_jax.model.vision_layout import LAYOUT_KEYS
-
-
-def segment_attention(q_bphe, k_bphe, v_bphe, seg_bp, scale: float, band: int | None = None) -> jax.Array:
-    """Attention where query i sees key j iff seg[i] == seg[j] > 0 (one frame or window).
-
-    q, k, v: [B, P, H, E]; seg: int[B, P] (0 = padding, which sees nothing). With `band`, every
-    segment must be a contiguous run of at most `band` positions (the windows of a window-order
-    row, see `vision_layout`): then query block [lo, hi) can only see keys in
-    [lo - band + 1, hi + band - 1), and blocks of 4 * band queries attend to those alone instead
-    of the whole row. The result is the same; the work falls from P^2 to about 1.5 * band * P.
-    Returns [B, P, H, E].
-    """
-
-    def attend(lo, hi, k_lo, k_hi):
-        seg_q, seg_k = seg_bp[:, lo:hi, None], seg_bp[:, None, k_lo:k_hi]
-        mask_bqk = (seg_q == seg_k) & (seg_q > 0)
-        out = masked_softmax_attention(
-            q_bphe[:, lo:hi, :, None], k_bphe[:, k_lo:k_hi], v_bphe[:, k_lo:k_hi], mask_bqk[:, None, None], scale
-        )
-        return out[:, :, :, 0]
-
-    P = q_bphe.shape[1]
-    n = P // (4 * band) if band else 1
-    if n <= 1:
-        return attend(0, P, 0, P)
-    bounds = [P * i // n for i in range(n + 1)]
-    blocks = [attend(lo, hi, max(0, lo - band + 1), min(P, hi + band - 1)) for lo, hi in zip(bounds[:-1], bounds[1:])]
-    return jnp.concatenate(blocks, axis=1)
 
 
 class VisionAttention(nnx.Module):
     """Fused-qkv multi-head self-attention restricted to equal, positive segment ids.
 
     window_band: None in full-attention blocks; in window blocks the most patches one window
-    holds, so attention runs over bands of the row (`segment_attention`)."""
+    holds, so attention runs over bands of the row (`attention.segment_xla`)."""
 
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype, window_band: int | None = None):
         D, H, E = cfg.hidden_size, cfg.num_heads, cfg.head_dim
@@ -65,13 +40,15 @@ class VisionAttention(nnx.Module):
         self.proj = Dense((H, E), (D,), ("heads", "head_dim", "embed"), **kw)
         self.scale = E**-0.5
         self.window_band = window_band
+        self.implementation = cfg.attention
 
     def __call__(self, x_bpd, cos_bpe, sin_bpe, seg_bp):
         qkv_bp3he = self.qkv(x_bpd)
         q_bphe = apply_rotary(qkv_bp3he[:, :, 0], cos_bpe, sin_bpe)
         k_bphe = apply_rotary(qkv_bp3he[:, :, 1], cos_bpe, sin_bpe)
         v_bphe = qkv_bp3he[:, :, 2]
-        return self.proj(segment_attention(q_bphe, k_bphe, v_bphe, seg_bp, self.scale, self.window_band))
+        segment = attention.SEGMENT[self.implementation]
+        return self.proj(segment(q_bphe, k_bphe, v_bphe, seg_bp, self.scale, self.window_band))
 
 
 class VisionBlock(nnx.Module):
@@ -130,11 +107,13 @@ class VisionTower(nnx.Module):
         rngs: nnx.Rngs,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
-        remat: bool = False,
+        remat: str = "none",
+        scan_layers: bool = False,
     ):
         self.cfg = cfg
         self.dtype = dtype
-        self.remat = remat
+        self.remat = remat  # a layer_stack.REMAT_POLICIES key
+        self.scan_layers = scan_layers
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.patch_embed = Dense((cfg.patch_dim,), (cfg.hidden_size,), ("patch", "embed"), use_bias=False, **kw)
         # The most patches one attention window holds (fewer at image edges), as in vision_layout.
@@ -173,14 +152,15 @@ class VisionTower(nnx.Module):
         cos_bpe, sin_bpe = _unit_gather(cos_bpe, window_index_bu), _unit_gather(sin_bpe, window_index_bu)
         full_bp, window_bp = layout["full_segments"], layout["window_segments"]
 
-        def run_block(block, x_bpd, seg_bp):
-            return block(x_bpd, cos_bpe, sin_bpe, seg_bp)
-
-        if self.remat:
-            run_block = nnx.remat(run_block)
-        for i, block in enumerate(self.blocks):
-            seg_bp = full_bp if i in cfg.fullatt_block_indexes else window_bp
-            x_bpd = run_block(block, x_bpd, seg_bp)
+        # Consecutive blocks of one kind (window or full attention) run as one stack.
+        runs = itertools.groupby(range(cfg.depth), key=lambda i: i in cfg.fullatt_block_indexes)
+        for full, indexes in runs:
+            seg_bp = full_bp if full else window_bp
+            blocks = [self.blocks[i] for i in indexes]
+            x_bpd = run_layers(
+                blocks, lambda block, x, _: block(x, cos_bpe, sin_bpe, seg_bp), x_bpd,
+                scan=self.scan_layers, remat=self.remat,
+            )
 
         y_buo = self.merger(x_bpd)
         # Back to HF (input) order: row u of the output is window-order row inverse[u].

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from atlas_jax.model.config import DTYPES, ModelConfig
-from atlas_jax.model.decoder import AttentionMask, DecoderLayer, LayerCache
+from atlas_jax.model.decoder import AttentionMask, DecoderLayer, KVCache
+from atlas_jax.model.layer_stack import run_layers
 from atlas_jax.model.layers import Dense, RMSNorm, param, tensordot_rows
 from atlas_jax.model.rope import mrope_cos_sin
 from atlas_jax.model.vision import VisionTower
@@ -25,12 +26,12 @@ from atlas_jax.model.visual_ops import ImageMemory, VisualOps
 
 
 class Cache(NamedTuple):
-    """layers: per decoder layer k, v [B, S, K, E]; key_mask: bool[B, S] slots holding real
+    """kv: every decoder layer's keys and values [B, L, K, S, E]; key_mask: bool[B, S] slots holding real
     tokens; index: int32 next slot to write; memory: the visual-operation image memory
     (None in 'vocab' mode); functional_seen: int32[B] functional tokens written so far (the
     visual operations act on each sample's first `max_positions` only)."""
 
-    layers: tuple[LayerCache, ...]
+    kv: KVCache
     key_mask: jax.Array
     index: jax.Array
     memory: ImageMemory | None
@@ -50,10 +51,6 @@ class Embed(nnx.Module):
         return tensordot_rows(x_btd, self.embedding[...].astype(self.dtype).T, 1)
 
 
-def _run_layer(layer, x, cos, sin, mask, cache):
-    return layer(x, cos, sin, mask, cache)
-
-
 class VLM(nnx.Module):
     """Qwen2.5-VL with functional-token visual operations.
 
@@ -65,7 +62,9 @@ class VLM(nnx.Module):
         self.cfg = cfg
         t = cfg.text
         dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
-        self.vision = VisionTower(cfg.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=cfg.remat)
+        self.vision = VisionTower(
+            cfg.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=cfg.remat, scan_layers=cfg.scan_layers
+        )
         self.embed = Embed(t.vocab_size, t.hidden_size, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.layers = nnx.List(
             [DecoderLayer(t, rngs=rngs, dtype=dtype, param_dtype=param_dtype) for _ in range(t.num_layers)]
@@ -87,9 +86,9 @@ class VLM(nnx.Module):
         """An empty cache of `length` slots (prompt + generated tokens)."""
         t = self.cfg.text
         dtype = dtype or DTYPES[self.cfg.dtype]
-        shape = (batch, t.num_kv_heads, length, t.head_dim)
-        layers = tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(t.num_layers))
-        return Cache(layers, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32), None, jnp.zeros((batch,), jnp.int32))
+        shape = (batch, t.num_layers, t.num_kv_heads, length, t.head_dim)
+        kv = KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        return Cache(kv, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32), None, jnp.zeros((batch,), jnp.int32))
 
     def _image_memory(self, img_bpd, ids_bt, vision, index) -> ImageMemory:
         B, P = img_bpd.shape[:2]
@@ -163,17 +162,23 @@ class VLM(nnx.Module):
 
         t = cfg.text
         cos, sin = mrope_cos_sin(positions_b3t, t.head_dim, t.rope_theta, t.mrope_section)
-        # Remat serves a backward pass; with a cache (sampling) there is none, and nnx.remat cannot
-        # run inside the decode loop's trace (its parameters come from the enclosing one).
-        layer_fn = nnx.remat(_run_layer) if cfg.remat and cache is None else _run_layer
+
+        def decoder_layer(layer, carry, index):
+            x_btd, kv = carry
+            return layer(x_btd, cos, sin, mask, kv, index)
+
+        # The visual operations write into the residual stream after layer `visual_ops.layer`:
+        # the layers run as two stacks around them. Remat serves a backward pass; with a cache
+        # (sampling) there is none.
+        split = cfg.visual_ops.layer + 1 if self.visual_ops is not None else len(self.layers)
+        run = dict(scan=cfg.scan_layers, remat=cfg.remat if cache is None else "none")
+        carry = (x_btd, cache.kv if cache is not None else None)
+        carry = run_layers(self.layers[:split], decoder_layer, carry, **run)
         aux = {}
-        new_layers = []
-        for i, layer in enumerate(self.layers):
-            layer_cache = cache.layers[i] if cache is not None else None
-            x_btd, layer_cache = layer_fn(layer, x_btd, cos, sin, mask, layer_cache)
-            new_layers.append(layer_cache)
-            if self.visual_ops is not None and i == cfg.visual_ops.layer:
-                x_btd, aux["ops"] = self.visual_ops(x_btd, op_tokens_bt, mask.query_slot, memory, seen)
+        if self.visual_ops is not None:
+            x_btd, aux["ops"] = self.visual_ops(carry[0], op_tokens_bt, mask.query_slot, memory, seen)
+            carry = (x_btd, carry[1])
+        x_btd, kv = run_layers(self.layers[split:], decoder_layer, carry, first_index=split, **run)
 
         out = self.final_norm(x_btd)
         if head:
@@ -183,7 +188,7 @@ class VLM(nnx.Module):
             seen = cache.functional_seen
             if self.visual_ops is not None:
                 seen = seen + self.visual_ops.count(op_tokens_bt)
-            new_cache = Cache(tuple(new_layers), key_mask, index + T, memory, seen)
+            new_cache = Cache(kv, key_mask, index + T, memory, seen)
         return out, new_cache, aux
 
 

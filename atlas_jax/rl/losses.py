@@ -12,6 +12,10 @@ The definitions follow TRL's `GRPOTrainer` (token-level importance ratio):
 
 aggregated by `loss_type` over the completion mask, plus the LA-GRPO anchor: the same s_t
 averaged over the batch's sampled functional-token positions only, weighted by a static alpha.
+
+Every normaliser is the whole batch's: a micro-batch of rows passes the batch's `BatchTotals`, so
+the micro-batches' losses, gradients and metric shares (`grpo_loss_part`) add up to the whole
+batch's exactly.
 """
 
 from __future__ import annotations
@@ -129,6 +133,27 @@ class GRPOLossConfig:
             raise ValueError(f"max_completion_length={mcl!r}: expected a positive int or None")
 
 
+class BatchTotals(NamedTuple):
+    """The whole batch's normalisers, for a loss that sees a part of it (a micro-batch of rows).
+
+    Given them, `grpo_loss_part` returns that part's share of the loss and of each additive metric,
+    and the parts' shares add up to the whole batch's values (every normaliser is global).
+    completions: float32[] completions (rows); tokens: float32[] completion tokens;
+    functional: float32[] completion positions holding a functional token.
+    """
+
+    completions: jax.Array | float
+    tokens: jax.Array | float
+    functional: jax.Array | float
+
+    @classmethod
+    def of(cls, mask_bt, functional_bt=None) -> BatchTotals:
+        """The totals of a whole batch: mask_bt, functional_bt bool[B, T]."""
+        m_bt = jnp.asarray(mask_bt).astype(bool)
+        f_bt = jnp.zeros_like(m_bt) if functional_bt is None else jnp.asarray(functional_bt).astype(bool) & m_bt
+        return cls(jnp.float32(m_bt.shape[0]), jnp.sum(m_bt, dtype=jnp.float32), jnp.sum(f_bt, dtype=jnp.float32))
+
+
 class Rollouts(NamedTuple):
     """What the loss treats as data about a batch of B completions of T padded tokens.
 
@@ -136,8 +161,8 @@ class Rollouts(NamedTuple):
     advantages_b: float[B]. mask_bt: bool[B, T] completion tokens (no prompt, no padding).
     functional_bt: bool[B, T] the sampled token is a functional token.
     ref_logp_bt: float[B, T] reference-policy log-probs; required when beta > 0.
-    num_tokens: 'dapo' only: completion tokens in the global batch when the loss sees part of it
-      (gradient accumulation); None = this batch's mask sum.
+    totals: the whole batch's normalisers when these B rows are a part of it (a micro-batch);
+      None = these rows are the whole batch.
     """
 
     old_logp_bt: jax.Array
@@ -145,7 +170,7 @@ class Rollouts(NamedTuple):
     mask_bt: jax.Array
     functional_bt: jax.Array
     ref_logp_bt: jax.Array | None = None
-    num_tokens: jax.Array | float | None = None
+    totals: BatchTotals | None = None
 
 
 # ---------------------------------------------------------------------------- per-token parts
@@ -196,35 +221,37 @@ def per_token_kl(logp_bt, ref_logp_bt, mask_bt, estimator: str = "k3", clamp: fl
     return kl_bt if clamp is None else jnp.clip(kl_bt, -clamp, clamp)
 
 
-def aggregate(per_token_bt, mask_bt, loss_type: str, max_completion_length: int | None = None, num_tokens=None):
-    """Reduce float[B, T] per-token losses to a scalar exactly as TRL's loss types do.
+def aggregate(per_token_bt, mask_bt, loss_type: str, max_completion_length: int | None = None,
+              totals: BatchTotals | None = None):
+    """Reduce float[B, T] per-token losses to a scalar exactly as TRL's loss types do over one batch.
 
-    num_tokens (dapo only): completion tokens in the global batch across gradient-accumulation
-    micro-batches; default: this batch's mask sum (inside one jit over the global batch that is
-    already the global count).
+    totals: the whole batch's (`BatchTotals`) when these rows are a part of it: every normaliser
+    (completions for grpo / dr_grpo, completion tokens for bnpo / dapo) is then the whole batch's,
+    so the parts' values add up to the whole batch's. Over one batch bnpo and dapo agree; they
+    differ in TRL only under gradient accumulation, where this step's one is exact.
     """
     m_bt = jnp.asarray(mask_bt).astype(jnp.float32)
+    t = BatchTotals.of(mask_bt) if totals is None else totals
     total_bt = per_token_bt * m_bt
     if loss_type == "grpo":
-        return jnp.mean(jnp.sum(total_bt, axis=-1) / jnp.maximum(jnp.sum(m_bt, axis=-1), 1.0))
-    if loss_type == "bnpo":
-        return jnp.sum(total_bt) / jnp.maximum(jnp.sum(m_bt), 1.0)
-    if loss_type == "dapo":
-        n = jnp.sum(m_bt) if num_tokens is None else jnp.asarray(num_tokens, jnp.float32)
-        return jnp.sum(total_bt) / jnp.maximum(n, 1.0)
+        return jnp.sum(jnp.sum(total_bt, axis=-1) / jnp.maximum(jnp.sum(m_bt, axis=-1), 1.0)) / t.completions
+    if loss_type in ("bnpo", "dapo"):
+        return jnp.sum(total_bt) / jnp.maximum(t.tokens, 1.0)
     if loss_type == "dr_grpo":
         length = per_token_bt.shape[1] if max_completion_length is None else max_completion_length
-        return jnp.sum(total_bt) / (per_token_bt.shape[0] * length)
+        return jnp.sum(total_bt) / (t.completions * length)
     raise ValueError(f"loss_type={loss_type!r}; expected one of {LOSS_TYPES}")
 
 
-def anchor_term(s_bt, mask_bt, functional_bt):
+def anchor_term(s_bt, mask_bt, functional_bt, num_functional=None):
     """LA-GRPO anchor: mean of s_bt over positions that are completion tokens AND functional,
-    counted over the whole batch; exactly 0 (finite gradient) when there are none. Returns
-    (anchor scalar, number of functional positions float32 scalar)."""
+    counted over the whole batch (num_functional: the whole batch's count when these rows are a
+    part of it); exactly 0 (finite gradient) when there are none. Returns (anchor scalar, number
+    of functional positions in these rows, float32 scalar)."""
     f_bt = jnp.asarray(functional_bt).astype(bool) & jnp.asarray(mask_bt).astype(bool)
     count = jnp.sum(f_bt.astype(jnp.float32))
-    return jnp.sum(jnp.where(f_bt, s_bt, 0.0)) / jnp.maximum(count, 1.0), count
+    total = count if num_functional is None else num_functional
+    return jnp.sum(jnp.where(f_bt, s_bt, 0.0)) / jnp.maximum(total, 1.0), count
 
 
 # ---------------------------------------------------------------------------- the two parts of the loss
@@ -248,13 +275,14 @@ def pg_part(logp_bt, r: Rollouts, cfg: GRPOLossConfig, entropy_bt=None) -> jax.A
         s_bt = s_bt + cfg.beta * _kl(logp_bt, r, cfg)
     if cfg.entropy_coef > 0 and entropy_bt is not None:  # None: the term's d/dlogp alone (it does not depend on logp)
         s_bt = s_bt - cfg.entropy_coef * jnp.asarray(entropy_bt, jnp.float32)
-    return aggregate(s_bt, r.mask_bt, cfg.loss_type, cfg.max_completion_length, r.num_tokens)
+    return aggregate(s_bt, r.mask_bt, cfg.loss_type, cfg.max_completion_length, r.totals)
 
 
 def anchor_part(logp_bt, r: Rollouts, cfg: GRPOLossConfig) -> jax.Array:
     """alpha * the LA-GRPO anchor (the per-token surrogate averaged over functional positions)."""
     s_bt, _ = _surrogate(logp_bt, r, cfg, level="token")
-    return cfg.alpha * anchor_term(s_bt, r.mask_bt, r.functional_bt)[0]
+    return cfg.alpha * anchor_term(s_bt, r.mask_bt, r.functional_bt,
+                                   None if r.totals is None else r.totals.functional)[0]
 
 
 def _check(logp_bt, r: Rollouts, cfg: GRPOLossConfig, entropy_bt) -> None:
@@ -273,20 +301,18 @@ def _check(logp_bt, r: Rollouts, cfg: GRPOLossConfig, entropy_bt) -> None:
         raise ValueError(f"GRPOLossConfig.beta={cfg.beta} > 0 needs ref_logp_bt (reference-policy log-probs); got None")
 
 
-def _logp_grad_norms(logp_bt, r: Rollouts, cfg: GRPOLossConfig) -> dict[str, jax.Array]:
-    """How much of the gradient w.r.t. the token log-probs the anchor term contributes: norms of
-    d pg_part / dlogp and d anchor_part / dlogp, and share = anchor / (grpo + anchor).
-    A cheap [B, T] elementwise diagnostic of dilution (the parameter-space share needs two backward
-    passes through the model); zeros when alpha == 0."""
+def _logp_grad_sq_norms(logp_bt, r: Rollouts, cfg: GRPOLossConfig) -> dict[str, jax.Array]:
+    """Squared norms of d pg_part / dlogp and d anchor_part / dlogp (they add over parts of the
+    batch; `finish_metrics` takes the roots): how much of the gradient w.r.t. the token log-probs
+    the anchor term contributes, a cheap [B, T] elementwise diagnostic of dilution (the
+    parameter-space share needs two backward passes through the model); zeros when alpha == 0."""
     zero = jnp.zeros((), jnp.float32)
     if cfg.alpha == 0:
-        return {"grad_logp/grpo_norm": zero, "grad_logp/anchor_norm": zero, "anchor/grad_share_logp": zero}
+        return {"grad_logp/grpo_sq": zero, "grad_logp/anchor_sq": zero}
     # stop_gradient: a diagnostic, so the outer differentiation never goes second order through it.
     lp_bt = jax.lax.stop_gradient(jnp.asarray(logp_bt, jnp.float32))
-    grpo_norm = jnp.linalg.norm(jax.grad(pg_part)(lp_bt, r, cfg))
-    anchor_norm = jnp.linalg.norm(jax.grad(anchor_part)(lp_bt, r, cfg))
-    share = jnp.where(grpo_norm + anchor_norm > 0, anchor_norm / jnp.maximum(grpo_norm + anchor_norm, 1e-30), 0.0)
-    return {"grad_logp/grpo_norm": grpo_norm, "grad_logp/anchor_norm": anchor_norm, "anchor/grad_share_logp": share}
+    sq = lambda g: jnp.sum(g * g)  # noqa: E731
+    return {"grad_logp/grpo_sq": sq(jax.grad(pg_part)(lp_bt, r, cfg)), "grad_logp/anchor_sq": sq(jax.grad(anchor_part)(lp_bt, r, cfg))}
 
 
 # ---------------------------------------------------------------------------- the loss
@@ -306,13 +332,23 @@ def grpo_loss(logp_bt, rollouts: Rollouts, cfg: GRPOLossConfig, entropy_bt=None)
       functional_per_completion, clip_ratio/{low,high,region}_mean (TRL: masked fraction of tokens
       whose low / high clip is active given the sign of A), advantage/{mean,std,absmax} (std with
       ddof=0), ratio/mean, logp_gap/mean_abs, completion_tokens, grad_logp/{grpo,anchor}_norm and
-      anchor/grad_share_logp (see `_logp_grad_norms`).
+      anchor/grad_share_logp (the anchor's share of the gradient w.r.t. the token log-probs).
     """
+    loss, shares = grpo_loss_part(logp_bt, rollouts, cfg, entropy_bt)
+    return loss, finish_metrics(shares, rollouts.advantages_b)
+
+
+def grpo_loss_part(logp_bt, rollouts: Rollouts, cfg: GRPOLossConfig, entropy_bt=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`grpo_loss` of a part of the batch (a micro-batch of rows; `rollouts.totals` holds the whole
+    batch's normalisers, None = these rows are the whole batch): (this part's share of the loss,
+    its share of each additive metric). Summed over the parts, both are the whole batch's;
+    `finish_metrics` turns the summed shares into `grpo_loss`' metrics."""
     r = rollouts
     _check(logp_bt, r, cfg, entropy_bt)
+    if r.totals is None:
+        r = r._replace(totals=BatchTotals.of(r.mask_bt, r.functional_bt))
     mask_bt = jnp.asarray(r.mask_bt).astype(bool)
-    m_bt = mask_bt.astype(jnp.float32)
-    agg = lambda x_bt: aggregate(x_bt, mask_bt, cfg.loss_type, cfg.max_completion_length, r.num_tokens)  # noqa: E731
+    agg = lambda x_bt: aggregate(x_bt, mask_bt, cfg.loss_type, cfg.max_completion_length, r.totals)  # noqa: E731
 
     # alpha is a static python float: alpha == 0 leaves the graph of plain GRPO untouched.
     loss = pg_part(logp_bt, r, cfg, entropy_bt)
@@ -320,15 +356,16 @@ def grpo_loss(logp_bt, rollouts: Rollouts, cfg: GRPOLossConfig, entropy_bt=None)
         loss = loss + anchor_part(logp_bt, r, cfg)
     s_bt, rho_bt = _surrogate(logp_bt, r, cfg)
     kl_bt = _kl(logp_bt, r, cfg) if r.ref_logp_bt is not None else None
-    anchor, num_functional = anchor_term(_surrogate(logp_bt, r, cfg, level="token")[0], mask_bt, r.functional_bt)
+    anchor, num_functional = anchor_term(_surrogate(logp_bt, r, cfg, level="token")[0], mask_bt, r.functional_bt,
+                                         r.totals.functional)
 
-    tokens = jnp.maximum(jnp.sum(m_bt), 1.0)
+    tokens = jnp.maximum(r.totals.tokens, 1.0)
     masked_mean = lambda x_bt: jnp.sum(jnp.where(mask_bt, x_bt, 0.0)) / tokens  # noqa: E731
     adv_b = jnp.asarray(r.advantages_b, jnp.float32)
     is_low_bt = (rho_bt < 1.0 - cfg.epsilon_low) & (adv_b[:, None] < 0)
     is_high_bt = (rho_bt > 1.0 + cfg.epsilon_high) & (adv_b[:, None] > 0)
     zero = jnp.zeros((), jnp.float32)
-    metrics = {
+    shares = {
         "loss": loss,
         "pg_loss": agg(s_bt),
         "kl_loss": cfg.beta * agg(kl_bt) if cfg.beta > 0 else zero,
@@ -337,17 +374,33 @@ def grpo_loss(logp_bt, rollouts: Rollouts, cfg: GRPOLossConfig, entropy_bt=None)
         "entropy_loss": -cfg.entropy_coef * agg(jnp.asarray(entropy_bt, jnp.float32)) if cfg.entropy_coef > 0 else zero,
         "anchor_loss": anchor,
         "num_functional": num_functional,
-        "functional_per_completion": num_functional / logp_bt.shape[0],
+        "functional_per_completion": num_functional / r.totals.completions,
         "clip_ratio/low_mean": masked_mean(is_low_bt.astype(jnp.float32)),
         "clip_ratio/high_mean": masked_mean(is_high_bt.astype(jnp.float32)),
         "clip_ratio/region_mean": masked_mean((is_low_bt | is_high_bt).astype(jnp.float32)),
-        "advantage/mean": jnp.mean(adv_b),
-        "advantage/std": jnp.std(adv_b),
-        "advantage/absmax": jnp.max(jnp.abs(adv_b)),
         "ratio/mean": masked_mean(rho_bt),
         # Sampler-vs-trainer mismatch on the first inner iteration (afterwards it also holds the updates).
         "logp_gap/mean_abs": masked_mean(jnp.abs(jnp.asarray(logp_bt, jnp.float32) - jnp.asarray(r.old_logp_bt, jnp.float32))),
-        "completion_tokens": jnp.sum(m_bt),
-        **_logp_grad_norms(logp_bt, r, cfg),
+        "completion_tokens": jnp.sum(mask_bt, dtype=jnp.float32),
+        **_logp_grad_sq_norms(logp_bt, r, cfg),
     }
-    return loss, {k: jax.lax.stop_gradient(v) for k, v in metrics.items()}
+    return loss, {k: jax.lax.stop_gradient(v) for k, v in shares.items()}
+
+
+def finish_metrics(shares: dict[str, jax.Array], advantages_b) -> dict[str, jax.Array]:
+    """`grpo_loss`' metrics from the parts' summed shares (`grpo_loss_part`) and the whole batch's
+    advantages float[B]: the norms and the anchor's share from the squared norms, and the
+    advantages' mean, std (ddof=0) and absmax."""
+    metrics = {k: v for k, v in shares.items() if not k.startswith("grad_logp/")}
+    grpo_norm, anchor_norm = jnp.sqrt(shares["grad_logp/grpo_sq"]), jnp.sqrt(shares["grad_logp/anchor_sq"])
+    both = grpo_norm + anchor_norm
+    adv_b = jnp.asarray(advantages_b, jnp.float32)
+    metrics.update({
+        "grad_logp/grpo_norm": grpo_norm,
+        "grad_logp/anchor_norm": anchor_norm,
+        "anchor/grad_share_logp": jnp.where(both > 0, anchor_norm / jnp.maximum(both, 1e-30), 0.0),
+        "advantage/mean": jnp.mean(adv_b),
+        "advantage/std": jnp.std(adv_b),
+        "advantage/absmax": jnp.max(jnp.abs(adv_b)),
+    })
+    return metrics
