@@ -8,6 +8,7 @@ data from the same config.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -125,6 +126,14 @@ def make_tokenizer(c: mlc.ConfigDict, workdir: str):
         os.replace(saved + ".tmp", saved)
     multihost.barrier("atlas_jax_tokenizer")
     return tokenizer_lib.load_tokenizer(saved)
+
+
+def save_run_config(c: mlc.ConfigDict, workdir: str) -> None:
+    """WORKDIR/config.json: the run's config, from which `atlas_jax.generate` (and a person)
+    rebuilds its model and tokenizer."""
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(c.to_dict(), f, indent=2, default=str)
 
 
 def _load_run_tokenizer(saved: str):

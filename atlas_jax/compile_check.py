@@ -46,7 +46,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from atlas_jax import builders, metrics, run_config, sampling, sharding as shd
 from atlas_jax import tokenizer as tokenizer_lib
 from atlas_jax.data import batching
-from atlas_jax.model import presets, rope, vision_layout
+from atlas_jax.model import lora, presets, rope, vision_layout
 from atlas_jax.model.config import ConfigError, ModelConfig
 from atlas_jax.train import la_grpo, optimizer, sft, train_state
 
@@ -172,9 +172,12 @@ def _replicated(x, mesh) -> jax.ShapeDtypeStruct:
 
 def abstract_state(c: mlc.ConfigDict, model_cfg: ModelConfig, mesh, *, total_steps: int):
     """(graphdef, tx, lr schedule, sharded abstract TrainState, its shardings): the job's
-    optimizer over the model's abstract parameters, and `train_state.create`'s state for them."""
-    graphdef, params = nnx.split(builders.make_abstract_model(model_cfg))
-    tx, schedule = optimizer.from_config(params, c.optim, total_steps=total_steps)
+    optimizer over the model's abstract parameters (with `model.lora`'s adapters), and
+    `train_state.create`'s state for them."""
+    lora_cfg = run_config.lora_config(c)
+    model = lora.abstract(model_cfg, lora_cfg) if lora_cfg.enabled else builders.make_abstract_model(model_cfg)
+    graphdef, params = nnx.split(model)
+    tx, schedule = optimizer.from_config(params, c.optim, total_steps=total_steps, train=builders.trainable(c))
     return (graphdef, tx, schedule, *train_state.abstract_create(params, tx, mesh))
 
 
@@ -212,7 +215,7 @@ def sft_programs(c: mlc.ConfigDict, model_cfg: ModelConfig, mesh) -> list[Progra
     batch = abstract_batch(c, model_cfg, mesh, fmt="sft", batch_size=c.data.batch_size)
     step = sft.make_train_step(
         graphdef, tx, state_sharding=state_sh, batch_sharding={k: v.sharding for k, v in batch.items()},
-        grad_accum=c.optim.grad_accum, lr_schedule=schedule,
+        grad_accum=c.optim.grad_accum, lr_schedule=schedule, train=builders.trainable(c),
     )
     B, T = batch["input_ids"].shape
     f = metrics.model_flops(model_cfg, B, T, batch["pixel_values"].shape[1])
@@ -242,11 +245,13 @@ def la_grpo_programs(c: mlc.ConfigDict, model_cfg: ModelConfig, mesh) -> list[Pr
     rollouts = {k: _sharded(v.shape, v.dtype, mesh) for k, v in rollouts.items()}
 
     loss_cfg = run_config.loss_config(c)
-    ref_params, ref_sh = (state.params, state_sh.params) if loss_cfg.beta > 0 else (None, None)
+    adapters_off = run_config.lora_config(c).enabled  # the reference is the policy with its adapters off
+    ref_params, ref_sh = (state.params, state_sh.params) if loss_cfg.beta > 0 and not adapters_off else (None, None)
     step = la_grpo.make_rl_step(
         graphdef, tx, loss_cfg, group_size=r.group_size, temperature=scfg.temperature, scale_rewards=r.scale_rewards,
         functional_ids=tokens.functional_ids, anchor_share=r.anchor_share, micro_batch=r.micro_batch,
         state_sharding=state_sh, ref_sharding=ref_sh, batch_sharding={k: v.sharding for k, v in rollouts.items()},
+        train=builders.trainable(c), reference_adapters_off=adapters_off,
     )
     R, L = rollouts["input_ids"].shape
     f = metrics.model_flops(model_cfg, R, L, prompts["pixel_values"].shape[1])
@@ -289,6 +294,15 @@ def collectives(hlo: str, param_shapes: set[tuple[int, ...]], logits_dims: tuple
     return summary
 
 
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+
+
+def repeated_loops(hlo: str) -> int:
+    """While loops that run more than once (or an unknown number of times). XLA's cost analysis
+    counts a loop body once, so with any of them its FLOPs and step time cover part of the step."""
+    return hlo.count(" while(") - sum(1 for n in _TRIP_COUNT.findall(hlo) if int(n) <= 1)
+
+
 def analyse(program: Program, chip: Chip, chips: int, param_shapes, logits_dims) -> dict:
     t0 = time.perf_counter()
     compiled = program.lower().compile()
@@ -302,7 +316,9 @@ def analyse(program: Program, chip: Chip, chips: int, param_shapes, logits_dims)
     est_s = float(cost.get("optimal_seconds", -1.0))
     if est_s <= 0:  # the cost model gave up on some op: the roofline of XLA's counts instead
         est_s = max(flops / chip.peak, float(cost.get("bytes accessed", 0.0)) / chip.bandwidth)
-    est_s = est_s if program.model_flops else 0.0
+    hlo = compiled.as_text()
+    loops = repeated_loops(hlo)
+    est_s = est_s if program.model_flops and not loops else 0.0
     return {
         "name": program.name,
         "fits": total <= chip.hbm,
@@ -315,7 +331,8 @@ def analyse(program: Program, chip: Chip, chips: int, param_shapes, logits_dims)
         "model_flops": program.model_flops,
         "est_step_s": est_s or None,
         "est_mfu": program.model_flops / (est_s * chip.peak * chips) if est_s > 0 else None,
-        "collectives": collectives(compiled.as_text(), param_shapes, logits_dims),
+        "repeated_loops": loops,
+        "collectives": collectives(hlo, param_shapes, logits_dims),
     }
 
 
@@ -370,7 +387,9 @@ def table(rows: list[dict]) -> str:
             f"{r['name']:14s} {r['compile_s']:7.1f}s {g(m['argument'])} {g(m['output'])} {g(m['temp'])} {g(m['alias'])} "
             f"{g(r['total_bytes']):>9s} {r['hbm_bytes'] / GiB:6.1f}G {100 * r['headroom']:7.1f}% {r['flops'] / 1e12:10.3f} {est} {mfu}"
         )
-    lines.append("(per chip; est s / est MFU: XLA's cost-model estimate, not a measurement)")
+    lines.append("(per chip; est s / est MFU: XLA's cost-model estimate, not a measurement; '-' for a program "
+                 "with repeated loops (scanned layers, micro-batches, output-head chunks), whose bodies XLA "
+                 "counts once)")
     for r in rows:
         col = r["collectives"]
         parts = [f"{op} {v['count']} ({v['bytes'] / GiB:.2f} GiB)" for op, v in col.items() if op != "flagged_all_gathers"]

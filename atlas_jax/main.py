@@ -28,7 +28,7 @@ USAGE_ERROR = 2  # exit status of a run stopped by bad input (a config field, a 
 PREEMPTED = 143
 
 JOB_MODULES = {"sft": "atlas_jax.jobs.sft", "la_grpo": "atlas_jax.jobs.la_grpo", "eval": "atlas_jax.jobs.evaluate", "pipeline": "atlas_jax.jobs.recipe",
-               "benchmark": "atlas_jax.jobs.benchmark"}
+               "benchmark": "atlas_jax.jobs.benchmark", "perceive": "atlas_jax.jobs.perceive"}
 
 
 def setup_logging(level: str) -> None:

@@ -1,5 +1,6 @@
-"""Run metrics: TensorBoard event files (tensorboardX, no TensorFlow), a JSONL log, a progress
-line with throughput and MFU, and NaN/inf detection. Only process 0 writes."""
+"""Run metrics: TensorBoard event files (tensorboardX, no TensorFlow), a JSONL log, optionally
+Weights & Biases, a progress line with throughput and MFU, NaN/inf detection, and a profiler
+trace of chosen steps. Only process 0 writes metrics."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import time
 from collections.abc import Mapping
 
@@ -69,18 +71,22 @@ def model_flops(cfg, batch: int, seq: int, patches: int) -> dict[str, float]:
 
 
 class MetricsWriter:
-    """Writes scalars to `workdir/metrics.jsonl` and TensorBoard event files (process 0 only).
+    """Writes scalars to `workdir/metrics.jsonl`, TensorBoard event files and, with a
+    `wandb_project`, Weights & Biases (process 0 only).
 
     start_step: the step the run starts from (its restored checkpoint's, 0 when fresh). A run that
     crashed after it logged steps it is about to repeat: those rows are dropped from metrics.jsonl
     and hidden in TensorBoard (its `purge_step`), so each step is logged once.
+    wandb_project: '' = no W&B (`train.wandb_project`); run_config: the run's config, shown in W&B.
     """
 
-    def __init__(self, workdir: str, *, prefix: str = "", start_step: int = 0):
+    def __init__(self, workdir: str, *, prefix: str = "", start_step: int = 0, wandb_project: str = "",
+                 run_config: Mapping | None = None):
         self.enabled = jax.process_index() == 0
         self.prefix = prefix
         self._tb = None
         self._jsonl = None
+        self._wandb = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
             from tensorboardX import SummaryWriter
@@ -89,6 +95,8 @@ class MetricsWriter:
             path = os.path.join(workdir, "metrics.jsonl")
             _drop_rows_after(path, start_step)
             self._jsonl = open(path, "a")
+            if wandb_project:
+                self._wandb = _wandb_run(workdir, wandb_project, run_config)
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -98,11 +106,35 @@ class MetricsWriter:
             self._tb.add_scalar(k, v, step)
         self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
         self._jsonl.flush()
+        if self._wandb is not None:
+            self._wandb.log(clean, step=int(step))
 
     def close(self) -> None:
         if self.enabled:
             self._tb.close()
             self._jsonl.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _wandb_run(workdir: str, project: str, run_config: Mapping | None):
+    """A W&B run writing under `workdir/wandb`; its id is kept in `workdir/wandb_run_id`, so a
+    resumed job continues the same W&B run (W&B ignores the repeated steps' rows)."""
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError(f"train.wandb_project={project!r} needs wandb: pip install 'atlas-jax[wandb]', "
+                          "or set train.wandb_project='' (TensorBoard logs either way)") from None
+    id_path = os.path.join(workdir, "wandb_run_id")
+    if os.path.exists(id_path):
+        with open(id_path) as f:
+            run_id = f.read().strip()
+    else:
+        run_id = secrets.token_hex(4)  # W&B's own id form: 8 lowercase alphanumerics
+        with open(id_path, "w") as f:
+            f.write(run_id)
+    return wandb.init(project=project, dir=workdir, id=run_id, resume="allow", name=os.path.basename(os.path.abspath(workdir)),
+                      config=dict(run_config or {}))
 
 
 def _drop_rows_after(path: str, step: int) -> None:
@@ -124,6 +156,36 @@ def _drop_rows_after(path: str, step: int) -> None:
         with open(path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(path + ".tmp", path)  # a crash now leaves the old log or the new one, whole
+
+
+class StepProfiler:
+    """A `jax.profiler` trace of the steps `first .. end - 1` (`train.profile_steps` = (first,
+    end); () = off) into `workdir/profile`, which TensorBoard's profile tab / XProf reads. Steps
+    count from 1, as in the metrics. The trace stops once step end - 1 has finished on the device
+    (steps are dispatched asynchronously), or when the run leaves the loop earlier (`close`)."""
+
+    def __init__(self, workdir: str, steps: tuple[int, ...]):
+        self.dir = os.path.join(workdir, "profile")
+        self.first, self.end = steps if steps else (0, 0)
+        self._active = False
+
+    def before(self, step: int) -> None:
+        """Called before running step `step`."""
+        if step == self.first:
+            jax.profiler.start_trace(self.dir)
+            self._active = True
+
+    def after(self, step: int, outputs) -> None:
+        """Called once step `step` is dispatched; outputs: its results, waited for when tracing stops."""
+        if self._active and step >= self.end - 1:
+            jax.block_until_ready(outputs)
+            self.close()
+
+    def close(self) -> None:
+        if self._active:
+            jax.profiler.stop_trace()
+            self._active = False
+            log.info("profiler trace of steps %d..%d in %s", self.first, self.end - 1, self.dir)
 
 
 def check_finite(metrics: Mapping[str, float], step: int) -> None:

@@ -256,6 +256,8 @@ def validate(c: mlc.ConfigDict, num_devices: int, *, paths: bool = True) -> None
         _need(e.split in EVAL_CONDITIONS, "eval.split", e.split, f"one of {EVAL_CONDITIONS} (the synthetic suite's evaluation conditions)")
         _need(len(e.conditions) > 0 and set(e.conditions) <= set(EVAL_CONDITIONS), "eval.conditions", e.conditions,
               f"some of {EVAL_CONDITIONS}")
+    if c.job == "pipeline":
+        _need(e.num_per_task >= 1, "eval.num_per_task", e.num_per_task, ">= 1 (the recipe evaluates every condition)")
     if c.job == "benchmark":
         _check_benchmark(c.benchmark, batch_shards, paths)
     if paths:

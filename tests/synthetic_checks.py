@@ -303,6 +303,27 @@ def check_arrow_label(sample, scene):
     return str(sum(int(v) for v in path)), len(path) - 1
 
 
+CLUTTER_GREYS = ((150, 150, 150), (185, 185, 185), (120, 120, 120))
+
+
+def clutter_pixels(px) -> int:
+    return int(sum(mask_of(px, g).sum() for g in CLUTTER_GREYS))
+
+
+def _arrow_chain_start(sample):
+    labels, centers, _ = read_graph(pixels(sample), [BLACK], ARROW_CHAIN_LETTERS)
+    start = re.search(r"\b(?:node|at) ([A-Z])\b", sample.question).group(1)
+    return centers[labels.index(start)]
+
+
+def _arrow_label_start(sample):
+    (ring,) = blobs(mask_of(pixels(sample), START_RING_RGB), fill_holes=True)
+    return ring["c"]
+
+
+START_CENTRE = {"arrow_chain": _arrow_chain_start, "arrow_label": _arrow_label_start}  # (x, y) of the start node
+
+
 CHECKERS = {
     "shape_count": check_shape_count,
     "arrow_chain": check_arrow_chain,

@@ -129,8 +129,8 @@ def test_micro_batch_must_divide_the_rollouts_over_every_batch_shard():
 def test_micro_batched_resume_without_reference_reads_no_init_params_and_compiles_the_update_once(
         tmp_path, data, monkeypatch, caplog):
     """beta = 0: a resumed run restores its policy and needs no reference, so it never reads
-    `checkpoint.init_from`; the loop runs the update step compiled (ahead of time, for its memory
-    report) once."""
+    `checkpoint.init_from`; the update step compiles once (the loop reuses the program compiled
+    for the memory report)."""
     over = {"data.data_dir": data, "train.steps": 2, "rl.loss.beta": 0.0, "rl.micro_batch": 4}
     b = str(tmp_path / "b")
     entry.run_job(_config(**over, **{"train.stop_at": 1}), b)

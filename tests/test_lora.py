@@ -13,6 +13,7 @@ from hf_model_fixture import example, jax_batch
 from test_kv_cache import tiny_cfg
 
 LORA = lora.LoraConfig(rank=4, alpha=8.0)
+LORA_BF16 = lora.LoraConfig(rank=4, alpha=8.0, base_dtype="bfloat16")
 
 
 def _model(mesh, seed=7):
@@ -52,6 +53,8 @@ def test_config_rejects_bad_fields():
         lora.LoraConfig(rank=-1)
     with pytest.raises(ValueError, match="module_regex=.*vision"):
         lora.LoraConfig(rank=4, module_regex=".*")
+    with pytest.raises(ValueError, match="base_dtype='fp8'"):
+        lora.LoraConfig(rank=4, base_dtype="fp8")
     assert not lora.LoraConfig().enabled and LORA.scale == 2.0
 
 
@@ -92,11 +95,11 @@ def test_adapters_off_equals_the_base_model(mesh):
         np.testing.assert_allclose(np.asarray(off), _logits(base, args, kw), atol=1e-6, rtol=0)
 
 
-def _lora_state(mesh, random_b=False):
+def _lora_state(mesh, random_b=False, lora_cfg=LORA):
     from atlas_jax.train import optimizer, train_state
 
     with jax.set_mesh(mesh):
-        adapted = lora.apply(_model(mesh), LORA, seed=0)
+        adapted = lora.apply(_model(mesh), lora_cfg, seed=0)
     if random_b:
         _with_random_b(adapted)
     train = optimizer.trainable(freeze_vision=False, adapters_only=True)
@@ -111,11 +114,12 @@ def _changed(before, after):
     return {p: not np.array_equal(np.asarray(v.get_value()), np.asarray(flat_a[p].get_value())) for p, v in flat_b.items()}
 
 
-def test_sft_step_trains_only_the_adapters_which_alone_hold_optimizer_state(mesh):
+@pytest.mark.parametrize("base_dtype", ["param_dtype", "bfloat16"])
+def test_sft_step_trains_only_the_adapters_which_alone_hold_optimizer_state(mesh, base_dtype):
     from atlas_jax.train import sft
     from test_sft_step import _batch, _put
 
-    cfg, graphdef, state, shardings, tx, train = _lora_state(mesh)
+    cfg, graphdef, state, shardings, tx, train = _lora_state(mesh, lora_cfg=LORA_BF16 if base_dtype == "bfloat16" else LORA)
     adapter_size = sum(x.size for x in jax.tree.leaves(nnx.state(nnx.merge(graphdef, state.params), nnx.LoRAParam)))
     # Adam's two moments for each adapter (and scalar counters); nothing for the base weights.
     assert sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim) == 2 * adapter_size
@@ -127,6 +131,41 @@ def test_sft_step_trains_only_the_adapters_which_alone_hold_optimizer_state(mesh
     moved = _changed(before, jax.device_get(state.params))
     assert {p for p, m in moved.items() if m} == {p for p in moved if p[-1] == "kernel_lora_b"}  # A's gradient is 0 while B is
     assert float(metrics["grad_norm"]) > 0
+
+
+def _nbytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def test_bfloat16_base_halves_the_frozen_weights_and_keeps_the_float32_models_logits(mesh):
+    base = _model(mesh)
+    args, kw = _inputs(base.cfg)
+    with jax.set_mesh(mesh):
+        f32 = _with_random_b(lora.apply(base, LORA, seed=0))
+        bf16 = _with_random_b(lora.apply(_model(mesh), LORA_BF16, seed=0))
+        ours, reference = _logits(bf16, args, kw), _logits(f32, args, kw)
+    frozen = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(bf16, frozen))} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(bf16, nnx.LoRAParam))} == {jnp.dtype(jnp.float32)}
+    assert _nbytes(nnx.state(bf16, frozen)) * 2 == _nbytes(nnx.state(f32, frozen))
+    np.testing.assert_array_equal(  # the same adapters on both
+        *(np.asarray(m.layers[0].attn.q_proj.kernel_lora_b[...]) for m in (f32, bf16)))
+    # bfloat16 keeps 8 mantissa bits: weights round by <= 2^-9 relative, logits move by about that.
+    scale = np.abs(reference).max()
+    np.testing.assert_allclose(ours, reference, atol=2e-2 * scale, rtol=0)
+    assert np.abs(ours - reference).max() > 0  # the rounding did happen
+
+
+def test_bfloat16_base_shrinks_the_sft_states_bytes_by_half_the_base_weights(mesh):
+    sizes = {}
+    for cfg in (LORA, LORA_BF16):
+        _, graphdef, state, *_ = _lora_state(mesh, lora_cfg=cfg)
+        params = nnx.merge(graphdef, state.params)
+        sizes[cfg.base_dtype] = (_nbytes(state), _nbytes(nnx.state(params, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))),
+                                 _nbytes(state.opt_state))
+    (total32, base32, opt32), (total16, base16, opt16) = sizes["param_dtype"], sizes["bfloat16"]
+    assert base16 * 2 == base32 and opt16 == opt32  # the optimizer state is the adapters', float32 either way
+    assert total32 - total16 == base32 // 2
 
 
 def test_la_grpo_reference_by_disabling_adapters_equals_a_separate_base_copy(mesh):
@@ -215,3 +254,10 @@ def test_la_grpo_job_with_lora_uses_the_adapters_off_reference(tmp_path):
     rows = [r for r in _rows(str(tmp_path / "run")).values() if "kl" in r]
     assert len(rows) == 2 and all(np.isfinite(r["kl"]) and r["kl"] >= 0 for r in rows)
     assert rows[0]["kl"] < 1e-6  # fresh adapters: the policy is its reference before the first update
+    # `python -m atlas_jax.generate` rebuilds the run's model (adapters included) from its workdir.
+    from atlas_jax import generate
+
+    policy, _, _ = generate.load(str(tmp_path / "run"))
+    assert policy.source == str(tmp_path / "run") and policy.model_cfg.visual_ops.enabled
+    adapters = [x for p, x in nnx.to_flat_state(policy.params) if p[-1] == "kernel_lora_a"]
+    assert len(adapters) == 7 * policy.model_cfg.text.num_layers and {a.shape[1] for a in adapters} == {4}  # the run's model.lora

@@ -1,18 +1,23 @@
 """The README's main command, run as a user runs it: `python -m atlas_jax.main` on the
 whole-recipe config, in a fresh process, shrunk by command-line overrides (SFT -> LA-GRPO ->
-evaluation -> results table, curves and heat maps), then rerun to check it resumes."""
+evaluation on every condition with the image-swap control -> results.json / results.md with
+baselines, curves, heat maps and their index), then rerun to check it resumes."""
 
+import collections
 import json
 import os
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from scipy import stats
+
+from atlas_jax.data.synthetic import generate, task_names
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 SMALL = {
-    "data.num_per_task": 2,
     "data.batch_size": 8,
     "train.steps": 4,
     "train.log_every": 1,
@@ -41,58 +46,96 @@ def _main(workdir, **over):
     return proc.stdout
 
 
-def _table(text):
-    """{metric: [value per column]} from the markdown results table."""
-    rows = {}
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 3 and cells[0] not in ("metric", "---", "samples") and not cells[0].startswith("-"):
-            rows[cells[0]] = [float(x) for x in cells[1:]]
-    return rows
-
-
 @pytest.mark.slow
 def test_readme_main_command_runs_the_whole_recipe_and_resumes(tmp_path):
     workdir = str(tmp_path / "atlas")
     out = _main(workdir)
 
-    # The printed table is the one written to results.md: SFT and LA-GRPO columns, every task.
+    # results.json: every condition, both checkpoints, the baselines; results.md and stdout show it.
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
     with open(os.path.join(workdir, "results.md")) as f:
         written = f.read()
-    assert "| metric | SFT | LA-GRPO |" in written and "| metric | SFT | LA-GRPO |" in out
-    table = _table(written)
-    tasks = sorted(k.split("/", 1)[1] for k in table if k.startswith("accuracy/"))
-    assert len(tasks) == 8, tasks
-    for name, (sft, rl) in table.items():
-        if name.startswith("accuracy"):
-            assert 0.0 <= sft <= 1.0 and 0.0 <= rl <= 1.0, (name, sft, rl)
-    assert re.search(r"\| samples \| 8 \| 8 \|", written)
+    assert list(results) == ["in_distribution", "shifted", "hard"]
+    assert "## hard (extrapolation: reported apart from the headline)" in written and "## shifted" in out
+    evals = {("sft", "in_distribution"): "sft/eval_sft_step4.json", ("rl", "in_distribution"): "la_grpo/eval_rl_step2.json"}
+    for cond in ("shifted", "hard"):
+        evals.update({("sft", cond): f"sft/eval_sft_{cond}.json", ("rl", cond): f"la_grpo/eval_rl_{cond}.json"})
+    train = _training_answers(results["in_distribution"]["baselines"]["per_family"]["shape_count"]["training_samples"])
+    for cond, res in results.items():
+        assert set(res) == {"sft", "rl", "baselines"}
+        for key in ("sft", "rl"):
+            with open(os.path.join(workdir, evals[key, cond])) as f:
+                ev = json.load(f)
+            assert ev["split"] == cond and len(ev["samples"]) == 8
+            _assert_summary(res[key], ev["samples"])
+            for family, rows in _by_family(ev["samples"]).items():
+                _assert_summary(res[key]["per_family"][family], rows)
+            assert f"| overall | {res[key]['accuracy']:.3f} [" in written
+        # Baselines recomputed here from the training answers and the evaluated answers.
+        samples = ev["samples"]
+        base = res["baselines"]
+        majority = {t: max(sorted(c), key=c.__getitem__) for t, c in train.items()}
+        want_majority = [float(s["answer"] == majority[s["task"]]) for s in samples]
+        want_uniform = [(s["answer"] in train[s["task"]]) / len(train[s["task"]]) for s in samples]
+        assert base["majority"] == pytest.approx(np.mean(want_majority))
+        assert base["uniform"] == pytest.approx(np.mean(want_uniform))
+        for family, rows in _by_family(samples).items():
+            assert base["per_family"][family]["majority_answer"] == majority[family]
+            assert base["per_family"][family]["uniform"] == pytest.approx(
+                np.mean([(s["answer"] in train[family]) / len(train[family]) for s in rows]))
+        if cond == "hard":  # counts / sums never trained on: the image-blind baselines score 0 there
+            for family in ("shape_count", "zoom_count", "line_count", "label_sum", "arrow_label"):
+                assert base["per_family"][family]["majority"] == base["per_family"][family]["uniform"] == 0.0
 
-    # The table's numbers are the evaluation files' numbers (SFT: the last SFT step; LA-GRPO: the last batch).
-    with open(os.path.join(workdir, "sft", "eval_sft_step4.json")) as f:
-        sft_eval = json.load(f)["results"]
-    with open(os.path.join(workdir, "la_grpo", "eval_rl_step2.json")) as f:
-        rl_eval = json.load(f)["results"]
-    assert table["accuracy"] == pytest.approx([sft_eval["accuracy"], rl_eval["accuracy"]], abs=5e-4)
-
-    # Curves, rollout metrics, held-out evaluation during RL, and the final checkpoints.
+    # Curves, rollout metrics, held-out evaluation during RL, heat maps with their index, checkpoints.
     for png in ("sft_loss", "sft_token_accuracy", "rl_reward", "rl_accuracy", "rl_functional_tokens"):
         assert os.path.getsize(os.path.join(workdir, "plots", f"{png}.png")) > 1000, png
     with open(os.path.join(workdir, "la_grpo", "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     assert sorted(r["step"] for r in rows if "reward_mean" in r) == [1, 2]
-    assert {r["step"] for r in rows if "eval/accuracy" in r} == {1, 2}
+    assert {r["step"] for r in rows if "eval/accuracy" in r and "eval/image_swap" in r} == {1, 2}
+    with open(os.path.join(workdir, "la_grpo", "heatmaps", "index.html")) as f:
+        index = f.read()
+    pngs = re.findall(r'<img src="([^"]+)">', index)
+    assert pngs and all(os.path.exists(os.path.join(workdir, "la_grpo", "heatmaps", p)) for p in pngs)
+    assert "Question:" in index and "<pre>" in index
     assert os.path.isdir(os.path.join(workdir, "sft", "checkpoints", "4"))
     assert os.path.isdir(os.path.join(workdir, "la_grpo", "checkpoints", "2"))
 
-    # Rerunning the command resumes: no stage trains again, and the results are unchanged.
+    # Rerunning the command resumes: no stage trains again, the recipe's own evaluations are not
+    # redone (the trainers repeat their final one, on the same parameters), and the results are unchanged.
     trained = {p: _train_rows(workdir, p) for p in ("sft", "la_grpo")}
     assert len(trained["sft"]) == 4 and len(trained["la_grpo"]) == 2
+    made = [p for (_, cond), p in evals.items() if cond != "in_distribution"]
+    stamps = {p: os.path.getmtime(os.path.join(workdir, p)) for p in made}
     _main(workdir)
-    with open(os.path.join(workdir, "results.md")) as f:
-        assert _table(f.read()) == table
+    with open(os.path.join(workdir, "results.json")) as f:
+        assert json.load(f) == results
     for p, rows in trained.items():
         assert _train_rows(workdir, p) == rows, p
+    assert {p: os.path.getmtime(os.path.join(workdir, p)) for p in made} == stamps
+
+
+def _by_family(samples):
+    out = {}
+    for s in samples:
+        out.setdefault(s["task"], []).append(s)
+    return out
+
+
+def _assert_summary(summary, samples):
+    """Accuracy, image swap and the Wilson interval (scipy's) of `samples`, as the summary has them."""
+    k, n = sum(s["correct"] for s in samples), len(samples)
+    assert summary["accuracy"] == pytest.approx(k / n) and summary["num_samples"] == n
+    assert summary["image_swap"] == pytest.approx(np.mean([s["image_swap_correct"] for s in samples]))
+    ci = stats.binomtest(int(round(k)), n).proportion_ci(confidence_level=0.95, method="wilson")
+    assert summary["interval"] == pytest.approx([ci.low, ci.high], abs=1e-4)
+
+
+def _training_answers(per_family):
+    """{family: Counter of answers} of the first `per_family` training samples of each (seed 0)."""
+    return {t: collections.Counter(generate(t, "train", i, seed=0).answer for i in range(per_family)) for t in task_names()}
 
 
 def _train_rows(workdir, stage):

@@ -93,7 +93,7 @@ def test_recipe_stages_are_the_recipe_config_plus_their_own_section():
     sft, rl = run_config.stage(c, "sft"), run_config.stage(c, "la_grpo", **{"checkpoint.init_from": "/runs/sft"})
     assert "stages" not in sft and "stages" not in rl
     assert (sft.job, sft.train.steps, sft.optim.lr, sft.eval.every) == ("sft", 300, 3e-3, 0)
-    assert (rl.job, rl.train.steps, rl.optim.lr, rl.optim.warmup_steps, rl.eval.every) == ("la_grpo", 20, 5e-5, 2, 10)
+    assert (rl.job, rl.train.steps, rl.optim.lr, rl.optim.warmup_steps, rl.eval.every) == ("la_grpo", 20, 5e-5, 2, 0)
     assert rl.checkpoint.init_from == "/runs/sft" and rl.rl.loss.alpha == 0.1
     # Everything else is shared, and equals the standalone LA-GRPO config's budget.
     standalone = _load("la_grpo_synthetic.py", "la_grpo")

@@ -187,7 +187,7 @@ def test_user_jsonl_data_trains(tmp_path):
     img_dir.mkdir()
     for split, n in (("train", 2), ("validation", 1)):
         with open(tmp_path / f"{split}.jsonl", "w") as f:
-            for i, s in enumerate(generate_split(split, n)):
+            for i, s in enumerate(generate_split("train" if split == "train" else "in_distribution", n)):
                 name = f"{split}_{i}.png"
                 s.images[0].save(img_dir / name)
                 f.write(json.dumps({"images": [f"imgs/{name}"], "question": s.question, "response": s.response, "answer": s.answer}) + "\n")

@@ -19,8 +19,7 @@ import synthetic_checks  # noqa: E402
 from atlas_jax import functional_tokens  # noqa: E402
 from atlas_jax.data.sample import Sample  # noqa: E402
 from atlas_jax.data.synthetic import TASKS, generate, generate_split, generate_with_scene, task_names  # noqa: E402
-
-SPLITS = ("train", "validation", "test")
+from atlas_jax.data.synthetic.family import SPLITS  # noqa: E402
 N = 8  # samples per (task, split) in the per-sample checks
 ALL_TOKENS = functional_tokens.token_strings()
 
@@ -62,7 +61,7 @@ import hashlib
 from atlas_jax.data.synthetic import generate, task_names
 h = hashlib.sha256()
 for t in task_names():
-    s = generate(t, "test", 4, seed=9)
+    s = generate(t, "hard", 4, seed=9)
     h.update(s.images[0].tobytes()); h.update(s.response.encode()); h.update(s.question.encode())
 print(h.hexdigest())
 """
@@ -126,28 +125,71 @@ def test_trajectory_format(task):
             assert s.answer and s.question.strip()
 
 
+# Every answer each family's training split can give (from the counts, digit ranges and letters
+# its generator draws; `test_training_answers_stay_in_their_set` checks the sets against samples).
+TRAIN_ANSWERS = {
+    "shape_count": {"1", "2", "3", "4"}, "zoom_count": {"1", "2", "3"}, "line_count": {"1", "2", "3"},
+    "label_sum": {str(v) for v in range(2, 28)},  # 2 or 3 digits 1-9
+    "arrow_label": {str(v) for v in range(3, 25)},  # 2 or 3 distinct digits 1-9
+    "line_side": {"yes", "no"}, "zoom_read": set("0123456789"), "arrow_chain": set(synthetic_checks.ARROW_CHAIN_LETTERS),
+}
+# Families whose `hard` answers lie outside the training answer set (the others extrapolate the
+# layout: longer chains, steeper lines, more clutter, answered with letters, yes / no or digits).
+HARD_ANSWERS_UNSEEN = {"shape_count", "zoom_count", "line_count", "label_sum", "arrow_label"}
+
+
 @pytest.mark.parametrize("task", task_names())
-def test_held_out_splits_differ_in_layout(task):
-    """The held-out property, as MEASURED by the independent checker (counts, chain lengths, number
-    of summed labels, line-angle band, frame quadrant), never takes a train value in validation/test."""
+def test_training_answers_stay_in_their_set(task):
+    answers = {generate(task, "train", i, seed=5).answer for i in range(40)}
+    assert answers <= TRAIN_ANSWERS[task], (task, answers - TRAIN_ANSWERS[task])
+    if len(TRAIN_ANSWERS[task]) <= 4:
+        assert answers == TRAIN_ANSWERS[task]
+
+
+@pytest.mark.parametrize("task", task_names())
+def test_headline_answers_are_training_answers_and_hard_ones_are_not(task):
+    """in_distribution and shifted answers lie in the training answer set (a model that learned the
+    task can answer them); hard answers do not, where the family extrapolates the answer."""
+    for i in range(16):
+        for split in ("in_distribution", "shifted"):
+            sample = generate(task, split, i, seed=5)
+            assert sample.answer in TRAIN_ANSWERS[task], sample.uid
+        hard = generate(task, "hard", i, seed=5)
+        assert (hard.answer in TRAIN_ANSWERS[task]) == (task not in HARD_ANSWERS_UNSEEN), hard.uid
+
+
+# The layout property each checker MEASURES (count, chain length, number of summed labels,
+# line-angle band, frame quadrant) and the condition that takes it outside the training values.
+LAYOUT_SHIFTED_BY = {"shape_count": "hard", "zoom_count": "hard", "line_count": "hard", "label_sum": "hard",
+                     "arrow_chain": "hard", "arrow_label": "hard", "line_side": "shifted", "zoom_read": "shifted"}
+
+
+@pytest.mark.parametrize("task", task_names())
+def test_conditions_change_the_measured_layout(task):
+    """The measured property never takes a train value under the condition that changes it, and
+    in_distribution keeps to the training values (line_side's hard band is outside both)."""
     check = synthetic_checks.CHECKERS[task]
     seen = {split: {check(*generate_with_scene(task, split, i, seed=5))[1] for i in range(12)} for split in SPLITS}
-    assert seen["train"] and seen["validation"] and seen["test"]
-    assert not seen["train"] & seen["validation"], (task, seen)
-    assert not seen["train"] & seen["test"], (task, seen)
+    train = seen["train"] | {check(*generate_with_scene(task, "train", i, seed=6))[1] for i in range(24)}
+    changed = LAYOUT_SHIFTED_BY[task]
+    assert seen[changed] and not train & seen[changed], (task, seen)
+    if task == "line_side":
+        assert not train & seen["hard"] and not seen["shifted"] & seen["hard"], seen
+    if task not in ("line_side",):  # line_side's angle bins are too many to cover in 36 samples
+        assert seen["in_distribution"] <= train, (task, seen)
 
 
-HELD_OUT_COLOURS = {"shape_count": {"cyan", "pink", "brown"}, "label_sum": {"cyan", "pink", "brown"},
-                    "zoom_count": {"cyan", "pink"}}
+SHIFTED_COLOURS = {"shape_count": {"cyan", "pink", "brown"}, "label_sum": {"cyan", "pink", "brown"},
+                   "zoom_count": {"cyan", "pink"}, "line_count": {"cyan", "pink"}}
 
 
-@pytest.mark.parametrize("task", sorted(HELD_OUT_COLOURS))
-def test_held_out_colours_are_never_drawn_in_train(task):
-    """A second held-out property, measured from pixels: the colour asked about in validation /
-    test is one that no training image contains at all."""
+@pytest.mark.parametrize("task", sorted(SHIFTED_COLOURS))
+def test_shifted_colours_are_never_drawn_elsewhere(task):
+    """The shift of the colour families, measured from pixels: the colour asked about in `shifted`
+    is one that no train (nor in_distribution, nor hard) image contains at all."""
     from atlas_jax.data.synthetic import canvas
 
-    held_out = HELD_OUT_COLOURS[task]
+    held_out = SHIFTED_COLOURS[task]
     for split in SPLITS:
         for i in range(12):
             sample = generate(task, split, i, seed=5)
@@ -156,18 +198,39 @@ def test_held_out_colours_are_never_drawn_in_train(task):
             target_rgb = synthetic_checks.colour_in_question(sample.question)
             target = next(name for name, rgb in canvas.PALETTE.items() if rgb == target_rgb)
             assert target in drawn, sample.uid
-            if split == "train":
-                assert not drawn & held_out, (sample.uid, drawn)
-            else:
+            if split == "shifted":
                 assert target in held_out, (sample.uid, target)
+            else:
+                assert not drawn & held_out, (sample.uid, drawn)
+
+
+@pytest.mark.parametrize("task", ["arrow_chain", "arrow_label"])
+def test_shifted_arrow_chains_start_in_the_unseen_quadrant(task):
+    """Measured from pixels: the start node sits in the bottom-right quadrant in `shifted` only."""
+    for split in SPLITS:
+        for i in range(8):
+            sample = generate(task, split, i, seed=5)
+            x, y = synthetic_checks.START_CENTRE[task](sample)
+            size = sample.images[0].width
+            assert (x >= size / 2 and y >= size / 2) == (split == "shifted"), (sample.uid, x, y)
+
+
+def test_hard_zoom_read_has_more_clutter_than_any_training_image():
+    def grey(split):
+        return [synthetic_checks.clutter_pixels(synthetic_checks.pixels(generate("zoom_read", split, i, seed=5)))
+                for i in range(12)]
+
+    train, hard = grey("train"), grey("hard")
+    assert min(hard) > 1.5 * max(train), (train, hard)
+    assert max(grey("in_distribution")) < min(hard) and max(grey("shifted")) < min(hard)
 
 
 @pytest.mark.parametrize("task", task_names())
 def test_image_size_and_mode(task):
-    s = generate(task, "validation", 2)
+    s = generate(task, "in_distribution", 2)
     assert len(s.images) == 1 and s.images[0].mode == "RGB" and s.images[0].size == (112, 112)
     for size in (TASKS[task].min_image_size, 168):  # layouts scale, answers still hold
-        other, scene = generate_with_scene(task, "test", 2, image_size=size)
+        other, scene = generate_with_scene(task, "hard", 2, image_size=size)
         assert other.images[0].mode == "RGB" and other.images[0].size == (size, size)
         assert synthetic_checks.CHECKERS[task](other, scene)[0] == other.answer
     json.dumps(scene)  # scenes are plain data (storable next to the sample)
@@ -175,10 +238,10 @@ def test_image_size_and_mode(task):
 
 def test_generate_split_interleaves_tasks():
     tasks = ["line_side", "shape_count", "zoom_read"]
-    out = list(generate_split("validation", 3, seed=2, tasks=tasks, image_size=84))
+    out = list(generate_split("shifted", 3, seed=2, tasks=tasks, image_size=84))
     assert [s.task for s in out] == tasks * 3
     assert len({s.uid for s in out}) == 9 and all(s.images[0].size == (84, 84) for s in out)
-    assert len(list(generate_split("test", 1))) == len(task_names())
+    assert len(list(generate_split("hard", 1))) == len(task_names())
 
 
 def test_difficulty_overrides_and_errors():
@@ -201,7 +264,7 @@ def test_difficulty_overrides_and_errors():
     with pytest.raises(ValueError, match="num_colors"):
         generate("shape_count", "train", 0, difficulty={"num_colors": 1})
     with pytest.raises(ValueError, match="num_nodes"):
-        generate("arrow_label", "test", 0, difficulty={"num_nodes": 4})  # test chains need 5 nodes
+        generate("arrow_label", "hard", 0, difficulty={"num_nodes": 4})  # hard chains need 5 nodes
     with pytest.raises(TypeError, match="difficulty"):
         generate("line_side", "train", 0, difficulty=3)
     with pytest.raises(ValueError, match="index"):
@@ -288,3 +351,30 @@ def test_arrow_checkers_see_an_extra_or_a_missing_arrow(task):
         if extra and missing:
             return
     pytest.fail(f"no suitable {task} sample for the mutation checks (extra={extra}, missing={missing})")
+
+
+def test_training_stream_is_unlimited_reproducible_and_never_repeats():
+    """The on-the-fly training source: record i is sample i // T of task i % T; the pipeline's
+    shuffled stream over it repeats no example and is the same for the same seed."""
+    from atlas_jax.data import pipeline
+    from atlas_jax.data.synthetic import SyntheticSource
+
+    src = SyntheticSource("train", None, seed=3)
+    assert len(src) >= 2**40
+    names = task_names()
+    want = generate(names[2], "train", 5, seed=3)
+    got = src[5 * len(names) + 2]
+    assert (got["uid"], got["answer"], got["response"]) == (want.uid, want.answer, want.response)
+
+    def stream(seed, n=96):
+        cfg = pipeline.PipelineConfig(batch_size=8, max_length=64, max_patches=64, seed=seed)
+        ds = pipeline.global_stream(src, cfg, process_index=0, process_count=1)
+        return [ds[i][1]["uid"] for i in range(n)]
+
+    first = stream(0)
+    assert len(set(first)) == len(first) and {u.split("/")[1] for u in first} == set(names)
+    assert stream(0) == first and stream(1) != first
+    with pytest.raises(ValueError, match="num_per_task"):
+        SyntheticSource("shifted", 0)
+    finite = SyntheticSource("shifted", 2, seed=3)
+    assert len(finite) == 2 * len(names) and finite[len(names)]["uid"] == f"shifted/{names[0]}/seed=3/i=1"

@@ -14,10 +14,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import synthetic_checks as sc  # noqa: E402
 from atlas_jax.data.synthetic import canvas, generate_with_scene  # noqa: E402
+from atlas_jax.data.synthetic.family import SPLITS  # noqa: E402
 
-SPLITS = ("train", "validation", "test")
 RED = (220, 40, 40)
-CLUTTER_GREYS = ((150, 150, 150), (185, 185, 185), (120, 120, 120))
 DECOY_RGB = (60, 60, 60)
 
 
@@ -49,8 +48,6 @@ def half_width(blob):
     return (blob["bbox"][2] - blob["bbox"][0]) / 2
 
 
-def clutter_pixels(px):
-    return int(sum(sc.mask_of(px, g).sum() for g in CLUTTER_GREYS))
 
 
 def target_name(sample):
@@ -180,7 +177,7 @@ def test_zoom_read_clutter_and_decoys(clutter, decoys):
     samples = drawn("zoom_read", {"clutter": clutter, "decoys": decoys})
     for sample, px, _ in samples:
         assert _decoy_digits(px) == decoys, sample.uid
-    grey = [clutter_pixels(px) for _, px, _ in samples]
+    grey = [sc.clutter_pixels(px) for _, px, _ in samples]
     if clutter == 0:
         assert max(grey) == 0
     else:
@@ -199,4 +196,4 @@ def test_zoom_count_dots_clutter_and_frame(inside_distractors, outside_dots, clu
         assert sum(not inside(b, box) for _, b in dots) == outside_dots, sample.uid
         ys, xs = np.nonzero(frame_mask)
         assert abs((xs.max() - xs.min()) - frame * px.shape[1]) <= 2, sample.uid
-        assert (clutter_pixels(px) > 0) == (clutter > 0), sample.uid
+        assert (sc.clutter_pixels(px) > 0) == (clutter > 0), sample.uid

@@ -81,12 +81,12 @@ def test_build_is_idempotent(tiny_dir):
 
 def test_random_access_batch_slice_and_pickle(tiny_dir):
     data_dir, _ = tiny_dir
-    source = load_split(data_dir, "validation")
+    source = load_split(data_dir, "shifted")
     uids = [source[i]["uid"] for i in range(len(source))]
     assert [r["uid"] for r in source.__getitems__([3, 0, 3])] == [uids[3], uids[0], uids[3]]
     assert [r["uid"] for r in source[1:4]] == uids[1:4]
     assert source[-1]["uid"] == uids[-1] and [r["uid"] for r in source] == uids
-    with pytest.raises(IndexError, match="atlas_synthetic/tiny:validation"):
+    with pytest.raises(IndexError, match="atlas_synthetic/tiny:shifted"):
         source[len(source)]
     clone = pickle.loads(pickle.dumps(source))  # Grain worker processes receive the source pickled
     assert len(clone) == len(source) and clone[2] == source[2]
@@ -103,7 +103,7 @@ def test_grain_reads_the_source(tiny_dir):
     import grain
 
     data_dir, _ = tiny_dir
-    source = load_split(data_dir, "test")
+    source = load_split(data_dir, "hard")
     dataset = grain.MapDataset.source(source).map(lambda record: record["uid"])
     assert list(dataset) == [source[i]["uid"] for i in range(len(source))]
 
@@ -113,8 +113,8 @@ def test_overrides_get_their_own_config(tmp_path):
     assert name == "tiny_n1_s140_seed3"
     dataset_dir = build_synthetic(str(tmp_path), "tiny", num_per_task=1, image_size=140, seed=3)
     assert dataset_dir == os.path.join(str(tmp_path), "atlas_synthetic", name, "1.0.0")
-    source = load_split(str(tmp_path), "test", name)
-    want = {s.uid: s for s in generate_split("test", 1, seed=3, image_size=140)}
+    source = load_split(str(tmp_path), "hard", name)
+    want = {s.uid: s for s in generate_split("hard", 1, seed=3, image_size=140)}
     assert len(source) == len(want) == len(task_names())
     for i in range(len(source)):
         sample = decode_record(source[i], source.source, i)
@@ -171,7 +171,7 @@ def test_truncated_data_file_is_named_with_how_to_rebuild(tmp_path):
         f"{path}: missing, truncated or corrupted (0 of {n} records readable); "
         f"delete {dataset_dir} and rerun build_synthetic (or the job that builds it) to rebuild it"
     )
-    assert len(load_split(data_dir, "validation", "tiny_n1")) == n  # the other splits' files are intact
+    assert len(load_split(data_dir, "shifted", "tiny_n1")) == n  # the other splits' files are intact
     shutil.rmtree(dataset_dir)
     build_synthetic(data_dir, "tiny", num_per_task=1)
     assert len(list(load_split(data_dir, "train", "tiny_n1"))) == n
@@ -214,7 +214,7 @@ class PoisonedTensorFlow(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 sys.meta_path.insert(0, PoisonedTensorFlow())
 from atlas_jax.data.tfds_builder import build_synthetic, load_split
 build_synthetic(sys.argv[1], "tiny", num_per_task=1)
-source = load_split(sys.argv[1], "validation", "tiny_n1")
+source = load_split(sys.argv[1], "shifted", "tiny_n1")
 print("read", len(source), source[0]["uid"])
 """
 

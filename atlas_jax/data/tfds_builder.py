@@ -1,7 +1,8 @@
 """TFDS builders that store records (see `records.py`) as ArrayRecord files, and random-access reading.
 
 Two builders share one feature spec and one reading path (`load_split`):
-- `AtlasSynthetic`: the built-in synthetic task suite, splits train / validation / test, with
+- `AtlasSynthetic`: the built-in synthetic task suite stored (a fixed set; jobs stream it on the fly
+  unless `data.num_per_task` > 0), splits train / in_distribution / shifted / hard, with
   configs `tiny` (seconds to build), `small` and `default`;
 - `AtlasUserData`: user JSONL files imported and validated by `jsonl.import_jsonl`; each split is
   one JSONL file (see `build_user_dataset`).
@@ -28,8 +29,8 @@ from etils import epath
 
 from atlas_jax.data import jsonl
 from atlas_jax.data.records import ORIGIN_FIELD, TEXT_FIELDS, encode_sample
+from atlas_jax.data.synthetic.family import SPLITS  # train and the evaluation conditions
 
-SPLITS: tuple[str, ...] = ("train", "validation", "test")
 DATASET_VERSION = "1.0.0"
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
 
 
 def _sizes(train: int, held_out: int) -> dict[str, int]:
-    return {"train": train, "validation": held_out, "test": held_out}
+    return {"train": train, **{split: held_out for split in SPLITS[1:]}}
 
 
 SYNTHETIC_CONFIGS: dict[str, SyntheticConfig] = {

@@ -21,39 +21,83 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from atlas_jax import builders, heatmaps, multihost, sampling
+from atlas_jax import builders, functional_tokens, heatmaps, multihost, sampling
 from atlas_jax.data import device_batch, pipeline
 from atlas_jax.rl import rewards
 
 log = logging.getLogger("atlas_jax")
+HEATMAP_SCALE = 3  # heat-map panels show the image 3x larger (a 112-px image: 336 px)
 
 
 def evaluate(policy: builders.Policy, c: mlc.ConfigDict, workdir: str, mesh, *, tag: str, split: str | None = None) -> dict:
     """Greedy-decodes `c.eval.num_per_task` prompts per task of `split` with `policy`; returns (the same on
-    every host) accuracy overall / per task and functional-token usage, which process 0 also
-    writes, with every scored sample, to WORKDIR/eval_<tag>.json.
+    every host) accuracy overall / per task, the image-swap control (`c.eval.image_swap`: the same
+    prompts, each with the image of the next prompt in its batch, the last taking the first's) and
+    functional-token usage, which process 0 also writes, with every scored sample, to
+    WORKDIR/eval_<tag>.json.
 
     Each host scores the prompts it fed (its own answers); the scored samples of all hosts are
     gathered, batch by batch and host by host, which is the order of the eval stream, so the
     results do not depend on the number of hosts. Heat maps: see `_HeatMaps`."""
     split = split or c.eval.split
-    graphdef, params, model_cfg, tok, tokens = policy.graphdef, policy.params, policy.model_cfg, policy.tok, policy.tokens
+    model_cfg, tokens = policy.model_cfg, policy.tokens
     src = builders.load_split(c, workdir, split)
     picked, uids = _per_task(src, c.eval.num_per_task, c.eval.batch_size)
-    pcfg = builders.make_pipeline_config(c, model_cfg, fmt="rl", batch_size=c.eval.batch_size, shuffle=False, num_epochs=1)
-    ds = pipeline.make_dataset(_Subset(src, picked), tok, pcfg, model_cfg, source_name=f"{split} (eval subset)")
-
-    names, func_ids, stop = tokens.functional_names, tokens.functional_ids, tokens.stop_ids
+    names = tokens.functional_names
     maps = _HeatMaps(c, model_cfg, names, workdir, tag)
+    # One sampler for both passes (the swap pass ignores the attention): compiled once.
     scfg = sampling.SamplingConfig(
-        max_new_tokens=c.eval.max_new_tokens, greedy=True, stop_ids=stop, pad_id=tokens.pad_id,
+        max_new_tokens=c.eval.max_new_tokens, greedy=True, stop_ids=tokens.stop_ids, pad_id=tokens.pad_id,
         return_op_attention=maps.enabled,
     )
+    samples = _decode(policy, c, _Subset(src, picked), f"{split} (eval subset)", scfg, mesh, maps)
+    if c.eval.image_swap:
+        swapped = _decode(policy, c, _ImageSwapped(src, picked, c.eval.batch_size), f"{split} (image swap)", scfg, mesh)
+        for row, other in zip(samples, swapped, strict=True):
+            row["image_swap_correct"] = other["correct"]
+
+    correct, swap, count, usage = collections.Counter(), collections.Counter(), collections.Counter(), collections.Counter()
+    for row in samples:
+        correct[row["task"]] += row["correct"]
+        swap[row["task"]] += row.get("image_swap_correct", 0.0)
+        count[row["task"]] += 1
+        usage.update(row["functional"])
+    n = max(len(samples), 1)
+    results = {
+        "accuracy": sum(correct.values()) / n,
+        **{f"accuracy/{t}": correct[t] / count[t] for t in sorted(count)},
+        **({"image_swap": sum(swap.values()) / n, **{f"image_swap/{t}": swap[t] / count[t] for t in sorted(count)}}
+           if c.eval.image_swap else {}),
+        "functional_per_completion": sum(usage.values()) / n,
+        "completions_with_functional": sum(sum(row["functional"].values()) > 0 for row in samples) / n,
+        **{f"functional/{k}": usage[k] / n for k in names},
+        "num_samples": len(samples),
+    }
+    maps.draw(policy.graphdef, policy.params, policy.tok, src, uids, samples, mesh)
+    if jax.process_index() == 0:
+        kept = ("uid", "task", "answer", "completion", "correct", "image_swap_correct")
+        written = [{k: row[k] for k in kept if k in row} for row in samples]
+        with open(os.path.join(workdir, f"eval_{tag}.json"), "w") as f:
+            json.dump({"split": split, "results": results, "samples": written}, f, indent=1)
+    log.info("eval %s on %s: accuracy %.3f (image swap %s), functional tokens per completion %.2f", tag, split,
+             results["accuracy"], f"{results['image_swap']:.3f}" if c.eval.image_swap else "off",
+             results["functional_per_completion"])
+    return results
+
+
+def _decode(policy: builders.Policy, c: mlc.ConfigDict, src, source_name: str, scfg: sampling.SamplingConfig, mesh,
+            maps: "_HeatMaps | None" = None) -> list[dict]:
+    """Greedy completions of every record of `src` (whole eval batches, in order), scored; each uid
+    once (the padding of the last batch repeats earlier records), every host's rows, in stream order."""
+    tok, model_cfg = policy.tok, policy.model_cfg
+    names, func_ids, stop = policy.tokens.functional_names, policy.tokens.functional_ids, policy.tokens.stop_ids
+    pcfg = builders.make_pipeline_config(c, model_cfg, fmt="rl", batch_size=c.eval.batch_size, shuffle=False, num_epochs=1)
+    ds = pipeline.make_dataset(src, tok, pcfg, model_cfg, source_name=source_name)
     me = jax.process_index()
     mine = []  # per batch: this host's scored samples, its block of the global batch
     for k, host in enumerate(ds):
         batch = pipeline.to_global(host, mesh)
-        out = sampling.generate(graphdef, params, batch, None, scfg)
+        out = sampling.generate(policy.graphdef, policy.params, batch, None, scfg)
         completions, mask = multihost.gather((out["tokens"], out["mask"]))
         rows = multihost.own_rows(completions.shape[0])
         scored = []
@@ -66,36 +110,16 @@ def evaluate(policy: builders.Policy, c: mlc.ConfigDict, workdir: str, mesh, *, 
                 "functional": {name: ids.count(fid) for name, fid in zip(names, func_ids)},
             })
         mine.append(scored)
-        maps.collect(k, host, out)
+        if maps is not None:
+            maps.collect(k, host, out)
 
-    # The padding of the last batch repeats earlier samples: each uid is scored once.
     samples, seen = [], set()
     everyone = multihost.gather_objects(mine)  # [host][batch][row]
     for row in (row for per_batch in zip(*everyone) for scored in per_batch for row in scored):
         if row["uid"] not in seen:
             seen.add(row["uid"])
             samples.append(row)
-    correct, count, usage = collections.Counter(), collections.Counter(), collections.Counter()
-    for row in samples:
-        correct[row["task"]] += row["correct"]
-        count[row["task"]] += 1
-        usage.update(row["functional"])
-    n = max(len(samples), 1)
-    results = {
-        "accuracy": sum(correct.values()) / n,
-        **{f"accuracy/{t}": correct[t] / count[t] for t in sorted(count)},
-        "functional_per_completion": sum(usage.values()) / n,
-        "completions_with_functional": sum(sum(row["functional"].values()) > 0 for row in samples) / n,
-        **{f"functional/{k}": usage[k] / n for k in names},
-        "num_samples": len(samples),
-    }
-    maps.draw(graphdef, params, tok, src, uids, samples, mesh)
-    if me == 0:
-        written = [{k: row[k] for k in ("uid", "task", "answer", "completion", "correct")} for row in samples]
-        with open(os.path.join(workdir, f"eval_{tag}.json"), "w") as f:
-            json.dump({"results": results, "samples": written}, f, indent=1)
-    log.info("eval %s on %s: accuracy %.3f, functional tokens per completion %.2f", tag, split, results["accuracy"], results["functional_per_completion"])
-    return results
+    return samples
 
 
 def evaluate_and_log(writer, step: int, policy: builders.Policy, c: mlc.ConfigDict, workdir: str, mesh, *, tag: str) -> dict:
@@ -133,6 +157,21 @@ class _Subset:
 
     def __getitem__(self, i):
         return self.src[self.indices[i]]
+
+
+class _ImageSwapped(_Subset):
+    """The records `indices` of `src`, each with the images of the next record of its batch of
+    `batch_size` (the last with the first's): the image-swap control. The prompt keeps its uid,
+    question and answer; only what it is shown changes."""
+
+    def __init__(self, src, indices: list[int], batch_size: int):
+        super().__init__(src, indices)
+        self.batch_size = batch_size
+
+    def __getitem__(self, i):
+        first = i - i % self.batch_size
+        other = first + (i - first + 1) % min(self.batch_size, len(self.indices) - first)
+        return {**self.src[self.indices[i]], "images": self.src[self.indices[other]]["images"]}
 
 
 class _HeatMaps:
@@ -177,20 +216,33 @@ class _HeatMaps:
         if jax.process_index() != 0:
             return
         os.makedirs(self.dir, exist_ok=True)
+        token = dict(zip(self.names, functional_tokens.token_strings(functional_tokens.by_name(self.names))))
+        entries = []
         for k, row in enumerate(chosen):
             forced_row = forced.get(row["uid"])
             if forced_row is None and row["uid"] not in self.generated:
                 continue  # a repeat of another host's sample: scored there
             image, grid, op, attn, position = forced_row or (*self.generated[row["uid"]], None)
             steps = np.flatnonzero(op >= 0)[:6]
-            panels = [image] + [
-                heatmaps.overlay(image, attn[m], grid, title=f"{self.names[int(op[m])]} @ {m if position is None else position[m]}")
+            where = "completion token" if position is None else "reference position"
+            panels = [heatmaps.upsample(image, HEATMAP_SCALE)] + [
+                heatmaps.overlay(image, attn[m], grid, scale=HEATMAP_SCALE,
+                                 title=f"{token[self.names[int(op[m])]]} at {where} {m if position is None else position[m]}")
                 for m in steps
             ]
             if len(panels) == 1:
                 continue  # e.g. a functional token generated last, or a reference without one
-            suffix = "_reference" if forced_row else ""
-            heatmaps.strip(panels).save(os.path.join(self.dir, f"{self.tag}_{k:02d}_{row['task']}{suffix}.png"))
+            record = src[uids[row["uid"]]]
+            png = f"{self.tag}_{k:02d}_{row['task']}{'_reference' if forced_row else ''}.png"
+            heatmaps.strip(panels, caption=f"Q: {record['question']}").save(os.path.join(self.dir, png))
+            entries.append({
+                "png": png, "title": f"{self.tag} #{k} {row['task']} ({row['uid']})", "question": record["question"],
+                "answer": row["answer"], "correct": bool(row["correct"]),
+                "completion": row["completion"] if position is None else
+                f"(no functional token generated; maps from the reference trajectory)\n{record['response']}\n\n"
+                f"generated: {row['completion']}",
+            })
+        heatmaps.add_to_index(self.dir, entries)
         log.info("heat maps %s: %d from generated functional tokens, %d teacher-forced on the reference trajectory "
                  "(no functional token generated)", self.tag, len(chosen) - len(reference), len(reference))
 

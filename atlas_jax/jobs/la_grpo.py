@@ -233,6 +233,7 @@ def _train(c: mlc.ConfigDict, workdir: str, ckpt: checkpoint.Checkpoints) -> dic
     if start is not None:
         state, _ = ckpt.restore(start, checkpoint.abstract(state), data_it)
         log.info("resumed from update %d in %s", start, workdir)
+    builders.save_run_config(c, workdir)  # what `python -m atlas_jax.generate --checkpoint=WORKDIR` rebuilds the model from
 
     # ------------------------------------------------------------------ sampler, rewards, step
     scfg = run_config.rollout_sampling(c, tokens, num_samples=r.group_size)
@@ -258,7 +259,8 @@ def _train(c: mlc.ConfigDict, workdir: str, ckpt: checkpoint.Checkpoints) -> dic
     rl_step = int(jax.device_get(state.step)) // r.num_iterations
     if ckpt.reached_preemption(rl_step):  # SIGTERM during start-up: nothing trained, nothing to save
         raise checkpoint.Preempted(rl_step, workdir)
-    writer = metrics_lib.MetricsWriter(workdir, start_step=rl_step)
+    writer = metrics_lib.MetricsWriter(workdir, start_step=rl_step, wandb_project=c.train.wandb_project, run_config=c.to_dict())
+    profiler = metrics_lib.StepProfiler(workdir, tuple(c.train.profile_steps))
     preempted = False
     last: dict = {}
     while rl_step < c.train.steps:
@@ -280,25 +282,29 @@ def _train(c: mlc.ConfigDict, workdir: str, ckpt: checkpoint.Checkpoints) -> dic
             if filled:
                 log.warning("rl step %d: %d of %d groups are uninformative (all %s equal) after %d rollout rounds",
                             rl_step + 1, filled, r.prompts_per_step, key, len(rounds))
-        if step_fn is None:  # compiled ahead of time, once: the loop runs this executable, whose memory is logged
+        if step_fn is None:
+            step_fn = la_grpo.make_rl_step(
+                graphdef, tx, loss_cfg, group_size=G, temperature=scfg.temperature, scale_rewards=r.scale_rewards,
+                functional_ids=tokens.functional_ids, anchor_share=r.anchor_share, micro_batch=r.micro_batch,
+                state_sharding=state_sh, ref_sharding=ref_sh, batch_sharding={k: v.sharding for k, v in rl_batch.items()},
+                train=train, reference_adapters_off=ref_adapters_off,
+            )
+            # Prompts of another padded length compile their own program, so the loop calls the
+            # jitted step; this compile is the one its first call reuses (JAX caches it).
             with jax.set_mesh(mesh):
-                step_fn = la_grpo.make_rl_step(
-                    graphdef, tx, loss_cfg, group_size=G, temperature=scfg.temperature, scale_rewards=r.scale_rewards,
-                    functional_ids=tokens.functional_ids, anchor_share=r.anchor_share, micro_batch=r.micro_batch,
-                    state_sharding=state_sh, ref_sharding=ref_sh, batch_sharding={k: v.sharding for k, v in rl_batch.items()},
-                    train=train, reference_adapters_off=ref_adapters_off,
-                ).lower(state, ref_params, rl_batch).compile()
                 memory = {"sampler": sampling.compiled_memory(graphdef, state.params, prompt_batch, rng, scfg),
-                          "update": step_fn.memory_analysis()}
+                          "update": step_fn.lower(state, ref_params, rl_batch).compile().memory_analysis()}
             for name, mem in memory.items():
                 if mem is not None:
                     log.info("compiled %s memory: %s", name, mem)
         per_iteration = []
+        profiler.before(rl_step + 1)  # the update alone: sampling and scoring are outside the trace
         with jax.set_mesh(mesh):
             for _ in range(r.num_iterations):
                 state, m = step_fn(state, ref_params, rl_batch)
                 per_iteration.append(m)
         rl_step += 1
+        profiler.after(rl_step, per_iteration)
         last = inner_metrics(jax.device_get(per_iteration))
         metrics_lib.check_finite(last, rl_step)
         last.update(rollout_row)
@@ -315,6 +321,7 @@ def _train(c: mlc.ConfigDict, workdir: str, ckpt: checkpoint.Checkpoints) -> dic
             break
 
     # ------------------------------------------------------------------ final save, evaluation
+    profiler.close()
     ckpt.save(int(jax.device_get(state.step)), state, data_it, c, force=True)
     if rl_step >= c.train.steps and c.eval.num_per_task > 0 and not preempted:
         last.update(evaluate.evaluate_and_log(writer, rl_step, policy.with_params(state.params), c, workdir, mesh, tag=f"rl_step{rl_step}"))

@@ -9,9 +9,7 @@ the same position, so a resumed run continues the same loss curve.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -69,34 +67,39 @@ def _train(c: mlc.ConfigDict, workdir: str, ckpt: checkpoint.Checkpoints) -> dic
     elif c.checkpoint.init_from:
         state = state._replace(params=checkpoint.init_from(c.checkpoint.init_from, checkpoint.abstract(state.params)))
         log.info("initialised parameters from %s", c.checkpoint.init_from)
-    _save_config(c, workdir)
+    builders.save_run_config(c, workdir)
 
     # ------------------------------------------------------------------ step
     host_batch = next(data_it)
     batch = _device(pipeline.to_global(host_batch, mesh))
     batch_sh = {k: v.sharding for k, v in batch.items()}
-    # Compiled ahead of time, once: the loop runs this executable, whose memory is logged.
+    step_fn = sft.make_train_step(
+        graphdef, tx, state_sharding=state_sh, batch_sharding=batch_sh, grad_accum=c.optim.grad_accum,
+        lr_schedule=lr_schedule, train=train,
+    )
+    # Batches of another padded length compile their own program, so the loop calls the jitted
+    # step; this compile is the one its first call reuses (JAX caches the executable).
     with jax.set_mesh(mesh):
-        step_fn = sft.make_train_step(
-            graphdef, tx, state_sharding=state_sh, batch_sharding=batch_sh, grad_accum=c.optim.grad_accum,
-            lr_schedule=lr_schedule, train=train,
-        ).lower(state, batch).compile()
-    if (mem := step_fn.memory_analysis()) is not None:
+        mem = step_fn.lower(state, batch).compile().memory_analysis()
+    if mem is not None:
         log.info("compiled step memory: %s", mem)
 
     # ------------------------------------------------------------------ loop
     step = int(jax.device_get(state.step))
     if ckpt.reached_preemption(step):  # SIGTERM during start-up: nothing trained, nothing to save
         raise checkpoint.Preempted(step, workdir)
-    writer = metrics_lib.MetricsWriter(workdir, start_step=step)
+    writer = metrics_lib.MetricsWriter(workdir, start_step=step, wandb_project=c.train.wandb_project, run_config=c.to_dict())
+    profiler = metrics_lib.StepProfiler(workdir, tuple(c.train.profile_steps))
     flops = metrics_lib.train_flops_per_token(n_params, model_cfg.text.num_layers, model_cfg.text.hidden_size, c.data.max_length)
     progress = metrics_lib.Progress(c.train.steps, flops_per_token=flops, every=c.train.log_every)
     last: dict = {}
     preempted = False
     while step < c.train.steps:
+        profiler.before(step + 1)
         with jax.set_mesh(mesh):
             state, m = step_fn(state, batch)
         step += 1
+        profiler.after(step, m)
         if step % c.train.log_every == 0 or step == c.train.steps:  # the only host syncs of the loop
             last = {k: float(v) for k, v in jax.device_get(m).items()}
             metrics_lib.check_finite(last, step)
@@ -115,6 +118,7 @@ def _train(c: mlc.ConfigDict, workdir: str, ckpt: checkpoint.Checkpoints) -> dic
             batch = _device(pipeline.to_global(host_batch, mesh))
 
     # ------------------------------------------------------------------ final save, evaluation
+    profiler.close()
     ckpt.save(step, state, data_it, c, force=True)
     if step >= c.train.steps and c.eval.num_per_task > 0 and not preempted:
         last.update(evaluate.evaluate_and_log(writer, step, policy.with_params(state.params), c, workdir, mesh, tag=f"sft_step{step}"))
@@ -133,9 +137,3 @@ def _count_tokens(attention_mask: jax.Array) -> jax.Array:
 def _device(batch: dict) -> dict:
     """The device arrays of a global batch (host metadata such as answers stays behind)."""
     return {k: v for k, v in batch.items() if isinstance(v, jax.Array)}
-
-
-def _save_config(c: mlc.ConfigDict, workdir: str) -> None:
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(c.to_dict(), f, indent=2, default=str)

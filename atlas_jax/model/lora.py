@@ -67,9 +67,24 @@ class LoraConfig:
 
 
 def apply(model: VLM, cfg: LoraConfig, *, seed: int = 0) -> VLM:
-    """A copy of `model` with adapters on the matching projections (qwix creates them in one
-    forward over a single text token). Adapters are replicated: r * (K + N) values per weight
-    are negligible next to it, and need no sharding rule."""
+    """A copy of the sharded `model` with adapters on the matching projections. Adapters are
+    replicated: r * (K + N) values per weight are negligible next to it, and need no sharding rule."""
+    mesh = jax.tree.leaves(nnx.state(model))[0].sharding.mesh
+    adapted = _with_adapters(model, cfg, seed)
+    adapters = nnx.state(adapted, nnx.LoRAParam)
+    nnx.update(adapted, jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P())), adapters))
+    return adapted
+
+
+def abstract(model_cfg, cfg: LoraConfig) -> VLM:
+    """The adapted model's shapes and dtypes, no arrays (`nnx.eval_shape`): what the compile
+    check lowers the steps for."""
+    return nnx.eval_shape(lambda: _with_adapters(VLM(model_cfg, rngs=nnx.Rngs(0)), cfg, 0))
+
+
+def _with_adapters(model: VLM, cfg: LoraConfig, seed: int) -> VLM:
+    """`model` adapted by qwix, which creates the adapters in one forward over a single text token;
+    the frozen base weights then cast to `cfg.base_dtype`."""
     ids = jnp.zeros((1, 1), jnp.int32)
     # qwix creates each adapter inside the module that runs: the creating forward runs the layers
     # themselves, unrolled (a scan runs copies of them).
@@ -85,11 +100,9 @@ def apply(model: VLM, cfg: LoraConfig, *, seed: int = 0) -> VLM:
     adapters = nnx.state(adapted, nnx.LoRAParam)
     if not jax.tree.leaves(adapters):
         raise ValueError(f"model.lora.module_regex={cfg.module_regex!r} matches no decoder projection")
-    mesh = jax.tree.leaves(nnx.state(model))[0].sharding.mesh
     for _, var in nnx.to_flat_state(adapters):
         # qwix copies the kernel's `axes`, which do not fit the adapter's [K, r] / [r, N] shape.
         var.set_metadata("axes", (None, None))
-        var.set_value(jax.device_put(var.get_value(), NamedSharding(mesh, P())))
     nnx.update(adapted, adapters)
     if cfg.base_dtype != "param_dtype":
         # After the adapters exist: qwix gives them the kernel's dtype, and they train in float32.

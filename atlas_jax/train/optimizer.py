@@ -30,10 +30,14 @@ def trainable(freeze_vision: bool, adapters_only: bool = False) -> nnx.filterlib
     return nnx.Param
 
 
-def trainable_labels(params: nnx.State, train: nnx.filterlib.Filter) -> nnx.State:
-    """'train' / 'freeze' per parameter, by the filter `train` (see `trainable`)."""
+def trainable_labels(params: nnx.State, train: nnx.filterlib.Filter, vision_group: bool = False) -> nnx.State:
+    """'train' / 'freeze' per parameter, by the filter `train` (see `trainable`); with
+    `vision_group`, the trained parameters of the vision tower are 'vision' instead."""
     trained, frozen = nnx.split_state(params, train, ...)
-    return nnx.merge_state(jax.tree.map(lambda _: "train", trained), jax.tree.map(lambda _: "freeze", frozen))
+    tower, rest = nnx.split_state(trained, nnx.PathContains("vision") if vision_group else nnx.Nothing(), ...)
+    label = lambda name: (lambda _: name)
+    return nnx.merge_state(jax.tree.map(label("vision"), tower), jax.tree.map(label("train"), rest),
+                           jax.tree.map(label("freeze"), frozen))
 
 
 def make_optimizer(
@@ -48,24 +52,33 @@ def make_optimizer(
     eps: float = 1e-8,
     clip_norm: float = 1.0,
     train: nnx.filterlib.Filter = nnx.Param,
+    vision_lr_scale: float = 1.0,
 ) -> optax.GradientTransformation:
-    """clip(global norm) -> AdamW(schedule); parameters outside `train` get no update and no Adam state."""
-    adamw = optax.adamw(schedule(lr, warmup_steps, total_steps), b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-    tx = optax.chain(optax.clip_by_global_norm(clip_norm) if clip_norm > 0 else optax.identity(), adamw)
-    if train is nnx.Param:
-        return tx
-    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, trainable_labels(params, train))
+    """clip(global norm) -> AdamW(schedule); parameters outside `train` get no update and no Adam
+    state. vision_lr_scale: the vision tower's learning rate relative to the rest (a parameter
+    group; see `configs/perceive_synthetic.py` for why a from-scratch tower needs it)."""
+    lr_schedule = schedule(lr, warmup_steps, total_steps)
+
+    def adamw(scale: float) -> optax.GradientTransformation:
+        rate = lr_schedule if scale == 1.0 else (lambda step: lr_schedule(step) * scale)
+        return optax.adamw(rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+
+    clip = optax.clip_by_global_norm(clip_norm) if clip_norm > 0 else optax.identity()
+    if train is nnx.Param and vision_lr_scale == 1.0:
+        return optax.chain(clip, adamw(1.0))
+    groups = {"train": adamw(1.0), "vision": adamw(vision_lr_scale), "freeze": optax.set_to_zero()}
+    return optax.chain(clip, optax.multi_transform(groups, trainable_labels(params, train, vision_lr_scale != 1.0)))
 
 
 def from_config(
     params: nnx.State, optim, total_steps: int, *, train: nnx.filterlib.Filter | None = None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer of the config section `optim` (lr, warmup_steps, weight_decay, b1, b2,
-    clip_norm) for the parameters `train` (default `trainable(optim.freeze_vision)`) over
+    clip_norm, vision_lr_scale) for the parameters `train` (default `trainable(optim.freeze_vision)`) over
     `total_steps` updates, and its learning-rate schedule."""
     train = trainable(optim.freeze_vision) if train is None else train
     tx = make_optimizer(
         params, lr=optim.lr, warmup_steps=optim.warmup_steps, total_steps=total_steps, weight_decay=optim.weight_decay,
-        b1=optim.b1, b2=optim.b2, clip_norm=optim.clip_norm, train=train,
+        b1=optim.b1, b2=optim.b2, clip_norm=optim.clip_norm, train=train, vision_lr_scale=optim.vision_lr_scale,
     )
     return tx, schedule(optim.lr, optim.warmup_steps, total_steps)

@@ -1,7 +1,12 @@
 """`arrow_chain` (<|Arrow|>): follow a chain of arrows from a start node, name the node it ends at.
 
-Held-out layout: the number of arrows on the followed chain.
-train {1, 2, 3}, validation {4}, test {5}.
+Held-out conditions (answers are always a node letter): in_distribution follows 1-3 arrows from a
+start node outside the bottom-right quadrant, as in training; shifted puts the start node in the
+bottom-right quadrant, where no training chain ever started; hard follows 4 or 5 arrows, chains
+longer than any trained on.
+
+Why <|Arrow|> should help: the answer is where a chain of arrows leads among distractor arrows,
+some pointing into the chain; marking each step's direction from the start is the operation.
 """
 
 from __future__ import annotations
@@ -11,10 +16,10 @@ import dataclasses
 import numpy as np
 
 from atlas_jax.data.synthetic import canvas, glyphs
-from atlas_jax.data.synthetic.family import Drawn, boxed, pick, require, scale_of
+from atlas_jax.data.synthetic.family import Drawn, boxed, by_condition, in_bottom_right, pick, require, scale_of
 from atlas_jax.data.synthetic.graph_layout import MIN_RADIUS, draw_graph, layout_graph
 
-CHAIN_LENGTHS = {"train": (1, 2, 3), "validation": (4,), "test": (5,)}
+CHAIN_LENGTHS = by_condition((1, 2, 3), hard=(4, 5))
 # Letters that cannot be confused with digits or each other at 5x7.
 LETTERS = "ABCDEFGHJKLMNPRSTUVWXYZ"
 
@@ -37,7 +42,8 @@ def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Dra
     s = scale_of(size)
     length = int(rng.choice(CHAIN_LENGTHS[split]))
     radius = d.radius * s
-    centers, edges, chain = layout_graph(rng, size, d.num_nodes, length, radius, d.distractor_prob)
+    centers, edges, chain = layout_graph(rng, size, d.num_nodes, length, radius, d.distractor_prob,
+                                         start_ok=lambda x, y: in_bottom_right(x, y, size) == (split == "shifted"))
     names = [str(c) for c in rng.choice(list(LETTERS), size=d.num_nodes, replace=False)]
     image, draw = canvas.new_canvas(size)
     draw_graph(draw, centers, edges, radius, s)

@@ -1,8 +1,14 @@
 """`arrow_label` (<|Arrow|> + <|Text|>): nodes carry digits; follow the arrows from the green-ringed
 node and add the digits of every node on the way (start and end included).
 
-Held-out layout: the number of arrows on the followed chain.
-train {1, 2}, validation {3}, test {4}.
+Held-out conditions: in_distribution follows 1 or 2 arrows from a start outside the bottom-right
+quadrant, as in training (sums 3-24); shifted puts the green-ringed start in the bottom-right
+quadrant, where no training chain ever started, still 1 or 2 arrows; hard follows 3 or 4 arrows
+through nodes whose sum exceeds every training sum (25-35), so neither the path length nor the
+answer was trained on.
+
+Why <|Arrow|> then <|Text|> should help: the path is found by following arrows among distractors
+(the arrow step), and the answer needs the digit of every node on it written down (the text step).
 """
 
 from __future__ import annotations
@@ -12,10 +18,11 @@ import dataclasses
 import numpy as np
 
 from atlas_jax.data.synthetic import canvas, glyphs
-from atlas_jax.data.synthetic.family import Drawn, boxed, pick, require, scale_of
+from atlas_jax.data.synthetic.family import Drawn, boxed, by_condition, in_bottom_right, pick, require, scale_of
 from atlas_jax.data.synthetic.graph_layout import MIN_RADIUS, draw_graph, layout_graph
 
-CHAIN_LENGTHS = {"train": (1, 2), "validation": (3,), "test": (4,)}
+CHAIN_LENGTHS = by_condition((1, 2), hard=(3, 4))
+MAX_TRAIN_SUM = sum(range(9, 9 - max(CHAIN_LENGTHS["train"]) - 1, -1))  # 9 + 8 + 7: hard sums lie above it
 START_RGB = (30, 150, 60)
 
 
@@ -37,8 +44,11 @@ def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Dra
     s = scale_of(size)
     length = int(rng.choice(CHAIN_LENGTHS[split]))
     radius = d.radius * s
-    centers, edges, chain = layout_graph(rng, size, d.num_nodes, length, radius, d.distractor_prob)
+    centers, edges, chain = layout_graph(rng, size, d.num_nodes, length, radius, d.distractor_prob,
+                                         start_ok=lambda x, y: in_bottom_right(x, y, size) == (split == "shifted"))
     labels = [int(v) for v in rng.choice(np.arange(1, 10), size=d.num_nodes, replace=False)]
+    while split == "hard" and sum(labels[k] for k in chain) <= MAX_TRAIN_SUM:
+        labels = [int(v) for v in rng.choice(np.arange(1, 10), size=d.num_nodes, replace=False)]
     image, draw = canvas.new_canvas(size)
     draw_graph(draw, centers, edges, radius, s)
     for j, ((x, y), label) in enumerate(zip(centers, labels)):

@@ -8,7 +8,11 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-SPLITS = ("train", "validation", "test")
+# Evaluation conditions: `in_distribution` (fresh seeds, the training settings) and `shifted` (one
+# mild change, answers still in the training answer set) are the headline; `hard` extrapolates
+# (e.g. counts never trained on) and is reported apart.
+EVAL_CONDITIONS = ("in_distribution", "shifted", "hard")
+SPLITS = ("train",) + EVAL_CONDITIONS
 
 
 @dataclasses.dataclass
@@ -42,13 +46,25 @@ def join_words(items: Sequence[str]) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def by_condition(train, *, shifted=None, hard=None) -> dict[str, Any]:
+    """A generator setting per split: in_distribution uses the training one; shifted and hard use
+    theirs where given, else the training one."""
+    return {"train": train, "in_distribution": train, "shifted": train if shifted is None else shifted,
+            "hard": train if hard is None else hard}
+
+
 def split_colors(rng: np.random.Generator, split: str, n: int, pool: Sequence[str], held_out: Sequence[str]) -> list[str]:
-    """n distinct colour names, the target first. train draws all of them from `pool`, so the
-    `held_out` colours never appear in training images; validation / test take the target from
-    `held_out` (an unseen colour to count or add) and the others from `pool`."""
-    if split == "train":
+    """n distinct colour names, the target first. Every split but `shifted` draws them all from
+    `pool`, so the `held_out` colours never appear in training images; `shifted` takes the target
+    from `held_out` (an unseen colour to count or add) and the others from `pool`."""
+    if split != "shifted":
         return [str(c) for c in rng.choice(list(pool), size=n, replace=False)]
     return [pick(rng, held_out)] + [str(c) for c in rng.choice(list(pool), size=n - 1, replace=False)]
+
+
+def in_bottom_right(x: float, y: float, size: int) -> bool:
+    """The quadrant that the `shifted` condition of the layout-shift families moves things into."""
+    return x >= size / 2 and y >= size / 2
 
 
 def boxed(answer: str) -> str:

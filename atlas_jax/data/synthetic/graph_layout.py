@@ -8,6 +8,7 @@ the requested length; the other nodes get distractor arrows (some pointing into 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 
@@ -41,18 +42,23 @@ def _spread(centers, edges, min_deg: float = 35.0) -> bool:
 
 
 def layout_graph(rng: np.random.Generator, size: int, num_nodes: int, chain_length: int, radius: float,
-                 distractor_prob: float = 0.7, attempts: int = 60):
+                 distractor_prob: float = 0.7, attempts: int = 60,
+                 start_ok: Callable[[float, float], bool] = lambda x, y: True):
     """Returns (centers float[N][2], edges [(u, v)], chain [node indices from the start to the end]).
 
-    Node 0 is the start; chain = [0, 1, ..., chain_length]. No arrow passes within ~6 px (at 112 px) of
-    the outline of a node other than its two ends, so arrows never look like they touch a third node.
+    Node 0 is the start, placed where `start_ok(x, y)`; chain = [0, 1, ..., chain_length]. No arrow
+    passes within ~6 px (at 112 px) of the outline of a node other than its two ends, so arrows never
+    look like they touch a third node.
     """
     if num_nodes < chain_length + 1:
         raise ValueError(f"num_nodes={num_nodes} cannot hold a chain of length {chain_length}; expected >= {chain_length + 1}")
+    low, high = (radius + 2, radius + 2), (size - radius - 3, size - radius - 3)
+    min_dist = max(4.2 * radius, size / (1.6 * math.sqrt(num_nodes)))
     for _ in range(attempts):
         try:
-            centers = canvas.place_points(rng, num_nodes, (radius + 2, radius + 2), (size - radius - 3, size - radius - 3),
-                                          min_dist=max(4.2 * radius, size / (1.6 * math.sqrt(num_nodes))), radius=radius)
+            taken: list = []
+            centers = canvas.place_points(rng, 1, low, high, min_dist, taken, radius, ok=start_ok)
+            centers += canvas.place_points(rng, num_nodes - 1, low, high, min_dist, taken, radius)
         except canvas.PlacementError:
             continue
         edges = [(k, k + 1) for k in range(chain_length)]

@@ -1,7 +1,12 @@
 """`label_sum` (<|Text|>): shapes carry digit labels; add the labels of the shapes of one colour.
 
-Held-out layout: how many labels are added, train {2, 3}, validation {4}, test {5}; and the
-colour of the shapes to add, never drawn in train: cyan, pink or brown.
+Held-out conditions: in_distribution adds 2 or 3 labels of a training colour; shifted adds the
+labels of a colour never drawn in training (cyan, pink or brown), still 2 or 3, so the sums stay
+within the training sums (2-27); hard adds 4 or 5 labels whose sum exceeds every training sum
+(28-45), so neither the number of terms nor the answer was trained on.
+
+Why <|Text|> should help: the answer needs the digits of only the target-coloured shapes, written
+down one by one before adding; a module attending to those shapes reads exactly those labels.
 """
 
 from __future__ import annotations
@@ -11,9 +16,10 @@ import dataclasses
 import numpy as np
 
 from atlas_jax.data.synthetic import canvas, glyphs
-from atlas_jax.data.synthetic.family import Drawn, boxed, join_words, pick, require, scale_of, split_colors
+from atlas_jax.data.synthetic.family import Drawn, boxed, by_condition, join_words, pick, require, scale_of, split_colors
 
-TERMS = {"train": (2, 3), "validation": (4,), "test": (5,)}
+TERMS = by_condition((2, 3), hard=(4, 5))
+MAX_TRAIN_SUM = 9 * max(TERMS["train"])  # hard sums lie above it
 HELD_OUT_COLORS = ("cyan", "pink", "brown")
 TRAIN_COLORS = tuple(c for c in canvas.PALETTE if c not in HELD_OUT_COLORS)
 
@@ -35,6 +41,9 @@ def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Dra
     colors = split_colors(rng, split, d.num_colors, TRAIN_COLORS, HELD_OUT_COLORS)
     target = colors[0]
     k = int(rng.choice(TERMS[split]))
+    target_labels = rng.integers(1, 10, size=k)
+    while split == "hard" and target_labels.sum() <= MAX_TRAIN_SUM:
+        target_labels = rng.integers(1, 10, size=k)
     centers = canvas.place_points(rng, k + d.distractors, (radius + 2, radius + 2), (size - radius - 3, size - radius - 3),
                                   2 * radius + 5 * s, radius=radius)
     image, draw = canvas.new_canvas(size)
@@ -42,7 +51,7 @@ def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Dra
     for j, (x, y) in enumerate(centers):
         color = target if j < k else str(rng.choice(colors[1:]))
         kind = "circle" if rng.random() < 0.5 else "square"
-        label = int(rng.integers(1, 10))
+        label = int(target_labels[j]) if j < k else int(rng.integers(1, 10))
         canvas.draw_shape(draw, kind, (x, y), radius, canvas.PALETTE[color])
         glyphs.draw_text_centered(draw, (x, y), str(label), canvas.WHITE, scale)
         objects.append({"kind": kind, "color": color, "center": [x, y], "radius": radius, "label": label})

@@ -1,7 +1,12 @@
 """`line_count` (<|Line|> + <|Shape|>): how many dots of one colour lie above the line through A and B?
 
-The line is not drawn. Held-out layout: the number of target dots above the line.
-train {1, 2, 3}, validation {4}, test {5}.
+The line is not drawn. Held-out conditions: in_distribution has 1-3 target dots above the line, in
+the training colours; shifted asks about a dot colour never drawn in training (cyan or pink),
+still 1-3 dots; hard has 4 or 5 dots above, counts never trained on.
+
+Why <|Line|> then <|Shape|> should help: "above" is defined by a line that is not drawn, so the
+count needs the line through A and B extended across the image and the region above it marked
+before counting; dots of the same colour below it are the trap.
 """
 
 from __future__ import annotations
@@ -11,10 +16,11 @@ import dataclasses
 import numpy as np
 
 from atlas_jax.data.synthetic import canvas, line_layout
-from atlas_jax.data.synthetic.family import Drawn, boxed, pick, plural, scale_of
+from atlas_jax.data.synthetic.family import Drawn, boxed, by_condition, pick, plural, scale_of, split_colors
 
-COUNTS = {"train": (1, 2, 3), "validation": (4,), "test": (5,)}
+COUNTS = by_condition((1, 2, 3), hard=(4, 5))
 DOT_COLORS = ("red", "green", "orange", "purple")  # never navy-like blue: that marks A and B
+HELD_OUT_COLORS = ("cyan", "pink")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +36,7 @@ class Difficulty:
 def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Drawn:
     s = scale_of(size)
     a, b = line_layout.place_line(rng, size, (0.0, d.max_angle_deg))
-    colors = [str(c) for c in rng.choice(DOT_COLORS, size=2, replace=False)]
+    colors = split_colors(rng, split, 2, DOT_COLORS, HELD_OUT_COLORS)
     target = colors[0]
     count = int(rng.choice(COUNTS[split]))
     r = 2.5 * s

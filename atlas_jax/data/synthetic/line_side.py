@@ -1,8 +1,12 @@
 """`line_side` (<|Line|>): are points P and Q on the same side of the line through A and B?
 
-The line itself is not drawn; drawing it is the auxiliary-line step.
-Held-out layout: the angle of AB against the horizontal.
-train |angle| in [0, 35] deg, validation [45, 60] deg, test [70, 88] deg (near-vertical).
+The line itself is not drawn; drawing it is the auxiliary-line step. Held-out conditions, by the
+angle of AB against the horizontal (answers are always yes / no): in_distribution |angle| in
+[0, 35] deg as in training; shifted [45, 60] deg, an angle never trained on; hard [70, 88] deg,
+near-vertical lines, where the sides are left / right rather than above / below.
+
+Why <|Line|> should help: P and Q sit far from A and B, so which side of the undrawn line each is
+on can only be judged with the line extended across the image; drawing it is the operation.
 """
 
 from __future__ import annotations
@@ -12,9 +16,9 @@ import dataclasses
 import numpy as np
 
 from atlas_jax.data.synthetic import canvas, line_layout
-from atlas_jax.data.synthetic.family import Drawn, boxed, pick, scale_of
+from atlas_jax.data.synthetic.family import Drawn, boxed, by_condition, pick, scale_of
 
-ANGLES = {"train": (0.0, 35.0), "validation": (45.0, 60.0), "test": (70.0, 88.0)}
+ANGLES = by_condition((0.0, 35.0), shifted=(45.0, 60.0), hard=(70.0, 88.0))
 POINT_RGB = {"P": (220, 40, 40), "Q": (30, 150, 60)}
 
 
@@ -56,7 +60,7 @@ def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Dra
         draw.ellipse((round(p[0] - r), round(p[1] - r), round(p[0] + r), round(p[1] + r)), fill=POINT_RGB[name])
 
     answer = "yes" if same else "no"
-    steep = ANGLES[split][0] >= 45.0
+    steep = split == "hard"  # near-vertical lines: left / right reads better than above / below
     wp, wq = _side_words(pts["P"], a, b, steep), _side_words(pts["Q"], a, b, steep)
     verdict = "on the same side" if same else "on opposite sides"
     question = pick(rng, ("Are points P and Q on the same side of the straight line through A and B? Answer yes or no.",

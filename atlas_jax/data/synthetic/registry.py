@@ -26,7 +26,8 @@ _PLACEMENT_ATTEMPTS = 8
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
     """build(rng, split, difficulty, image_size) -> Drawn; ops: functional-token names the
-    trajectory uses, in order; held_out: what differs between train and validation/test;
+    trajectory uses, in order; held_out: what the evaluation conditions change (the docstring's
+    "Held-out conditions:" paragraph);
     min_image_size: below it the family's labels no longer fit legibly."""
 
     name: str
@@ -38,7 +39,8 @@ class TaskSpec:
 
 
 def _spec(name: str, module, ops: tuple[str, ...], min_image_size: int = 84) -> TaskSpec:
-    held_out = " ".join((module.__doc__ or "").split("Held-out layout:", 1)[-1].split())
+    paragraph = (module.__doc__ or "").split("Held-out conditions", 1)[-1].split("\n\n", 1)[0]
+    held_out = " ".join(paragraph.split()).lstrip(": ")
     return TaskSpec(name, module.build, ops, module.Difficulty(), held_out, min_image_size)
 
 

@@ -1,7 +1,12 @@
 """`shape_count` (<|Shape|>): count the objects of one colour inside a black rectangle.
 
-Held-out layout: the number of target objects inside the region, train {1, 2, 3, 4},
-validation {5}, test {6}; and the target's colour, never drawn in train: cyan, pink or brown.
+Held-out conditions: in_distribution draws 1-4 targets in the training colours; shifted asks
+about a colour never drawn in training (cyan, pink or brown), still 1-4 targets; hard has 5 or 6
+targets, counts never trained on.
+
+Why <|Shape|> should help: objects of the target colour also sit outside the rectangle (the
+trap), so the count needs the region isolated first; outlining it is the operation, and a module
+attending to the rectangle's inside sees only what is to be counted.
 """
 
 from __future__ import annotations
@@ -12,9 +17,9 @@ from collections import Counter
 import numpy as np
 
 from atlas_jax.data.synthetic import canvas
-from atlas_jax.data.synthetic.family import Drawn, boxed, join_words, pick, plural, require, scale_of, split_colors
+from atlas_jax.data.synthetic.family import Drawn, boxed, by_condition, join_words, pick, plural, require, scale_of, split_colors
 
-COUNTS = {"train": (1, 2, 3, 4), "validation": (5,), "test": (6,)}
+COUNTS = by_condition((1, 2, 3, 4), hard=(5, 6))
 HELD_OUT_COLORS = ("cyan", "pink", "brown")
 TRAIN_COLORS = tuple(c for c in canvas.PALETTE if c not in HELD_OUT_COLORS)
 

@@ -1,8 +1,13 @@
 """`zoom_count` (<|Manip|> + <|Shape|>): count tiny dots of one colour inside a small red frame in a
 large cluttered image; the same colour appears outside the frame too.
 
-Held-out layout: the number of target dots inside the frame, train {1, 2, 3}, validation {4},
-test {5}; and the target dots' colour, never drawn in train: cyan or pink.
+Held-out conditions: in_distribution has 1-3 target dots in the training colours; shifted asks
+about a dot colour never drawn in training (cyan or pink), still 1-3 dots; hard has 4 or 5 dots,
+counts never trained on.
+
+Why <|Manip|> then <|Shape|> should help: the dots are a few pixels wide, smaller than a 14-px
+patch, so reading them needs a closer look at the frame (the zoom), and the same colour outside
+the frame is the trap that outlining the frame's inside removes.
 """
 
 from __future__ import annotations
@@ -12,9 +17,9 @@ import dataclasses
 import numpy as np
 
 from atlas_jax.data.synthetic import canvas
-from atlas_jax.data.synthetic.family import Drawn, boxed, pick, plural, scale_of, split_colors
+from atlas_jax.data.synthetic.family import Drawn, boxed, by_condition, pick, plural, scale_of, split_colors
 
-COUNTS = {"train": (1, 2, 3), "validation": (4,), "test": (5,)}
+COUNTS = by_condition((1, 2, 3), hard=(4, 5))
 FRAME_RGB = (220, 40, 40)
 DOT_COLORS = ("blue", "green", "orange", "purple")  # never red: red is the frame
 HELD_OUT_COLORS = ("cyan", "pink")

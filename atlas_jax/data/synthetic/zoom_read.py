@@ -1,8 +1,12 @@
 """`zoom_read` (<|Manip|>): a tiny digit inside a small red frame, in a cluttered image with other
 digits around, must be zoomed into to be read.
 
-Held-out layout: where the frame sits. train: anywhere except the bottom-right quadrant;
-validation: bottom-right quadrant; test: bottom-right quadrant with twice the clutter.
+Held-out conditions (answers are always a digit 0-9): in_distribution puts the frame anywhere but
+the bottom-right quadrant, as in training; shifted puts it in the bottom-right quadrant, where no
+training frame ever was; hard keeps the training quadrants under twice the training clutter.
+
+Why <|Manip|> should help: the digit is a 5x7 glyph, smaller than one 14-px patch, among decoy
+digits and clutter; reading it needs the frame enlarged (a module attending to the frame's patch).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import dataclasses
 import numpy as np
 
 from atlas_jax.data.synthetic import canvas, glyphs
-from atlas_jax.data.synthetic.family import Drawn, boxed, pick, scale_of
+from atlas_jax.data.synthetic.family import Drawn, boxed, in_bottom_right, pick, scale_of
 
 FRAME_RGB = (220, 40, 40)
 DECOY_RGB = (60, 60, 60)
@@ -27,8 +31,7 @@ class Difficulty:
 
 
 def _quadrant_ok(split: str, x: float, y: float, size: int) -> bool:
-    bottom_right = x >= size / 2 and y >= size / 2
-    return bottom_right if split != "train" else not bottom_right
+    return in_bottom_right(x, y, size) == (split == "shifted")
 
 
 def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Drawn:
@@ -46,7 +49,7 @@ def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Dra
         return keep_out[0] <= x <= keep_out[2] and keep_out[1] <= y <= keep_out[3]
 
     image, draw = canvas.new_canvas(size)
-    clutter = int(d.clutter * s * s * (2 if split == "test" else 1))
+    clutter = int(d.clutter * s * s * (2 if split == "hard" else 1))
     canvas.scatter_clutter(draw, rng, size, clutter, avoid=near_frame)
     taken = [(cx, cy, max(fw, fh))]
     decoy_pts = canvas.place_points(rng, d.decoys, (6, 6), (size - 8, size - 8), 10, taken, 5)

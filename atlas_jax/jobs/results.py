@@ -1,0 +1,119 @@
+"""The recipe's results: per evaluation condition and checkpoint, accuracy with a Wilson 95%
+interval and the image-swap control, next to the trivial baselines; as results.json and a table.
+
+    results = {"in_distribution": {"sft": summary(samples), "rl": ..., "baselines": baselines(train, samples)},
+               "shifted": {...}, "hard": {...}}
+
+`samples` are an evaluation's scored rows (`evaluate.evaluate`'s eval_<tag>.json): task, answer,
+correct, image_swap_correct. The baselines use the training answer distribution (the first
+TRAIN_ANSWER_RECORDS training records of each family): `majority` always answers the family's
+most frequent training answer; `uniform` guesses uniformly among the family's training answers
+(its expected accuracy). Neither looks at the image; the image-swap control shows what the model
+gets from the question alone (it must fall toward them).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import statistics
+from collections.abc import Sequence
+
+TRAIN_ANSWER_RECORDS = 128  # per family: training answers the baselines are computed from
+Z95 = statistics.NormalDist().inv_cdf(0.975)  # two-sided 95%
+
+
+def wilson_interval(successes: float, n: int, z: float = Z95) -> list[float]:
+    """[lo, hi]: the Wilson score interval of a binomial proportion successes / n (n > 0)."""
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def training_answers(src, tasks: Sequence[str], per_task: int = TRAIN_ANSWER_RECORDS) -> dict[str, collections.Counter]:
+    """{task: Counter of answers} over the first `per_task` records of each of `tasks` in `src` (a
+    random-access training split, read in order until each task has them or the split ends)."""
+    counts = {task: collections.Counter() for task in tasks}
+    missing = set(tasks)
+    for i in range(len(src)):
+        if not missing:
+            break
+        record = src[i]
+        task = record["task"]
+        if task in missing:
+            counts[task][record["answer"]] += 1
+            if sum(counts[task].values()) == per_task:
+                missing.discard(task)
+    return counts
+
+
+def majority_answer(counts: collections.Counter) -> str:
+    """The most frequent answer; ties go to the first in sorted order (reproducible)."""
+    return max(sorted(counts), key=counts.__getitem__)
+
+
+def baselines(train: dict[str, collections.Counter], samples: Sequence[dict]) -> dict:
+    """Expected accuracy of the image-blind baselines on `samples`, overall and per family."""
+    hits: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+    for row in samples:
+        counts = train.get(row["task"], collections.Counter())
+        majority = float(bool(counts) and row["answer"] == majority_answer(counts))
+        uniform = (row["answer"] in counts) / max(len(counts), 1)
+        hits[row["task"]].append((majority, uniform))
+    per_family = {
+        task: {"majority": _mean(h[0] for h in rows), "uniform": _mean(h[1] for h in rows),
+               "majority_answer": majority_answer(train[task]) if train.get(task) else "",
+               "training_samples": sum(train.get(task, {}).values()), "training_answers": len(train.get(task, ()))}
+        for task, rows in sorted(hits.items())
+    }
+    every = [h for rows in hits.values() for h in rows]
+    return {"majority": _mean(h[0] for h in every), "uniform": _mean(h[1] for h in every), "per_family": per_family}
+
+
+def summary(samples: Sequence[dict]) -> dict:
+    """Accuracy, its Wilson 95% interval and the image-swap accuracy, overall and per family."""
+
+    def part(rows):
+        n = len(rows)
+        correct = sum(r["correct"] for r in rows)
+        out = {"accuracy": correct / n, "interval": wilson_interval(correct, n), "num_samples": n}
+        if all("image_swap_correct" in r for r in rows):
+            out["image_swap"] = _mean(r["image_swap_correct"] for r in rows)
+        return out
+
+    by_task = collections.defaultdict(list)
+    for row in samples:
+        by_task[row["task"]].append(row)
+    return {**part(list(samples)), "per_family": {t: part(rows) for t, rows in sorted(by_task.items())}}
+
+
+def table(results: dict, checkpoints: dict[str, str]) -> str:
+    """Markdown, one section per condition: a row per family (and overall), for each checkpoint
+    (`checkpoints`: key in results -> column name) accuracy [95% interval] and the image-swap
+    accuracy, then the majority and uniform baselines."""
+    out = []
+    for condition, res in results.items():
+        label = " (extrapolation: reported apart from the headline)" if condition == "hard" else ""
+        head = [f"{name} accuracy [95% CI] | {name} image swap" for name in checkpoints.values()]
+        out += [f"## {condition}{label}", "", "| family | " + " | ".join(head) + " | majority | uniform | n |",
+                "|---" * (2 * len(checkpoints) + 4) + "|"]
+        base = res["baselines"]
+        families = sorted(base["per_family"])
+        for family in ["overall", *families]:
+            cells = []
+            for key in checkpoints:
+                s = res[key] if family == "overall" else res[key]["per_family"][family]
+                lo, hi = s["interval"]
+                cells.append(f"{s['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | {s.get('image_swap', float('nan')):.3f}")
+            b = base if family == "overall" else base["per_family"][family]
+            n = next(iter(res[k] for k in checkpoints))
+            n = n["num_samples"] if family == "overall" else n["per_family"][family]["num_samples"]
+            out.append(f"| {family} | " + " | ".join(cells) + f" | {b['majority']:.3f} | {b['uniform']:.3f} | {n} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / max(len(values), 1)

@@ -1,0 +1,76 @@
+"""The recipe's statistics (`jobs/results.py`) against references nobody here wrote (scipy's
+Wilson interval) and hand-counted baselines; the image-swap control's record rotation."""
+
+import collections
+import importlib.util
+import os
+import re
+
+import pytest
+from scipy import stats
+
+from atlas_jax.data.synthetic import SyntheticSource
+from atlas_jax.jobs import evaluate, results
+
+
+@pytest.mark.parametrize("k,n", [(0, 8), (3, 8), (8, 8), (64, 128), (1000, 1024)])
+def test_wilson_interval_is_scipys(k, n):
+    ci = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    assert results.wilson_interval(k, n) == pytest.approx([ci.low, ci.high], abs=1e-9)
+
+
+def test_baselines_by_hand():
+    train = {"count": collections.Counter({"1": 5, "2": 5, "3": 2}), "side": collections.Counter({"yes": 3, "no": 4})}
+    samples = [{"task": "count", "answer": a} for a in ("1", "2", "4", "1")] + [{"task": "side", "answer": a} for a in ("no", "yes")]
+    out = results.baselines(train, samples)
+    # count: majority "1" (a tie with "2", broken by sorted order) is right on 2 of 4; uniform: 3 of 4 in the set of 3.
+    assert out["per_family"]["count"] == {"majority": 0.5, "uniform": 0.25, "majority_answer": "1", "training_samples": 12,
+                                          "training_answers": 3}
+    assert out["per_family"]["side"]["majority"] == 0.5 and out["per_family"]["side"]["uniform"] == 0.5
+    assert out["majority"] == pytest.approx(3 / 6) and out["uniform"] == pytest.approx((3 * 1 / 3 + 2 * 0.5) / 6)
+
+
+def test_training_answers_read_the_first_records_of_each_family():
+    src = SyntheticSource("train", None, seed=4, tasks=["shape_count", "line_side"])
+    got = results.training_answers(src, ["shape_count", "line_side"], per_task=5)
+    want = {t: collections.Counter(src[2 * i + k]["answer"] for i in range(5)) for k, t in enumerate(["shape_count", "line_side"])}
+    assert got == want
+
+
+def test_summary_per_family_and_image_swap():
+    rows = [{"task": "a", "correct": 1.0, "image_swap_correct": 0.0}, {"task": "a", "correct": 0.0, "image_swap_correct": 0.0},
+            {"task": "b", "correct": 1.0, "image_swap_correct": 1.0}]
+    s = results.summary(rows)
+    assert s["accuracy"] == pytest.approx(2 / 3) and s["image_swap"] == pytest.approx(1 / 3) and s["num_samples"] == 3
+    assert s["per_family"]["a"]["accuracy"] == 0.5 and s["per_family"]["b"]["image_swap"] == 1.0
+    assert s["interval"] == pytest.approx(results.wilson_interval(2, 3))
+
+
+def test_image_swap_rotates_images_within_each_batch():
+    src = SyntheticSource("in_distribution", 1, seed=0)  # 8 records, one per family
+    swapped = evaluate._ImageSwapped(src, list(range(8)), batch_size=4)
+    for i in range(8):
+        first = i - i % 4
+        record = swapped[i]
+        assert record["uid"] == src[i]["uid"] and record["question"] == src[i]["question"]
+        assert record["images"] == src[first + (i - first + 1) % 4]["images"] != src[i]["images"]
+
+
+def test_the_recipe_config_names_a_bad_evaluation_setting():
+    from atlas_jax import run_config
+    from atlas_jax.model.config import ConfigError
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "atlas_synthetic.py")
+    spec = importlib.util.spec_from_file_location("atlas_synthetic", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    run_config.validate(c, 1, paths=False)
+    assert c.eval.num_per_task >= 128 and tuple(c.eval.conditions) == ("in_distribution", "shifted", "hard")
+    for field, value, message in (("split", "validation", "config.eval.split='validation': expected one of"),
+                                  ("conditions", ("shifted", "test"), "config.eval.conditions"),
+                                  ("num_per_task", 0, "config.eval.num_per_task=0: expected >= 1")):
+        bad = c.copy_and_resolve_references()
+        bad.eval[field] = value
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            run_config.validate(bad, 1, paths=False)
