@@ -49,22 +49,30 @@ def run_layers(
     """
     if not layers:
         return carry
-    if not scan or len(layers) == 1:
+    scan = scan and len(layers) > 1
+    if remat == "none" and not scan:
         # The modules themselves run (not copies), so a first call may create variables in them
-        # (qwix creates LoRA adapters that way).
-        run = body if remat == "none" else nnx.remat(body, policy=REMAT_POLICIES[remat])
+        # (qwix creates LoRA adapters in such a forward: `lora.apply`).
         for i, layer in enumerate(layers):
-            carry = run(layer, carry, jnp.asarray(first_index + i, jnp.int32))
+            carry = body(layer, carry, jnp.asarray(first_index + i, jnp.int32))
         return carry
-    graphdef = nnx.graphdef(layers[0])
-    states = [nnx.state(layer) for layer in layers]
 
-    def pure(state, carry, index):
-        return body(nnx.merge(graphdef, state), carry, index)
+    # Otherwise each layer runs as a pure function of its parameters, on a copy merged from them:
+    # jax.checkpoint and lax.scan need one (and nnx.remat fails inside other traces, e.g. the SFT
+    # step's eval_shape of a micro-batch).
+    def pure(graphdef):
+        def run(state, carry, index):
+            return body(nnx.merge(graphdef, state), carry, index)
 
-    if remat != "none":
         # Inside a scan, common-subexpression elimination cannot merge the recomputation away.
-        pure = jax.checkpoint(pure, policy=REMAT_POLICIES[remat], prevent_cse=False)
+        return run if remat == "none" else jax.checkpoint(run, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
+
+    if not scan:
+        for i, layer in enumerate(layers):
+            graphdef, state = nnx.split(layer)
+            carry = pure(graphdef)(state, carry, jnp.asarray(first_index + i, jnp.int32))
+        return carry
+    states = [nnx.state(layer) for layer in layers]
     structures = {jax.tree.structure(s) for s in states}
     shapes = {tuple(x.shape for x in jax.tree.leaves(s)) for s in states}
     if len(structures) != 1 or len(shapes) != 1:
@@ -73,9 +81,11 @@ def run_layers(
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
     indices = first_index + jnp.arange(len(layers), dtype=jnp.int32)
 
+    layer_fn = pure(nnx.graphdef(layers[0]))
+
     def step(carry, xs):
         state, index = xs
-        return pure(state, carry, index), None
+        return layer_fn(state, carry, index), None
 
     carry, _ = jax.lax.scan(step, carry, (stacked, indices))
     return carry

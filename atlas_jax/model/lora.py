@@ -87,16 +87,17 @@ def _with_adapters(model: VLM, cfg: LoraConfig, seed: int) -> VLM:
     the frozen base weights then cast to `cfg.base_dtype`."""
     ids = jnp.zeros((1, 1), jnp.int32)
     # qwix creates each adapter inside the module that runs: the creating forward runs the layers
-    # themselves, unrolled (a scan runs copies of them).
-    scan_layers, model.cfg = model.cfg.scan_layers, model.cfg.replace(scan_layers=False)
+    # themselves, unrolled and without remat (a scan or remat runs copies of them).
+    model_cfg = model.cfg
+    model.cfg = model_cfg.replace(scan_layers=False, remat="none")
     try:
         adapted = qwix.apply_lora_to_model(
             model, qwix.LoraProvider(module_path=cfg.module_regex, rank=cfg.rank, alpha=cfg.alpha),
             ids, jnp.zeros((1, 3, 1), jnp.int32), jnp.ones((1, 1), bool), rngs=nnx.Rngs(seed),
         )
     finally:
-        model.cfg = model.cfg.replace(scan_layers=scan_layers)
-    adapted.cfg = model.cfg
+        model.cfg = model_cfg
+    adapted.cfg = model_cfg
     adapters = nnx.state(adapted, nnx.LoRAParam)
     if not jax.tree.leaves(adapters):
         raise ValueError(f"model.lora.module_regex={cfg.module_regex!r} matches no decoder projection")
