@@ -33,7 +33,7 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 
 def run_layers(
     layers: Sequence[nnx.Module],
-    body: Callable[[nnx.Module, Any, Any], tuple[Any, Any]],
+    body: Callable[[nnx.Module, Any, jax.Array], Any],
     carry: Any,
     *,
     scan: bool,
