@@ -317,6 +317,8 @@ def _check_data(d: mlc.ConfigDict) -> None:
 def _check_training(c: mlc.ConfigDict, batch_shards: int) -> None:
     """optim.*, train.*, checkpoint.* (sections without a dataclass of their own) and data.batch_size."""
     o, t, d = c.optim, c.train, c.data
+    if c.job == "la_grpo":  # its batches are rl.prompts_per_step prompts (checked in _check_rl)
+        batch_shards = 1
     _need(d.batch_size > 0 and d.batch_size % batch_shards == 0, "data.batch_size", d.batch_size,
           f"a positive multiple of the batch-sharding mesh axes data*fsdp={batch_shards}")
     _need(o.grad_accum > 0 and d.batch_size % o.grad_accum == 0 and (d.batch_size // o.grad_accum) % batch_shards == 0,

@@ -272,9 +272,10 @@ def test_two_processes_train_like_one(tmp_path, data_dir, reference):
     workdir = str(tmp_path / "work")
     out = _launch(tmp_path, "mh", num_processes=2, workdir=workdir, overrides=_overrides(data_dir))
 
-    # Training batches, then the evaluation's (its prompts, then its teacher-forced references).
+    # Training batches, then the evaluation's (its prompts, the same prompts with each other's
+    # images for the image-swap control, then its teacher-forced references).
     records = [_json(os.path.join(out, f"records_p{i}.json")) for i in range(2)]
-    assert [len(r) for r in records] == [STEPS + 2, STEPS + 2]
+    assert [len(r) for r in records] == [STEPS + 3, STEPS + 3]
     records = [r[:STEPS] for r in records]
     assert not set(sum(records[0], [])) & set(sum(records[1], [])), "the hosts' shards overlap"
     _assert_same_batches(reference["records"], records, range(STEPS))

@@ -145,3 +145,18 @@ def test_cli_reports_bad_input_in_one_line_with_exit_status_2(tmp_path):
     assert not workdir.exists() or not any(workdir.iterdir())  # rejected before any work
     verbose = subprocess.run([*cmd, "--verbose"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert verbose.returncode != 0 and "Traceback" in verbose.stderr
+
+
+def test_pod_configs_validate_for_their_slices_and_la_grpo_ignores_data_batch_size():
+    """Each 7B config divides the slice it is sized for (`:v5e` = 64 chips, default 32); an
+    LA-GRPO run batches rl.prompts_per_step prompts, so data.batch_size need not divide it."""
+    for name in ("sft_qwen25vl_7b.py", "la_grpo_qwen25vl_7b.py"):
+        run_config.validate(_load(name), 32, paths=False)
+        run_config.validate(_load(name, "v5e"), 64, paths=False)
+    rl = _load("la_grpo_qwen25vl_7b.py")
+    rl.data.batch_size = 16
+    run_config.validate(rl, 32, paths=False)
+    sft = _load("sft_qwen25vl_7b.py")
+    sft.data.batch_size = 16
+    with pytest.raises(ConfigError, match=r"config\.data\.batch_size=16: expected a positive multiple of .*=32"):
+        run_config.validate(sft, 32, paths=False)
