@@ -78,27 +78,12 @@ def load_split(c: mlc.ConfigDict, workdir: str, split: str):
     return tfds_builder.load_split(d, split, "user", dataset="atlas_user_data")
 
 
-def make_pipeline_config(c: mlc.ConfigDict, model_cfg: ModelConfig, *, fmt: str, batch_size: int | None = None, shuffle=True, num_epochs=None, seed_offset=0) -> pipeline.PipelineConfig:
-    d = c.data
+def make_pipeline_config(c: mlc.ConfigDict, model_cfg: ModelConfig, **kw) -> pipeline.PipelineConfig:
+    """`run_config.pipeline_config` with the image preprocessing of `model_cfg`'s vision tower."""
     image = image_processing.ImageProcessorConfig.for_vision(
-        model_cfg.vision, max_pixels=d.max_patches * model_cfg.vision.patch_size**2 // max(d.max_images, 1)
+        model_cfg.vision, max_pixels=c.data.max_patches * model_cfg.vision.patch_size**2 // max(c.data.max_images, 1)
     )
-    return pipeline.PipelineConfig(
-        batch_size=batch_size or d.batch_size,
-        max_length=d.max_length,
-        max_patches=d.max_patches,
-        max_images=d.max_images,
-        image=image,
-        seed=c.seed + seed_offset,
-        shuffle=shuffle,
-        num_epochs=num_epochs,
-        skip_bad_records=d.skip_bad_records,
-        worker_count=d.worker_count,
-        pad_to_multiple=d.pad_to_multiple,
-        format=fmt,
-        sft_target=d.sft_target,
-        functional_tokens=tuple(c.model.functional_tokens),
-    )
+    return run_config.pipeline_config(c, image, **kw)
 
 
 # ---------------------------------------------------------------------------- tokenizer

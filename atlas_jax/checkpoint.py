@@ -1,27 +1,20 @@
 """Orbax checkpoints of everything resume needs: one `ocp.CheckpointManager` over three items.
 
     ckpt = Checkpoints(workdir, keep=3, save_every=1000)      # first: SIGTERM is caught from here on
-    ...                                                         # build data, model
     if ckpt.latest_step() is not None:                          # automatic resume
         state, _ = ckpt.restore(None, abstract(state), data_iter)
-    for step in ...:                                            # (SIGTERM before it: stop, raise Preempted)
+    for step in ...:
         ckpt.save(step, state, data_iter, config)              # no-op off the interval
         if ckpt.reached_preemption(step): break                # SIGTERM
-    ckpt.save(step, state, data_iter, config, force=True)
-    ckpt.close()                                                # then, if preempted: raise Preempted
+    ckpt.save(step, state, data_iter, config, force=True); ckpt.close()
 
-`workdir/checkpoints/<step>/` holds `state/` (the train state pytree, written sharded by every
-process), `data_iter/` (each process's grain iterator position, through grain's Orbax handler),
-`config/` (JSON) and `atlas_manifest.json`.
-
-Why the manifest: Orbax makes a save atomic (a tmp dir renamed, or a commit file on GCS), so a
-process killed mid-save leaves only a tmp dir that is never listed; but a committed step whose files
-were later lost, cut short or altered (a full disk, a bad copy, a flipped bit, a hand edit) would
-still be listed, and Orbax would load altered bytes without a word. The manifest, written into the
-tmp dir right before the commit, lists every file with its size and sha256; `latest_step` skips,
-with a warning naming the file, any step that fails it, and `restore` refuses one. Process 0 writes
-the manifest (Orbax commits there, once every process has written its files to the shared
-directory) and checks it (once per step and `Checkpoints`), and every process uses its verdict.
+`workdir/checkpoints/<step>/` holds `state/` (the train state, written sharded by every process),
+`data_iter/` (each process's grain iterator position, grain's Orbax handler), `config/` (JSON) and
+`atlas_manifest.json`. Why the manifest: Orbax commits a save atomically, so a killed save is never
+listed; but a committed step whose files were later lost, cut short or altered (a full disk, a bad
+copy, a flipped bit) would be, and loaded without a word. The manifest, written by process 0 into
+the tmp dir right before the commit, lists each file's size and sha256; `latest_step` skips a step
+that fails it, with a warning naming the file, and `restore` refuses one.
 """
 
 from __future__ import annotations
@@ -60,18 +53,14 @@ class Preempted(Exception):
 
 
 def abstract(tree):
-    """The restore target of `tree`: each jax.Array becomes a `jax.ShapeDtypeStruct` with its
-    shape, dtype and sharding; other leaves (abstract arrays, Python numbers) stay."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if isinstance(x, jax.Array) else x, tree
-    )
+    """The restore target of `tree`: each jax.Array as a `jax.ShapeDtypeStruct` with its sharding."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if isinstance(x, jax.Array) else x, tree)
 
 
 # ----------------------------------------------------------------------------- manifest
 def _manifest_writing_path_class(root: epath.Path):
-    """Orbax's default temporary-path class for `root` (rename locally, commit file on GCS) that
-    writes the manifest into a step's tmp dir when Orbax commits it (every item is final by then;
-    Orbax calls this on the primary process once all processes finished writing)."""
+    """Orbax's default temporary-path class for `root` that also writes the manifest into a step's
+    tmp dir when Orbax commits it (on the primary process, once every process wrote its files)."""
     base = ocp.path.atomicity_defaults.get_default_temporary_path_class(root)
 
     class ManifestWritingPath(base):
@@ -121,11 +110,9 @@ class Checkpoints:
     """Saves and restores the train state, data-iterator position and config under
     `workdir/checkpoints`; catches SIGTERM (see `reached_preemption`) unless `read_only`.
 
-    Every process must call `latest_step`, `save`, `restore`, `reached_preemption` and `close` at
-    the same steps (arrays are written and read shard by shard by the processes that own them; process
-    0's verdict on a step's checksums is shared with the others). With `async_save`,
-    `save` returns once the arrays are copied to host memory; the next `save`, `wait` or `close`
-    waits for the files.
+    Every process calls each method at the same steps (arrays are written and read by the processes
+    that own their shards; process 0's checksum verdict is shared). With `async_save`, `save`
+    returns once the arrays are in host memory; the next `save` or `close` waits for the files.
     """
 
     def __init__(self, workdir: epath.PathLike, *, keep: int = 3, save_every: int = 1000,
@@ -141,8 +128,7 @@ class Checkpoints:
             DATA_ITER: grain.checkpoint.CheckpointHandler(),
         })
         # With several processes, jax.distributed's preemption notifier catches SIGTERM and Orbax's
-        # `reached_preemption` names the step at which all of them save. One process has no notifier
-        # (it lives in the distributed client), so here a handler only sets a flag.
+        # `reached_preemption` names the step at which all save; one process has no notifier, so a flag.
         self._damage_of: dict[int, str | None] = {}  # step -> its `_damage_in` verdict
         self._sigterm, self._previous_handler = False, None
         if not read_only and jax.process_count() == 1:  # `or`: None means a handler set outside Python
@@ -169,12 +155,8 @@ class Checkpoints:
     def save(self, step: int, state, data_iter: grain.DatasetIterator | None = None,
              config: Mapping | None = None, *, force: bool = False) -> bool:
         """Saves at every `save_every`-th step (any step with `force`); False when nothing was saved
-        (off the interval, or this step is already saved complete).
-
-        state: a pytree of arrays and numbers (typed PRNG keys are stored as keys).
-        data_iter: this process's grain iterator; its position is read before `save` returns.
-        config: JSON-serialisable (a ConfigDict is converted with `to_dict()`).
-        """
+        (off the interval, or this step is already saved complete). state: a pytree of arrays and
+        numbers; data_iter: this process's grain iterator; config: JSON-serialisable (or a ConfigDict)."""
         step = int(step)
         if not force and step % self.save_every:
             return False
@@ -215,13 +197,9 @@ class Checkpoints:
         self.manager.reload()
 
     def restore(self, step: int | None, abstract_state, data_iter: grain.DatasetIterator | None = None):
-        """(state, config) of `step` (None: the latest complete one), every array placed with its
-        target's sharding; `data_iter` (a fresh iterator of the same dataset) is moved to the saved
-        position.
-
-        abstract_state: the train state with `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`
-            leaves (see `abstract`) and Python numbers.
-        """
+        """(state, config) of `step` (None: the latest complete one), each array placed as its
+        `abstract_state` leaf says (see `abstract`); `data_iter` (a fresh iterator of the same
+        dataset) is moved to the saved position."""
         items = {CONFIG: ocp.args.JsonRestore()}
         if data_iter is not None:
             items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -230,22 +208,14 @@ class Checkpoints:
 
     def _restore(self, step: int | None, target, items: dict, partial: bool = False):
         """Orbax's restore of `items` and the state onto `target` (with `partial`, a subtree of it)."""
-        step = self._complete_step(step)
-        _check_fits(self.directory / str(step), self.manager.item_metadata(step)[STATE].tree, target)
-        items[STATE] = ocp.args.PyTreeRestore(
-            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=partial)
-        return self.manager.restore(step, args=ocp.args.Composite(**items))
-
-    def _complete_step(self, step: int | None) -> int:
         if step is None and (step := self.latest_step()) is None:
             raise CheckpointError(f"no complete checkpoint in {self.directory}")
         if (reason := self._damage(step)) is not None:
             raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: {reason}")
-        return int(step)
-
-    def wait(self) -> None:
-        """Blocks until a background save has been committed."""
-        self.manager.wait_until_finished()
+        _check_fits(self.directory / str(step), self.manager.item_metadata(step)[STATE].tree, target)
+        items[STATE] = ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=partial)
+        return self.manager.restore(step, args=ocp.args.Composite(**items))
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -260,15 +230,12 @@ class Checkpoints:
         self.close()
 
 
-def _by_name(tree) -> dict:
-    """{'params/w_de/value': leaf, ...}"""
-    return {jax.tree_util.keystr(p, simple=True, separator="/"): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def _check_fits(where: epath.Path, saved_tree, target) -> None:
     """Names the leaf that does not fit (Orbax's own errors do not say which one)."""
-    saved = _by_name(saved_tree)
-    for key, leaf in _by_name(target).items():
+    def by_name(tree):  # {'params/w_de/value': leaf, ...}
+        return {jax.tree_util.keystr(p, simple=True, separator="/"): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    saved = by_name(saved_tree)
+    for key, leaf in by_name(target).items():
         if key not in saved:
             raise CheckpointError(f"checkpoint {where} has no {key}; it has {len(saved)} leaves, e.g. {sorted(saved)[:8]}")
         if not isinstance(leaf, jax.ShapeDtypeStruct):

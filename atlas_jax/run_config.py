@@ -20,6 +20,8 @@ import ml_collections as mlc
 
 from atlas_jax import sampling
 from atlas_jax.benchmarks.protocol import BenchmarkConfig
+from atlas_jax.data import pipeline
+from atlas_jax.data.image_processing import ImageProcessorConfig
 from atlas_jax.data.synthetic import TASKS
 from atlas_jax.data.synthetic.family import EVAL_CONDITIONS
 from atlas_jax.functional_tokens import DEFAULT_TOKENS
@@ -243,7 +245,7 @@ def validate(c: mlc.ConfigDict, num_devices: int, *, paths: bool = True) -> None
     batch_shards = _check_mesh(c, num_devices)
     _check_model(c.model)
     _check_lora(c)
-    _check_data(c.data)
+    _check_data(c)
     _check_training(c, batch_shards)
     _check_rl(c.rl, batch_shards if c.job == "la_grpo" else 1)  # an SFT run's slice need not divide its rollouts
     e = c.eval
@@ -300,18 +302,36 @@ def lora_config(c: mlc.ConfigDict) -> lora.LoraConfig:
     return _build(lora.LoraConfig, c.model.lora, "model.lora")
 
 
-def _check_data(d: mlc.ConfigDict) -> None:
+def _check_data(c: mlc.ConfigDict) -> None:
+    """`data` builds its dataclass (whose range checks name the field); the checks here are the
+    ones a `PipelineConfig` cannot make: the source, and the image size against the task suite."""
+    pipeline_config(c, fmt="sft", batch_size=1)  # data.batch_size is checked against the mesh (_check_training)
+    d = c.data
     _need(d.source in ("synthetic", "jsonl", "perception"), "data.source", d.source, "'synthetic', 'jsonl' or 'perception'")
-    _need(d.max_length >= 32, "data.max_length", d.max_length, ">= 32 tokens (prompt + image + response)")
-    _need(d.max_patches > 0 and d.max_patches % 4 == 0, "data.max_patches", d.max_patches, "a positive multiple of 4")
     _need(d.max_images >= 1, "data.max_images", d.max_images, ">= 1")
     smallest = max(spec.min_image_size for spec in TASKS.values()) if d.source == "synthetic" else 28
     _need(d.image_size % 28 == 0 and d.image_size >= smallest, "data.image_size", d.image_size,
           f"a multiple of 28, >= {smallest}" + (" (the synthetic tasks' smallest legible size)" if d.source == "synthetic" else ""))
     _need((d.image_size // 14) ** 2 <= d.max_patches * d.max_images, "data.max_patches", d.max_patches,
           f">= the {(d.image_size // 14) ** 2} patches of one {d.image_size}px image")
-    _need(d.num_per_task >= 0 and d.pad_to_multiple >= 0 and d.worker_count >= 0, "data.num_per_task", d.num_per_task,
-          ">= 0 (and data.pad_to_multiple, data.worker_count >= 0)")
+    _need(d.num_per_task >= 0, "data.num_per_task", d.num_per_task, ">= 0 (0 = generated on the fly)")
+
+
+def pipeline_config(c: mlc.ConfigDict, image: ImageProcessorConfig | None = None, *, fmt: str, batch_size: int | None = None,
+                    shuffle: bool = True, num_epochs: int | None = None, seed_offset: int = 0) -> pipeline.PipelineConfig:
+    """`data` as the input pipeline's dataclass, for batches in `fmt` of `batch_size` (default
+    data.batch_size); image: the vision tower's preprocessing (default: the dataclass's)."""
+    d = c.data
+    fields = dict(image=image) if image is not None else {}
+    try:
+        return pipeline.PipelineConfig(
+            batch_size=batch_size or d.batch_size, max_length=d.max_length, max_patches=d.max_patches,
+            max_images=d.max_images, seed=c.seed + seed_offset, shuffle=shuffle, num_epochs=num_epochs,
+            skip_bad_records=d.skip_bad_records, worker_count=d.worker_count, pad_to_multiple=d.pad_to_multiple,
+            format=fmt, sft_target=d.sft_target, **fields,
+        )
+    except ConfigError as e:
+        raise ConfigError(f"config.{e}") from None
 
 
 def _check_training(c: mlc.ConfigDict, batch_shards: int) -> None:

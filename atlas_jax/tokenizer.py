@@ -225,6 +225,11 @@ class RunTokens:
     def functional_names(self) -> tuple[str, ...]:
         return tuple(n for n, _ in self.functional)
 
+    @property
+    def functional_strings(self) -> tuple[str, ...]:
+        """The functional tokens as text (`<|Line|>`, ...), in config order."""
+        return tuple(t.token for t in by_name(self.functional_names))
+
 
 def encode_untrusted(tok: PreTrainedTokenizerFast, text: str) -> list[int]:
     """Ids of `text` with every added-token string (control or functional) encoded as plain text.

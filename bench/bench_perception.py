@@ -41,9 +41,10 @@ def _batch(samples, tok, c, model_cfg, mesh):
 
     from atlas_jax import builders
     from atlas_jax.data import pipeline
+    from atlas_jax.tokenizer import RunTokens
 
     pcfg = builders.make_pipeline_config(c, model_cfg, fmt="sft", batch_size=len(samples), shuffle=False, num_epochs=1)
-    host = next(iter(pipeline.make_dataset(samples, tok, pcfg, model_cfg)))
+    host = next(iter(pipeline.make_dataset(samples, tok, RunTokens.of(tok), pcfg, model_cfg)))
     return {k: v for k, v in pipeline.to_global(host, mesh).items() if isinstance(v, jax.Array)}
 
 
@@ -83,7 +84,7 @@ def drift(args) -> None:
         spread = jnp.linalg.norm(f_bud - f_bud.mean(0, keepdims=True), axis=-1).mean() / norm
         return ce / sums["tokens"], norm, spread
 
-    data_it = iter(pipeline.make_dataset(builders.load_split(c, workdir, "train"), tok,
+    data_it = iter(pipeline.make_dataset(builders.load_split(c, workdir, "train"), tok, tokens,
                                          builders.make_pipeline_config(c, model.cfg, fmt="sft"), model.cfg))
     step_fn = None
     for step in range(args.steps + 1):

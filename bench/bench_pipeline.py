@@ -100,7 +100,7 @@ def build(workdir: str) -> Run:
 def make_dataset(run: Run, workers: int, **overrides) -> pipeline.PipelineDataset:
     cfg = builders.make_pipeline_config(run.c, run.model_cfg, fmt="sft")
     cfg = dataclasses.replace(cfg, worker_count=workers, **overrides)
-    return pipeline.make_dataset(run.source, run.tok, cfg, run.model_cfg)
+    return pipeline.make_dataset(run.source, run.tok, tokenizer_lib.RunTokens.of(run.tok), cfg, run.model_cfg)
 
 
 def load(it, mesh) -> dict:

@@ -102,7 +102,7 @@ def test_round_trip_exact(tmp_path, mesh):
         assert ckpt.latest_step() is None
         assert ckpt.save(20, state, data, config)
         next(data)  # the position is read before `save` returns, even when the arrays are written later
-        ckpt.wait()
+        ckpt.manager.wait_until_finished()
         assert ckpt.latest_step() == 20
         abstract = abstract_of(state, mesh)
         data_back = checkpoint_writer.data_iter(0)
@@ -174,7 +174,7 @@ def test_async_save_then_wait(tmp_path, mesh):
             # write must not need them any more.
             jax.tree.map(lambda x: x.delete() if isinstance(x, jax.Array) else None, state)
             state = kept
-        ckpt.wait()
+        ckpt.manager.wait_until_finished()
         assert sorted(ckpt.manager.all_steps()) == [2, 3, 4] and ckpt.latest_step() == 4
         abstract = abstract_of(state, mesh)
         restored, config = ckpt.restore(None, abstract)

@@ -31,6 +31,7 @@ from atlas_jax.data.pipeline import (
 from atlas_jax.data.sample import BadRecordError, Sample
 from atlas_jax.data.synthetic import generate_split
 from atlas_jax.functional_tokens import token_strings
+from atlas_jax.tokenizer import RunTokens
 from atlas_jax.model.config import ConfigError, ModelConfig, TextConfig, VisionConfig
 
 IMG = ImageProcessorConfig(max_pixels=56 * 56 * 2)  # <= 32 patches per image: tiny and fast
@@ -153,7 +154,7 @@ def hf_positions(hf_model, batch):
 def test_sft_batch_matches_hf_processor_and_rope_index(tok, model_cfg, hf_processor, hf_model):
     samples = list(generate_split("train", 1, seed=0, tasks=["shape_count", "line_side"], image_size=112))
     samples.append(random_sample(7, n_images=2))
-    ds = make_dataset(samples, tok, config(batch_size=3, shuffle=False, num_epochs=1), model_cfg, source_name="mem")
+    ds = make_dataset(samples, tok, RunTokens.of(tok), config(batch_size=3, shuffle=False, num_epochs=1), model_cfg, source_name="mem")
     (batch,) = list(iter(ds))
     functional_ids = [tok.convert_tokens_to_ids(s) for s in FUNCTIONAL]
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -192,7 +193,7 @@ def test_sft_batch_matches_hf_processor_and_rope_index(tok, model_cfg, hf_proces
 
 def test_rl_batch_is_left_padded_prompt(tok, model_cfg, hf_processor, hf_model):
     samples = [random_sample(i, n_images=1 + i % 2) for i in range(3)]
-    ds = make_dataset(samples, tok, config(batch_size=3, shuffle=False, num_epochs=1, format="rl"), model_cfg)
+    ds = make_dataset(samples, tok, RunTokens.of(tok), config(batch_size=3, shuffle=False, num_epochs=1, format="rl"), model_cfg)
     (batch,) = list(iter(ds))
     assert "loss_mask" not in batch and "functional_mask" not in batch
     t = batch["input_ids"].shape[1]
@@ -212,8 +213,8 @@ def test_answer_only_target_and_record_dicts(tok, model_cfg):
     samples = [random_sample(i) for i in range(2)]
     as_records = [records.encode_sample(s) for s in samples]
     cfg = config(shuffle=False, num_epochs=1, sft_target="answer_only")
-    from_samples = next(iter(make_dataset(samples, tok, cfg, model_cfg)))
-    from_records = next(iter(make_dataset(as_records, tok, cfg, model_cfg)))
+    from_samples = next(iter(make_dataset(samples, tok, RunTokens.of(tok), cfg, model_cfg)))
+    from_records = next(iter(make_dataset(as_records, tok, RunTokens.of(tok), cfg, model_cfg)))
     assert_batches_equal(from_samples, from_records)  # PNG round trip is lossless
     assert not from_samples["functional_mask"].any()
     target = tok.decode(from_samples["input_ids"][0][from_samples["loss_mask"][0]])
@@ -228,26 +229,26 @@ def test_tfds_array_record_source(tok, model_cfg, tmp_path):
     samples = list(generate_split("train", 1, seed=0, image_size=112))
     assert len(source) == len(samples)
     cfg = config(batch_size=len(samples), shuffle=False, num_epochs=1)
-    stored = next(iter(make_dataset(source, tok, cfg, model_cfg)))
-    direct = next(iter(make_dataset(samples, tok, cfg, model_cfg)))
+    stored = next(iter(make_dataset(source, tok, RunTokens.of(tok), cfg, model_cfg)))
+    direct = next(iter(make_dataset(samples, tok, RunTokens.of(tok), cfg, model_cfg)))
     row = {u: i for i, u in enumerate(direct["uid"])}
     order = [row[u] for u in stored["uid"]]  # the store may hold the records in another order
     for key, x in direct.items():
         if isinstance(x, np.ndarray):
             np.testing.assert_array_equal(stored[key], x[order], err_msg=key)
     with pytest.raises(BadRecordError, match=r"^atlas_synthetic/tiny_n1_s112:train, record \d+"):
-        next(iter(make_dataset(source, tok, config(max_length=20), model_cfg)))
+        next(iter(make_dataset(source, tok, RunTokens.of(tok), config(max_length=20), model_cfg)))
 
 
 def test_length_buckets(tok, model_cfg):
     samples = [random_sample(i) for i in range(4)]
     longest = 0
-    for b in iter(make_dataset(samples, tok, config(num_epochs=1, pad_to_multiple=64), model_cfg)):
+    for b in iter(make_dataset(samples, tok, RunTokens.of(tok), config(num_epochs=1, pad_to_multiple=64), model_cfg)):
         t = b["input_ids"].shape[1]
         n = int(b["attention_mask"].sum(1).max())
         assert t % 64 == 0 and n <= t < n + 64 and b["positions"].shape == (2, 3, t)
         longest = max(longest, n)
-    fixed = next(iter(make_dataset(samples, tok, config(num_epochs=1, pad_to_multiple=0), model_cfg)))
+    fixed = next(iter(make_dataset(samples, tok, RunTokens.of(tok), config(num_epochs=1, pad_to_multiple=0), model_cfg)))
     assert fixed["input_ids"].shape == (2, 256)
 
 
@@ -256,24 +257,24 @@ def test_exact_resume_including_skip_count(tok, model_cfg, tmp_path):
     samples = [random_sample(i) for i in range(7)]
     samples[4] = Sample(images=[Image.new("RGB", (500, 2))], question="q", response="\\boxed{1}", answer="1", uid="bad")
     cfg = config(batch_size=4, skip_bad_records=True)  # 6 good records per epoch: batches straddle epochs
-    full = take(iter(make_dataset(samples, tok, cfg, model_cfg)), 7)
+    full = take(iter(make_dataset(samples, tok, RunTokens.of(tok), cfg, model_cfg)), 7)
 
-    it = iter(make_dataset(samples, tok, cfg, model_cfg))
+    it = iter(make_dataset(samples, tok, RunTokens.of(tok), cfg, model_cfg))
     take(it, 3)
     state = pipeline_state(it)
     skipped_at_save = it.num_skipped
     assert skipped_at_save >= 1
-    resumed = restore(iter(make_dataset(samples, tok, cfg, model_cfg)), state)
+    resumed = restore(iter(make_dataset(samples, tok, RunTokens.of(tok), cfg, model_cfg)), state)
     assert resumed.num_skipped == skipped_at_save
     for a, b in zip(full[3:], take(resumed, 4)):
         assert_batches_equal(a, b)
 
     # The same through grain's Orbax checkpoint handler (what the trainer stores).
     handler = grain.checkpoint.CheckpointHandler()
-    it = iter(make_dataset(samples, tok, cfg, model_cfg))
+    it = iter(make_dataset(samples, tok, RunTokens.of(tok), cfg, model_cfg))
     take(it, 5)
     handler.save(epath.Path(tmp_path), args=grain.checkpoint.CheckpointSave(it))
-    resumed = handler.restore(epath.Path(tmp_path), args=grain.checkpoint.CheckpointRestore(iter(make_dataset(samples, tok, cfg, model_cfg))))
+    resumed = handler.restore(epath.Path(tmp_path), args=grain.checkpoint.CheckpointRestore(iter(make_dataset(samples, tok, RunTokens.of(tok), cfg, model_cfg))))
     for a, b in zip(full[5:], take(resumed, 2)):
         assert_batches_equal(a, b)
 
@@ -282,14 +283,14 @@ def test_exact_resume_including_skip_count(tok, model_cfg, tmp_path):
 def test_exact_resume_with_worker_processes(tok, model_cfg):
     samples = [random_sample(i) for i in range(5)]
     cfg = config(worker_count=1)
-    reference = take(iter(make_dataset(samples, tok, config(), model_cfg)), 5)
-    it = iter(make_dataset(samples, tok, cfg, model_cfg))
+    reference = take(iter(make_dataset(samples, tok, RunTokens.of(tok), config(), model_cfg)), 5)
+    it = iter(make_dataset(samples, tok, RunTokens.of(tok), cfg, model_cfg))
     try:
         got = take(it, 2)
         state = pipeline_state(it)
     finally:
         it.close()
-    resumed = restore(iter(make_dataset(samples, tok, cfg, model_cfg)), state)
+    resumed = restore(iter(make_dataset(samples, tok, RunTokens.of(tok), cfg, model_cfg)), state)
     try:
         got += take(resumed, 3)
     finally:
@@ -305,7 +306,7 @@ def test_per_host_streams_disjoint_and_covering(tok, model_cfg, hosts):
     cfg = config(batch_size=hosts, num_epochs=1)  # one example per host per step
     streams = []
     for p in range(hosts):
-        ds = make_dataset(samples, tok, cfg, model_cfg, process_index=p, process_count=hosts)
+        ds = make_dataset(samples, tok, RunTokens.of(tok), cfg, model_cfg, process_index=p, process_count=hosts)
         streams.append([u for b in iter(ds) for u in b["uid"]])
     assert len({len(s) for s in streams}) == 1  # every host takes the same number of steps
     sets = [set(s) for s in streams]
@@ -321,7 +322,7 @@ def test_global_batches_hold_the_same_records_in_the_same_order_for_any_number_o
 
     def global_batches(hosts):
         """Each global batch's uids: host 0's block, then host 1's, ... (`to_global`'s rows)."""
-        its = [iter(make_dataset(samples, tok, cfg, model_cfg, process_index=p, process_count=hosts)) for p in range(hosts)]
+        its = [iter(make_dataset(samples, tok, RunTokens.of(tok), cfg, model_cfg, process_index=p, process_count=hosts)) for p in range(hosts)]
         return [[u for it in its for u in next(it)["uid"]] for _ in range(4)]
 
     one = global_batches(1)
@@ -334,7 +335,7 @@ def test_epochs_and_shuffle_deterministic(tok, model_cfg):
     samples = [random_sample(i) for i in range(6)]
 
     def uids(**kw):
-        return [u for b in iter(make_dataset(samples, tok, config(num_epochs=3, **kw), model_cfg)) for u in b["uid"]]
+        return [u for b in iter(make_dataset(samples, tok, RunTokens.of(tok), config(num_epochs=3, **kw), model_cfg)) for u in b["uid"]]
 
     a = uids(seed=1)
     assert a == uids(seed=1)
@@ -414,7 +415,7 @@ BAD_CASES = [
 @pytest.mark.parametrize("name,make_bad,overrides,field", BAD_CASES, ids=[c[0] for c in BAD_CASES])
 def test_bad_record_raises_naming_it(tok, model_cfg, name, make_bad, overrides, field):
     data = [random_sample(0), random_sample(1), make_bad(), random_sample(3)]
-    ds = make_dataset(data, tok, config(batch_size=1, shuffle=False, num_epochs=1, **overrides), model_cfg,
+    ds = make_dataset(data, tok, RunTokens.of(tok), config(batch_size=1, shuffle=False, num_epochs=1, **overrides), model_cfg,
                       source_name="user.jsonl")
     with pytest.raises(BadRecordError) as info:
         list(iter(ds))
@@ -426,7 +427,7 @@ def test_skip_mode_counts_and_continues(tok, model_cfg):
     bad = [c[1]() for c in BAD_CASES[:4]] + [_long_question(), _functional_in_question()]
     good = [random_sample(i) for i in range(10, 14)]
     data = [good[0], bad[0], bad[1], good[1], bad[2], bad[3], good[2], bad[4], bad[5], good[3]]
-    ds = make_dataset(data, tok, config(batch_size=1, shuffle=False, num_epochs=1, max_images=1, max_length=100,
+    ds = make_dataset(data, tok, RunTokens.of(tok), config(batch_size=1, shuffle=False, num_epochs=1, max_images=1, max_length=100,
                                         skip_bad_records=True), model_cfg)
     it = iter(ds)
     batches = list(it)
@@ -439,7 +440,7 @@ def test_skip_mode_counts_and_continues(tok, model_cfg):
 def test_skip_mode_stops_when_every_record_is_bad(tok, model_cfg, num_epochs):
     """max_length below every sample's image tokens: skipping would read forever (or yield nothing)."""
     data = [random_sample(i) for i in range(3)]
-    ds = make_dataset(data, tok, config(batch_size=1, max_length=20, skip_bad_records=True, num_epochs=num_epochs),
+    ds = make_dataset(data, tok, RunTokens.of(tok), config(batch_size=1, max_length=20, skip_bad_records=True, num_epochs=num_epochs),
                       model_cfg, source_name="user.jsonl")
     with pytest.raises(ConfigError, match=r"every record of user.jsonl is skipped .* the last 3 read, as many as it "
                                           r"holds, were all bad; the first because: user.jsonl, record \d .*field 'images': too long"):
@@ -450,7 +451,7 @@ def test_skip_mode_stops_when_every_record_is_bad(tok, model_cfg, num_epochs):
 def test_global_batches_on_a_mesh(tok, model_cfg):
     mesh = sharding.make_mesh((4, 2, 1))
     samples = [random_sample(i) for i in range(8)]
-    ds = make_dataset(samples, tok, config(batch_size=8, num_epochs=1), model_cfg)
+    ds = make_dataset(samples, tok, RunTokens.of(tok), config(batch_size=8, num_epochs=1), model_cfg)
     host = next(iter(ds))
     it = iter(ds)
     batch = to_global(next(it), mesh)
@@ -464,7 +465,7 @@ def test_global_batches_on_a_mesh(tok, model_cfg):
         else:
             assert batch[key] == x
     with pytest.raises(ConfigError, match="not divisible"):
-        to_global(next(iter(make_dataset(samples, tok, config(batch_size=4), model_cfg))), mesh)
+        to_global(next(iter(make_dataset(samples, tok, RunTokens.of(tok), config(batch_size=4), model_cfg))), mesh)
 
 
 def _advanced(ds, n):
@@ -475,9 +476,9 @@ def _advanced(ds, n):
 
 def test_config_errors(tok, model_cfg):
     with pytest.raises(ConfigError, match="image_token_id"):
-        make_dataset([random_sample(0)], tok, config(), model_cfg.replace(image_token_id=5))
+        make_dataset([random_sample(0)], tok, RunTokens.of(tok), config(), model_cfg.replace(image_token_id=5))
     with pytest.raises(ConfigError, match="batch_size=3 is not divisible by process_count=2"):
-        make_dataset([random_sample(0)], tok, config(batch_size=3), model_cfg, process_index=0, process_count=2)
+        make_dataset([random_sample(0)], tok, RunTokens.of(tok), config(batch_size=3), model_cfg, process_index=0, process_count=2)
     with pytest.raises(ConfigError, match="max_patches"):
         config(max_patches=30)
     with pytest.raises(ConfigError, match="format"):

@@ -16,6 +16,7 @@ from atlas_jax.data.pipeline import PipelineConfig, make_dataset
 from atlas_jax.data.sample import BadRecordError
 from atlas_jax.data.tfds_builder import build_user_dataset, load_split
 from atlas_jax.model.config import ModelConfig, TextConfig, VisionConfig
+from atlas_jax.tokenizer import RunTokens
 
 MAX_LENGTH = 100
 GOOD = {"question": "How many dots are inside the box?", "response": "I outline the box <|Shape|> and count 3. \\boxed{3}",
@@ -57,7 +58,7 @@ def _dataset(tok, model_cfg, source, **kw):
     kw = dict(batch_size=1, max_length=MAX_LENGTH, max_patches=64, image=ImageProcessorConfig(max_pixels=56 * 56 * 2),
               shuffle=False, num_epochs=1, read_threads=1) | kw
     cfg = PipelineConfig(**kw)
-    return make_dataset(source, tok, cfg, model_cfg, process_index=0, process_count=1)
+    return make_dataset(source, tok, RunTokens.of(tok), cfg, model_cfg, process_index=0, process_count=1)
 
 
 def _first_bad_record(tok, model_cfg, data_dir, split) -> BadRecordError:

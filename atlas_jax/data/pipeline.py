@@ -1,6 +1,6 @@
 """The Grain input pipeline: records -> fixed-shape SFT / RL batches, per host, resumable exactly.
 
-    ds = make_dataset(source, tok, PipelineConfig(...), model_cfg)
+    ds = make_dataset(source, tok, RunTokens.of(tok), PipelineConfig(...), model_cfg)
     it = iter(ds)                                  # a PipelineIterator (a grain DatasetIterator)
     batch = to_global(next(it), mesh)              # a dict of global jax.Arrays + host metadata
     state = pipeline_state(it)                     # bytes; restore(iter(ds), state) resumes exactly
@@ -32,7 +32,6 @@ import jax
 import numpy as np
 from absl import logging
 
-from atlas_jax import functional_tokens
 from atlas_jax import tokenizer as tokenizer_lib
 from atlas_jax.data import batching, device_batch
 from atlas_jax.data.image_processing import ImageProcessorConfig
@@ -52,7 +51,6 @@ class PipelineConfig:
     sft_target: 'trajectory' (with functional tokens) | 'answer_only' (the baseline response).
     skip_bad_records: False raises BadRecordError naming the record; True skips and counts it.
     worker_count: 0 = decode in `read_threads` threads of this process; > 0 = worker processes.
-    functional_tokens: names from `atlas_jax.functional_tokens` (None = all five).
     """
 
     batch_size: int
@@ -72,7 +70,6 @@ class PipelineConfig:
     sft_target: str = "trajectory"
     min_images: int = 1
     answer_mismatch: str = "error"
-    functional_tokens: tuple[str, ...] | None = None
 
     def __post_init__(self):
         def need(ok: bool, field: str, expected: str):
@@ -245,18 +242,17 @@ class PipelineDataset(grain.IterDataset):
         return PipelineIterator(self._parent.__iter__())
 
 
-def _check_compatible(tok, cfg: PipelineConfig, model_cfg: ModelConfig) -> None:
+def _check_compatible(tokens: tokenizer_lib.RunTokens, cfg: PipelineConfig, model_cfg: ModelConfig) -> None:
     v = model_cfg.vision
     pairs = [("patch_size", v.patch_size), ("temporal_patch_size", v.temporal_patch_size), ("merge_size", v.spatial_merge_size)]
     for field, want in pairs:
         if getattr(cfg.image, field) != want:
             raise ConfigError(f"data.image.{field}={getattr(cfg.image, field)} differs from the vision tower's {want}")
-    for token, field in (
-        (tokenizer_lib.IMAGE_PAD, "image_token_id"),
-        ("<|vision_start|>", "vision_start_token_id"),
-        ("<|vision_end|>", "vision_end_token_id"),
+    for token, field, tid in (
+        (tokenizer_lib.IMAGE_PAD, "image_token_id", tokens.image_id),
+        ("<|vision_start|>", "vision_start_token_id", tokens.vision_start_id),
+        ("<|vision_end|>", "vision_end_token_id", tokens.vision_end_id),
     ):
-        tid = tok.convert_tokens_to_ids(token)
         if tid != getattr(model_cfg, field):
             raise ConfigError(f"model.{field}={getattr(model_cfg, field)} but the tokenizer has {token} = id {tid}")
 
@@ -264,6 +260,7 @@ def _check_compatible(tok, cfg: PipelineConfig, model_cfg: ModelConfig) -> None:
 def make_dataset(
     source: Sequence,
     tok,
+    tokens: tokenizer_lib.RunTokens,
     cfg: PipelineConfig,
     model_cfg: ModelConfig,
     *,
@@ -272,17 +269,17 @@ def make_dataset(
     process_count: int | None = None,
 ) -> PipelineDataset:
     """The per-host batch stream over `source` (random access: a list, a `tfds.data_source`, ...,
-    holding `Sample`s or record dicts). source_name appears in bad-record messages."""
+    holding `Sample`s or record dicts), tokenized by `tok`, whose run constants `tokens` are (the
+    functional tokens allowed in responses among them). source_name appears in bad-record messages."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if cfg.batch_size % process_count:
         raise ConfigError(f"data.batch_size={cfg.batch_size} is not divisible by process_count={process_count}")
     per_host_batch = cfg.batch_size // process_count
-    _check_compatible(tok, cfg, model_cfg)
+    _check_compatible(tokens, cfg, model_cfg)
     if source_name is None:  # e.g. tfds_builder.RecordSource.source = 'atlas_synthetic/tiny:train'
         named = [getattr(source, a, None) for a in ("source", "name")]
         source_name = next((n for n in named if isinstance(n, str) and n), type(source).__name__)
-    tokens = functional_tokens.by_name(cfg.functional_tokens)
     builder = batching.ExampleBuilder(
         tok,
         model_cfg,
@@ -294,8 +291,8 @@ def make_dataset(
         max_patches=cfg.max_patches,
         max_images=cfg.max_images,
         min_images=cfg.min_images,
-        functional_ids=tokenizer_lib.functional_token_ids(tok, tokens),
-        functional_strings=functional_tokens.token_strings(tokens),
+        functional_ids=tokens.functional_ids,
+        functional_strings=tokens.functional_strings,
         answer_mismatch=cfg.answer_mismatch,
     )
     pad_to_multiple = cfg.pad_to_multiple
@@ -313,7 +310,7 @@ def make_dataset(
         drop_remainder=True,
         batch_fn=_Collate(
             fmt=cfg.format,
-            pad_id=tok.pad_token_id,
+            pad_id=tokens.pad_id,
             max_length=cfg.max_length,
             pad_to_multiple=pad_to_multiple,
             max_patches=cfg.max_patches,

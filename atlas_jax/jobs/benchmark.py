@@ -23,7 +23,6 @@ import jax
 import ml_collections as mlc
 
 from atlas_jax import builders, multihost, sampling
-from atlas_jax import functional_tokens as ft
 from atlas_jax import tokenizer as tokenizer_lib
 from atlas_jax.benchmarks import grading, loaders, tables
 from atlas_jax.benchmarks.protocol import BenchmarkConfig
@@ -112,7 +111,7 @@ class PromptBatcher:
         self.builder = batching.ExampleBuilder(
             policy.tok, policy.model_cfg, image_cfg, source_name="prompt", fmt="rl", target="trajectory",
             max_length=max(t for _, t in shapes), max_patches=max(p for p, _ in shapes), max_images=max_images, min_images=0,
-            functional_ids=tokens.functional_ids, functional_strings=ft.token_strings(ft.by_name(tokens.functional_names)),
+            functional_ids=tokens.functional_ids, functional_strings=tokens.functional_strings,
         )
         # Every host must hand jax the same local shapes: several hosts pad to the longest prompt.
         self.collate = dict(fmt="rl", pad_id=tokens.pad_id, max_length=self.builder.max_length,

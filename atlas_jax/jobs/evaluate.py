@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from atlas_jax import builders, functional_tokens, heatmaps, multihost, sampling
+from atlas_jax import builders, checkpoint, heatmaps, multihost, sampling
 from atlas_jax.data import device_batch, pipeline
 from atlas_jax.rl import rewards
 
@@ -44,7 +44,7 @@ def evaluate(policy: builders.Policy, c: mlc.ConfigDict, workdir: str, mesh, *, 
     src = builders.load_split(c, workdir, split)
     picked, uids = _per_task(src, c.eval.num_per_task, c.eval.batch_size)
     names = tokens.functional_names
-    maps = _HeatMaps(c, model_cfg, names, workdir, tag)
+    maps = _HeatMaps(c, model_cfg, tokens, workdir, tag)
     # One sampler for both passes (the swap pass ignores the attention): compiled once.
     scfg = sampling.SamplingConfig(
         max_new_tokens=c.eval.max_new_tokens, greedy=True, stop_ids=tokens.stop_ids, pad_id=tokens.pad_id,
@@ -92,7 +92,7 @@ def _decode(policy: builders.Policy, c: mlc.ConfigDict, src, source_name: str, s
     tok, model_cfg = policy.tok, policy.model_cfg
     names, func_ids, stop = policy.tokens.functional_names, policy.tokens.functional_ids, policy.tokens.stop_ids
     pcfg = builders.make_pipeline_config(c, model_cfg, fmt="rl", batch_size=c.eval.batch_size, shuffle=False, num_epochs=1)
-    ds = pipeline.make_dataset(src, tok, pcfg, model_cfg, source_name=source_name)
+    ds = pipeline.make_dataset(src, tok, policy.tokens, pcfg, model_cfg, source_name=source_name)
     me = jax.process_index()
     mine = []  # per batch: this host's scored samples, its block of the global batch
     for k, host in enumerate(ds):
@@ -126,6 +126,19 @@ def evaluate_and_log(writer, step: int, policy: builders.Policy, c: mlc.ConfigDi
     """`evaluate`, its results written to `writer` at `step` as `eval/...`; returns them with that prefix."""
     results = {f"eval/{k}": v for k, v in evaluate(policy, c, workdir, mesh, tag=tag).items()}
     writer.write(step, results)
+    return results
+
+
+def finish_training(writer, step: int, policy: builders.Policy, c: mlc.ConfigDict, workdir: str, mesh, *,
+                    stage: str, preempted: bool) -> dict:
+    """The end of a training job, after its final save: the final evaluation (of a run that reached
+    train.steps), the writer closed, and `checkpoint.Preempted` raised for a run stopped by SIGTERM."""
+    results = {}
+    if step >= c.train.steps and c.eval.num_per_task > 0 and not preempted:
+        results = evaluate_and_log(writer, step, policy, c, workdir, mesh, tag=f"{stage}_step{step}")
+    writer.close()
+    if preempted:
+        raise checkpoint.Preempted(step, workdir)
     return results
 
 
@@ -184,9 +197,9 @@ class _HeatMaps:
     so the maps always show where the modules look. The forward runs on every host (the
     parameters are sharded over all of them); the other hosts feed copies of the same records."""
 
-    def __init__(self, c: mlc.ConfigDict, model_cfg, names, workdir: str, tag: str):
+    def __init__(self, c: mlc.ConfigDict, model_cfg, tokens, workdir: str, tag: str):
         self.enabled = model_cfg.visual_ops.enabled and c.eval.heatmaps > 0
-        self.c, self.model_cfg, self.names, self.tag = c, model_cfg, names, tag
+        self.c, self.model_cfg, self.tokens, self.names, self.tag = c, model_cfg, tokens, tokens.functional_names, tag
         self.dir = os.path.join(workdir, "heatmaps")
         self.generated: dict[str, tuple] = {}  # uid -> (image, grid_thw, op[N], attention[N, P]) on process 0
 
@@ -216,7 +229,7 @@ class _HeatMaps:
         if jax.process_index() != 0:
             return
         os.makedirs(self.dir, exist_ok=True)
-        token = dict(zip(self.names, functional_tokens.token_strings(functional_tokens.by_name(self.names))))
+        token = dict(zip(self.names, self.tokens.functional_strings))
         entries = []
         for k, row in enumerate(chosen):
             forced_row = forced.get(row["uid"])
@@ -262,7 +275,7 @@ class _HeatMaps:
             chunk = indices[first : first + per_host]
             # Every host builds the same host batch (process_count=1): the global batch holds copies.
             padded = _Subset(src, [chunk[i % len(chunk)] for i in range(per_host)])
-            host = next(iter(pipeline.make_dataset(padded, tok, cfg, self.model_cfg, source_name="reference trajectories",
+            host = next(iter(pipeline.make_dataset(padded, tok, self.tokens, cfg, self.model_cfg, source_name="reference trajectories",
                                                    process_index=0, process_count=1)))
             batch = pipeline.to_global(host, mesh)
             with jax.set_mesh(mesh):

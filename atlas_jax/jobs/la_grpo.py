@@ -224,7 +224,7 @@ def _train(c: mlc.ConfigDict, workdir: str, ckpt: checkpoint.Checkpoints) -> dic
     ref_sh = state_sh.params if ref_params is not None else None
 
     prompts = pipeline.make_dataset(
-        builders.load_split(c, workdir, "train"), tok,
+        builders.load_split(c, workdir, "train"), tok, tokens,
         builders.make_pipeline_config(c, model_cfg, fmt="rl", batch_size=r.prompts_per_step, seed_offset=1), model_cfg,
     )
     data_it = iter(prompts)
@@ -323,9 +323,6 @@ def _train(c: mlc.ConfigDict, workdir: str, ckpt: checkpoint.Checkpoints) -> dic
     # ------------------------------------------------------------------ final save, evaluation
     profiler.close()
     ckpt.save(int(jax.device_get(state.step)), state, data_it, c, force=True)
-    if rl_step >= c.train.steps and c.eval.num_per_task > 0 and not preempted:
-        last.update(evaluate.evaluate_and_log(writer, rl_step, policy.with_params(state.params), c, workdir, mesh, tag=f"rl_step{rl_step}"))
-    writer.close()
-    if preempted:
-        raise checkpoint.Preempted(rl_step, workdir)
+    last.update(evaluate.finish_training(writer, rl_step, policy.with_params(state.params), c, workdir, mesh,
+                                         stage="rl", preempted=preempted))
     return last

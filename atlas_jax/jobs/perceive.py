@@ -102,7 +102,7 @@ def score(policy: builders.Policy, c: mlc.ConfigDict, samples: list, mesh) -> di
     if not samples or len(samples) % n:
         raise ValueError(f"{len(samples)} perception samples: expected a positive multiple of eval.batch_size={n}")
     pcfg = builders.make_pipeline_config(c, policy.model_cfg, fmt="sft", batch_size=n, shuffle=False, num_epochs=1)
-    ds = pipeline.make_dataset(samples, policy.tok, pcfg, policy.model_cfg, source_name="perception/held_out")
+    ds = pipeline.make_dataset(samples, policy.tok, policy.tokens, pcfg, policy.model_cfg, source_name="perception/held_out")
     fn = _scorer(policy.graphdef)
     exact, right, total = [], 0, 0
     for host in ds:

@@ -55,7 +55,7 @@ def _train(c: mlc.ConfigDict, workdir: str, ckpt: checkpoint.Checkpoints) -> dic
     del model
 
     train_ds = pipeline.make_dataset(
-        builders.load_split(c, workdir, "train"), tok, builders.make_pipeline_config(c, model_cfg, fmt="sft"), model_cfg
+        builders.load_split(c, workdir, "train"), tok, tokens, builders.make_pipeline_config(c, model_cfg, fmt="sft"), model_cfg
     )
     data_it = iter(train_ds)
 
@@ -120,11 +120,8 @@ def _train(c: mlc.ConfigDict, workdir: str, ckpt: checkpoint.Checkpoints) -> dic
     # ------------------------------------------------------------------ final save, evaluation
     profiler.close()
     ckpt.save(step, state, data_it, c, force=True)
-    if step >= c.train.steps and c.eval.num_per_task > 0 and not preempted:
-        last.update(evaluate.evaluate_and_log(writer, step, policy.with_params(state.params), c, workdir, mesh, tag=f"sft_step{step}"))
-    writer.close()
-    if preempted:
-        raise checkpoint.Preempted(step, workdir)
+    last.update(evaluate.finish_training(writer, step, policy.with_params(state.params), c, workdir, mesh,
+                                         stage="sft", preempted=preempted))
     return last
 
 
