@@ -84,6 +84,24 @@ def test_release_layouts_load_with_the_protocol_prompt(tmp_path):
     assert len(loaders.load(BenchmarkConfig(vstar=vstar))["vstar"]) == 4
 
 
+def test_wemath_rows_as_released_parse(tmp_path):
+    """Two rows of the authors' data/testmini.json (github.com/We-Math/We-Math), field for field:
+    options with commas, uneven spacing and a ';' inside the last option's text."""
+    released = [
+        {"ID": "2steps_2", "split": "testmini", "knowledge concept": "Conversion Rates and Calculations Between Length Units",
+         "question": "According to the diagram, observe the distances in the image, a = ( ) m, b = ( ) m, c = ( ) m.",
+         "option": "A. 3, 5, 4; B. 3, 50, 40; C. 300, 50, 40; D. 30, 50, 40.; E. No correct answer", "answer": "A",
+         "image_path": "1steps/image/1.png", "key": "2steps_1", "question number": 2, "knowledge concept description": "..."},
+        {"ID": "2steps_9", "split": "testmini", "knowledge concept": "Left-Right Position",
+         "question": "As shown in the diagram, the block to the right of H is ( ).",
+         "option": "A. F;    B. D;    C. B;    D. I; E. No correct answer", "answer": "D",
+         "image_path": "1steps/image/1.png", "key": "2steps_1", "question number": 9, "knowledge concept description": "..."},
+    ]
+    a, b = loaders.load(BenchmarkConfig(wemath=write_wemath(tmp_path, released)))["wemath"]
+    assert (a.subset, a.options, a.answer) == ("2steps", ("3, 5, 4", "3, 50, 40", "300, 50, 40", "30, 50, 40.", "No correct answer"), "A")
+    assert (b.options, b.answer, b.reference()) == (("F", "D", "B", "I", "No correct answer"), "D", "(D) I")
+
+
 @pytest.mark.parametrize("case, field, where", [
     ("bad_json", "<record>", "line 2"),
     ("no_label", "label", "line 1"),

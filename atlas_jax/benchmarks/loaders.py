@@ -5,7 +5,8 @@
         text         str   the question, its options as '(A) ...' lines, the answer instruction
         category     str   'direct_attributes' | 'relative_position'   (the subset)
         question_id  int   label: str, the option letter ('A')
-    WeMath testmini (We-Math/We-Math)  testmini.json (a list) or data/testmini-*.parquet:
+    WeMath testmini (We-Math/We-Math)  testmini.json (a list; as in the authors' GitHub release,
+    data/testmini.json beside data/<n>steps/image/) or the Hub's data/testmini-*.parquet:
         ID           str   '<n>steps_<k>' (the subset is '<n>steps')
         question     str   option: str, 'A. 200.96;B. 3215.36;...' ('' for free-form)
         answer       str   the option letter
