@@ -72,6 +72,8 @@ def base() -> mlc.ConfigDict:
     c.data.data_dir = ""  # '' = WORKDIR/data
     c.data.synthetic_config = "tiny"
     c.data.num_per_task = 0  # synthetic training data: 0 = an unlimited stream generated on the fly; N = a stored set of N per task
+    c.data.perception_every = 0  # synthetic SFT on the fly: every N-th training record a perception question, which keeps
+    # a perception-pretrained start's reading of the image (SFT on the families alone erases it in ~100 steps); 0 = none
     c.data.image_size = 112
     c.data.jsonl_train = ""
     c.data.jsonl_eval = ""
@@ -315,6 +317,9 @@ def _check_data(c: mlc.ConfigDict) -> None:
     _need((d.image_size // 14) ** 2 <= d.max_patches * d.max_images, "data.max_patches", d.max_patches,
           f">= the {(d.image_size // 14) ** 2} patches of one {d.image_size}px image")
     _need(d.num_per_task >= 0, "data.num_per_task", d.num_per_task, ">= 0 (0 = generated on the fly)")
+    _need(d.perception_every == 0 or (d.perception_every > 0 and c.job == "sft" and d.source == "synthetic" and not d.num_per_task),
+          "data.perception_every", d.perception_every,
+          "0, or > 0 in an SFT job on synthetic data generated on the fly (data.num_per_task=0)")
 
 
 def pipeline_config(c: mlc.ConfigDict, image: ImageProcessorConfig | None = None, *, fmt: str, batch_size: int | None = None,

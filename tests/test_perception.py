@@ -32,6 +32,31 @@ def test_source_is_unlimited_random_access():
         perception.generate("validation", 0)
 
 
+def test_task_stream_with_perception_mixed_in():
+    """perception_every=3: records 0, 3, 6, ... are perception questions (sample i // 3 of the
+    perception train stream); the others are the plain task stream's records, in its order."""
+    from atlas_jax.data.synthetic import SyntheticSource
+
+    plain, mixed = SyntheticSource("train", None, seed=2), SyntheticSource("train", None, seed=2, perception_every=3)
+    rows = [mixed[i] for i in range(30)]
+    for i in range(0, 30, 3):
+        want = perception.generate("train", i // 3, seed=2)
+        assert rows[i]["task"] == want.task and rows[i]["question"] == want.question and rows[i]["response"] == want.response
+    assert [r["uid"] for i, r in enumerate(rows) if i % 3] == [plain[j]["uid"] for j in range(20)]
+    with pytest.raises(ValueError, match="unlimited train split only"):
+        SyntheticSource("in_distribution", 4, perception_every=3)
+    with pytest.raises(ValueError, match="unlimited train split only"):
+        SyntheticSource("train", None, perception_every=-1)
+    # The run config's knob reaches the SFT job's training stream, never its evaluation splits.
+    from atlas_jax import builders, run_config
+
+    c = run_config.apply_overrides(run_config.base(), {"data.perception_every": 3, "seed": 2})
+    run_config.validate(c, 1, paths=False)
+    train, held_out = builders.load_split(c, "/unused", "train"), builders.load_split(c, "/unused", "in_distribution")
+    assert train[3]["task"].startswith("perception/") and train[4]["uid"] == plain[2]["uid"]
+    assert not any(held_out[i]["task"].startswith("perception/") for i in range(8))
+
+
 def test_description_names_every_object_as_drawn():
     """The dense target states each object's position, colour and shape in reading order, the digit
     and the count; the pixels at each object's centre hold its exact colour."""

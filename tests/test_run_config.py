@@ -64,6 +64,7 @@ def test_rl_sections_take_their_defaults_from_the_dataclasses_that_use_them():
     ("data.image_size", 56, r"config\.data\.image_size=56: expected a multiple of 28, >= 112"),
     ("data.max_length", 0, r"config\.data\.max_length=0: expected a positive token count"),
     ("data.max_patches", 30, r"config\.data\.max_patches=30: expected a positive multiple of merge_size\*\*2=4"),
+    ("data.perception_every", -1, r"config\.data\.perception_every=-1: expected 0, or > 0 in an SFT job"),
     ("data.pad_to_multiple", -8, r"config\.data\.pad_to_multiple=-8: expected >= 0"),
     ("data.sft_target", "answer", r"config\.data\.sft_target='answer': expected 'trajectory' or 'answer_only'"),
     ("rl.sample.top_k", -3, r"config\.rl\.sample\.top_k=-3"),
