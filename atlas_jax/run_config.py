@@ -120,7 +120,7 @@ def base() -> mlc.ConfigDict:
     c.rl.sample = _section(sampling.SamplingConfig, ROLLOUT_SAMPLING)
     c.rl.loss = _section(losses.GRPOLossConfig, tuple(f.name for f in dataclasses.fields(losses.GRPOLossConfig)
                                                       if f.name != "max_completion_length"))  # that one is rl.sample's
-    c.rl.rewards = mlc.ConfigDict(dict(accuracy=1.0, functional_usage=0.2, format=0.2, verbosity=0.5, spam=0.5, overlong=0.0))
+    c.rl.rewards = mlc.ConfigDict(dict(accuracy=1.0, functional_usage=0.2, format=0.2, verbosity=0.5, spam=0.5, expected_usage=0.0, overlong=0.0))
     # A user's reward functions, "package.module:function=weight" each (ConfigDict keys cannot hold
     # dots or colons, so they are not rl.rewards keys); imported and signature-checked by validate.
     c.rl.custom_rewards = ()

@@ -15,8 +15,10 @@ the test:
   out/writes_p<i>.json    every file under the workdir this process opened for writing (an audit
                           hook: proves that process 1 writes no metrics or TensorBoard files);
   out/result_p<i>.json    what `run_job` returned on this process (the last metrics, eval results);
-  out/rollouts_p<i>.json  LA-GRPO only: each rollout batch's global completion tokens and the
-                          global reward array fed to the update step, as this process saw them;
+  out/rollouts_p<i>.json  LA-GRPO only: each rollout round's global completion tokens and global
+                          reward array, as this process saw them;
+  out/choices_p<i>.json   LA-GRPO with `rl.filter_groups` only: per rollout batch, the groups
+                          `choose_groups` picked for the update and how many were uninformative;
   out/params.npz          process 0 only: the final parameters, gathered from every process.
 One change to the job, for a like-with-like comparison with a one-process run: batches padded to
 max_length (`data.pad_to_multiple=0`, set by the test).
@@ -81,6 +83,16 @@ def main() -> None:
 
     la_grpo_job._rollout_batch = recording_rollout_batch
 
+    choices: list[dict] = []
+    choose_groups = la_grpo_job.choose_groups
+
+    def recording_choose_groups(informative_per_round, num_groups):
+        groups, filled = choose_groups(informative_per_round, num_groups)
+        choices.append({"informative": [f.tolist() for f in informative_per_round], "groups": groups.tolist(), "filled": filled})
+        return groups, filled
+
+    la_grpo_job.choose_groups = recording_choose_groups
+
     # -- the state of the last save is the run's final state (every job force-saves it at the end)
     saved = {}
     save = checkpoint.Checkpoints.save
@@ -105,6 +117,9 @@ def main() -> None:
     if rollouts:
         with open(os.path.join(out, f"rollouts_p{pid}.json"), "w") as f:
             json.dump(rollouts, f)
+    if choices:
+        with open(os.path.join(out, f"choices_p{pid}.json"), "w") as f:
+            json.dump(choices, f)
     with open(os.path.join(out, f"records_p{pid}.json"), "w") as f:
         json.dump(records, f)
     with open(os.path.join(out, f"writes_p{pid}.json"), "w") as f:

@@ -51,7 +51,8 @@ def test_good_file_round_trips(folder):
         [
             dict(GOOD, images=["img/a.png"]),
             "",  # blank lines are allowed
-            dict(GOOD, images=[absolute, "img/gray.png"], task="mine", uid="custom-7", response_answer_only="\\boxed{3}", extra="ignored"),
+            dict(GOOD, images=[absolute, "img/gray.png"], task="mine", uid="custom-7", response_answer_only="\\boxed{3}", extra="ignored",
+                 ops=["Shape", "text"]),
         ],
     )
     records, report = import_jsonl(path)
@@ -62,6 +63,7 @@ def test_good_file_round_trips(folder):
     assert (first["origin"], second["origin"]) == (f"{path}:1", f"{path}:3")
     assert (first["task"], second["task"], second["response_answer_only"]) == ("", "mine", "\\boxed{3}")
     assert "extra" not in second
+    assert (first["ops"], second["ops"]) == ([], ["shape", "text"])  # the registry's spelling
     # Stored bytes are the user's files, untouched.
     assert first["images"] == [(folder / "img" / "a.png").read_bytes()]
     assert second["images"] == [(folder / "img" / "photo.jpg").read_bytes(), (folder / "img" / "gray.png").read_bytes()]
@@ -109,6 +111,8 @@ BAD_CASES = [
     ("NUL byte in image path", dict(GOOD, images=["img/a.png\x00.jpg"]), "images[0]", "invalid path"),
     ("deeply nested value", '{"images": ["img/a.png"], "task": ' + "[" * 100_000 + "]" * 100_000 + "}", "<line>", "invalid JSON"),
     ("lone surrogate in question", dict(GOOD, images=["img/a.png"], question="How many \ud800 dots?"), "question", "invalid text"),
+    ("ops not a list", dict(GOOD, images=["img/a.png"], ops="line"), "ops", "wrong type"),
+    ("unknown op", dict(GOOD, images=["img/a.png"], ops=["line", "Lines"]), "ops[1]", "unknown operation"),
 ]
 
 
@@ -121,6 +125,8 @@ def test_bad_line_names_file_line_and_field(folder, name, line, field, kind):
     assert (err.source, err.record, err.field) == (path, "line 3", field)
     assert err.problem.startswith(kind), err.problem
     assert str(err).startswith(f"{path}, record line 3, field {field!r}: {kind}")
+    if field.startswith("ops"):  # the allowed names, so the user can fix the line
+        assert "['arrow', 'line', 'manip', 'shape', 'text']" in err.problem
 
 
 def test_duplicate_uid(folder):
@@ -226,3 +232,56 @@ def test_user_dataset_reads_back_through_load_split(folder):
     (folder / "img" / "a.png").write_bytes((folder / "img" / "photo.jpg").read_bytes())
     build_user_dataset(data_dir, {"train": train, "test": test}, name="mine", skip_bad_records=True, overwrite=True)
     assert load_split(data_dir, "train", "mine", dataset="atlas_user_data")[0]["images"] == [(folder / "img" / "photo.jpg").read_bytes()]
+
+
+# ---------------------------------------------------------------- ops reach the reward
+
+
+def test_a_records_ops_reach_the_expected_usage_reward_through_the_rl_pipeline(folder, tmp_path_factory):
+    """JSONL `ops` -> stored dataset -> RL host batch -> the job's scoring: the record that names
+    <|Line|> rewards a line where its task ('shape_count') would reward a shape; without ops, as before."""
+    import importlib.util
+
+    from hf_tokenizer_fixture import make_tokenizer
+
+    from atlas_jax.data.image_processing import ImageProcessorConfig
+    from atlas_jax.data.pipeline import PipelineConfig, make_dataset
+    from atlas_jax.jobs import la_grpo as la_grpo_job
+    from atlas_jax.model.config import ModelConfig, TextConfig, VisionConfig
+    from atlas_jax.tokenizer import RunTokens
+
+    tok = make_tokenizer(tmp_path_factory.mktemp("ops_tok"))
+    tokens = RunTokens.of(tok)
+    ids = {f: tok.convert_tokens_to_ids(t) for f, t in (("image_token_id", "<|image_pad|>"), ("vision_start_token_id", "<|vision_start|>"),
+                                                        ("vision_end_token_id", "<|vision_end|>"))}
+    model_cfg = ModelConfig(vision=VisionConfig(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                                                fullatt_block_indexes=(0,), window_size=56),
+                            text=TextConfig(vocab_size=1152, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4,
+                                            num_kv_heads=2, mrope_section=(2, 3, 3)), **ids)
+    path = _write(folder / "rl.jsonl", [dict(GOOD, images=["img/a.png"], task="shape_count", ops=["Line"]),
+                                        dict(GOOD, images=["img/a.png"], task="shape_count")])
+    data_dir = str(folder / "tfds")
+    build_user_dataset(data_dir, {"train": path}, name="ops")
+    cfg = PipelineConfig(batch_size=2, format="rl", max_length=100, max_patches=64, image=ImageProcessorConfig(max_pixels=56 * 56 * 2),
+                         shuffle=False, num_epochs=1, read_threads=1)
+    source = load_split(data_dir, "train", "ops", dataset="atlas_user_data")
+    host = next(iter(make_dataset(source, tok, tokens, cfg, model_cfg, process_index=0, process_count=1)))
+    assert host["ops"] == [("line",), ()] and host["task"] == ["shape_count"] * 2
+
+    spec = importlib.util.spec_from_file_location("cfg", os.path.join(os.path.dirname(__file__), "..", "configs", "la_grpo_synthetic.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config("la_grpo")
+    c.rl.rewards = {"expected_usage": 1.0, "functional_usage": 0.5}
+    reward_fns = la_grpo_job.reward_functions(c, tokens)
+    # Two completions per prompt (G=2): one outlines a shape, one draws a line.
+    op = dict(tokens.functional)
+    word = tok.convert_tokens_to_ids("line")
+    completions = np.array([[word, op["shape"], word], [word, op["line"], word]] * 2, np.int32)
+    out = {"tokens": completions, "mask": np.ones_like(completions, bool)}
+    scores = la_grpo_job.score_rollouts(host, out, tok, tokens, reward_fns, group_size=2)
+    # Record 1 names Line: the line is the expected token (1), the shape another one (0.5). Record 2
+    # names none: its task's table expects a shape, as before ops existed.
+    np.testing.assert_array_equal(scores["per_fn"]["expected_usage"], [0.5, 1.0, 1.0, 0.5])
+    np.testing.assert_array_equal(scores["per_fn"]["functional_usage"], [1.0] * 4)  # any functional token, ops or not
+    np.testing.assert_allclose(scores["total"], [1.0, 1.5, 1.5, 1.0])

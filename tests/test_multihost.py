@@ -10,9 +10,9 @@ Like with like: all hosts shuffle the whole source with one seed (`pipeline.glob
 host h takes block h of every global batch of that one stream, the block `pipeline.to_global`
 places its rows in, so global batch k holds the same records in the same row order for any
 number of hosts, shuffling on. SFT's loss is a token mean over the batch, so only float32
-summation order differs; LA-GRPO's rollouts, reward arrays and updates are a one-process run's.
-The tests check these premises on the uids each process fed and on the rollouts and rewards each
-process saw.
+summation order differs; LA-GRPO's rollouts, reward arrays, dynamic-sampling decisions (rounds,
+dropped and chosen groups) and updates are a one-process run's. The tests check these premises on
+the uids each process fed and on the rollouts, rewards and choices each process saw.
 """
 
 from __future__ import annotations
@@ -62,7 +62,10 @@ def _overrides(data_dir: str, **over) -> dict:
 
 
 def _rl_overrides(data_dir: str, **over) -> dict:
-    """LA-GRPO from scratch on the same data (two rollout batches, two updates each), then eval."""
+    """LA-GRPO from scratch on the same data (two rollout batches, two updates each), then eval.
+    With DAPO dynamic sampling on: a random tiny model gives many groups of equal rewards, so steps
+    take extra rollout rounds, drop groups and fill the batch with some of them (one run covers the
+    filtered and the plain update: with every group informative the two are the same)."""
     o = {
         "data.synthetic_config": "tiny",
         "data.num_per_task": 3,
@@ -79,6 +82,8 @@ def _rl_overrides(data_dir: str, **over) -> dict:
         "optim.warmup_steps": 0,
         "rl.loss.beta": 0.02,  # the reference policy too
         "rl.rewards": {"functional_usage": 1.0, "format": 0.2},
+        "rl.filter_groups": "reward",
+        "rl.max_extra_rounds": 2,
         "train.log_every": 1,
         "checkpoint.every": 100,
         "checkpoint.async_save": False,
@@ -340,25 +345,41 @@ def test_two_processes_run_la_grpo_and_eval_like_one(tmp_path, data_dir, rl_refe
     out = _launch(tmp_path, "rl", num_processes=2, workdir=workdir, overrides=_rl_overrides(data_dir),
                   config="la_grpo_synthetic.py:la_grpo", init="config")
     want_out = rl_reference["out"]
+    want, got = _rl_rows(rl_reference["workdir"]), _rl_rows(workdir)
+    assert sorted(got) == sorted(want) == list(range(1, RL_STEPS + 1))
 
-    # The same prompts per rollout batch (the first to_global calls; eval batches follow).
+    # Dynamic sampling took the same decisions on both processes as in one: the same informative
+    # groups per round, the same groups chosen for each update, so the same number of rounds.
+    want_choices = _json(os.path.join(want_out, "choices_p0.json"))
+    choices = [_json(os.path.join(out, f"choices_p{i}.json")) for i in range(2)]
+    assert choices[0] == choices[1] == want_choices and len(want_choices) == RL_STEPS
+    rounds = [len(c["informative"]) for c in want_choices]
+    assert rounds == [int(want[s]["dynamic/rounds"]) for s in range(1, RL_STEPS + 1)]
+    dropped = [sum(not f for r in c["informative"] for f in r) for c in want_choices]
+    assert dropped == [int(want[s]["dynamic/groups_dropped"]) for s in range(1, RL_STEPS + 1)]
+    # Not vacuous: some step dropped groups and took an extra round.
+    assert max(rounds) > 1 and sum(dropped) > 0, (rounds, dropped)
+
+    # The same prompts per rollout round (the first to_global calls; eval batches follow).
     want_records = _json(os.path.join(want_out, "records_p0.json"))
     records = [_json(os.path.join(out, f"records_p{i}.json")) for i in range(2)]
-    _assert_same_batches(want_records, records, range(RL_STEPS))
+    _assert_same_batches(want_records, records, range(sum(rounds)))
 
     # Every process saw the global completions and reward arrays of a one-process run, exactly.
     want_rollouts = _json(os.path.join(want_out, "rollouts_p0.json"))
     rollouts = [_json(os.path.join(out, f"rollouts_p{i}.json")) for i in range(2)]
-    assert len(want_rollouts) == RL_STEPS
+    assert len(want_rollouts) == sum(rounds)
     assert rollouts[0] == rollouts[1] == want_rollouts
     assert any(r != 0 for batch in want_rollouts for r in batch["rewards"]), "all rewards 0: the comparison would be weak"
+    # The groups judged informative are those whose global rewards differ, round by round.
+    rewards_bg = [np.reshape(batch["rewards"], (-1, _rl_overrides(data_dir)["rl.group_size"])) for batch in want_rollouts]
+    assert [(r.max(1) > r.min(1)).tolist() for r in rewards_bg] == [f for c in want_choices for f in c["informative"]]
 
-    want, got = _rl_rows(rl_reference["workdir"]), _rl_rows(workdir)
-    assert sorted(got) == sorted(want) == list(range(1, RL_STEPS + 1))
     for step in want:
         assert got[step].keys() == want[step].keys()
         for k in want[step]:
-            if k.startswith(("reward", "completion_length", "train_accuracy", "data/", "num_functional", "completion_tokens")):
+            if k.startswith(("reward", "completion_length", "train_accuracy", "data/", "num_functional", "completion_tokens",
+                             "dynamic/", "frac_reward_zero_std")):
                 assert got[step][k] == want[step][k], (step, k)
             else:  # the log-prob gap is itself rounding-level on the first update: an absolute bound
                 atol = 1e-6 if k.startswith("logp_gap") else 1e-7

@@ -154,6 +154,36 @@ def test_origin_is_optional_kept_and_named_in_locations():
     assert record_location("ds:train", 4) == ("ds:train", "4")
 
 
+def test_ops_are_optional_read_in_the_registry_spelling_and_kept():
+    assert decode_record(_record(), "ds", 0).ops == ()
+    assert "ops" not in encode_sample(_sample())  # the synthetic suite stores none
+    sample = decode_record(_record(ops=["Line", "shape"]), "ds", 0)
+    assert sample.ops == ("line", "shape")
+    assert encode_sample(sample)["ops"] == ["line", "shape"]
+    assert decode_record(encode_sample(sample), "ds", 0).ops == ("line", "shape")
+
+
+@pytest.mark.parametrize(
+    "ops,field,kind,named",
+    [
+        ("line", "ops", "wrong type", "str"),  # one name, not a list of them
+        (["line", "Lines"], "ops[1]", "unknown operation", "'Lines'"),
+        ([3], "ops[0]", "unknown operation", "['arrow', 'line', 'manip', 'shape', 'text']"),
+    ],
+)
+def test_bad_ops_name_the_entry_and_the_allowed_names(ops, field, kind, named):
+    with pytest.raises(BadRecordError) as info:
+        decode_record(_record(ops=ops), "ds:train", 3)
+    assert (info.value.field, info.value.problem.split(":")[0]) == (field, kind)
+    assert named in info.value.problem
+
+
+def test_ops_must_be_among_the_configured_functional_tokens():
+    validate_sample(_sample(ops=("shape",)), "s", 0, functional_strings=("<|Shape|>", "<|Line|>"))
+    err = _raises(_sample(ops=("shape", "manip")), "ops[1]", "unknown operation", functional_strings=("<|Shape|>", "<|Line|>"))
+    assert "'manip'" in err.problem and "['line', 'shape']" in err.problem
+
+
 @pytest.mark.parametrize(
     "field,value",
     [("question", 5), ("question", b"bytes"), ("response", None), ("answer", 3), ("task", ["t"]), ("uid", 1), ("origin", 2)],

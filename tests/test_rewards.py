@@ -185,6 +185,59 @@ def test_expected_usage_per_task():
         expected_usage_reward({"shape_count": []})
 
 
+def test_expected_usage_prefers_the_records_ops_to_the_task_table():
+    fn = expected_usage_reward({"shape_count": [SHAPE]})
+    kw = dict(functional_ids=FUNCTIONAL)
+    # A record naming <|Line|>: a line is the expected token, a shape only another one, whatever the task.
+    assert fn("", "", [1, LINE], task="shape_count", expected_functional_ids=(LINE,), **kw) == 1.0
+    assert fn("", "", [1, SHAPE], task="shape_count", expected_functional_ids=(LINE,), **kw) == 0.5
+    assert fn("", "", [1, SHAPE], task="", expected_functional_ids=(LINE, SHAPE), **kw) == 1.0
+    assert fn("", "", [1, 2], task="", expected_functional_ids=(LINE,), **kw) == 0.0
+    # No ops: the task table, then any functional token, as without the keyword.
+    assert fn("", "", [ARROW], task="shape_count", expected_functional_ids=(), **kw) == 0.5
+    assert fn("", "", [ARROW], task="", expected_functional_ids=(), **kw) == 1.0
+
+
+def test_combine_passes_expected_ops_only_to_rewards_that_take_them():
+    seen = []
+
+    def documented(completion_text, answer, token_ids, /, *, task, functional_ids):
+        return 0.25
+
+    def wants_ops(completion_text, answer, token_ids, /, *, task, functional_ids, expected_functional_ids):
+        seen.append(expected_functional_ids)
+        return float(len(expected_functional_ids))
+
+    def takes_any(completion_text, answer, token_ids, /, **kw):
+        return float("expected_functional_ids" in kw)
+
+    rewards = {
+        "expected_usage": (1.0, expected_usage_reward({"shape_count": [SHAPE]})),
+        "documented": (1.0, documented),
+        "ops": (1.0, wants_ops),
+        "any": (1.0, takes_any),
+        "partial": (1.0, functools.partial(spam_penalty, max_functional=0, per_excess=1.0)),
+    }
+    token_ids = [[LINE], [SHAPE], [SHAPE]]
+    tasks = ["shape_count"] * 3
+    expected = [(LINE,), (LINE,), ()]  # two completions of a record that names Line, one of one that names none
+    total, parts, _ = combine(rewards, ["c"] * 3, ["1"] * 3, token_ids, tasks, FUNCTIONAL, expected_functional_ids=expected)
+    np.testing.assert_array_equal(parts["expected_usage"], [1.0, 0.5, 1.0])  # the record's Line, then the task's Shape
+    np.testing.assert_array_equal(parts["documented"], [0.25] * 3)
+    np.testing.assert_array_equal(parts["ops"], [1, 1, 0])
+    np.testing.assert_array_equal(parts["any"], [1, 1, 1])
+    np.testing.assert_array_equal(parts["partial"], [-1, -1, -1])
+    np.testing.assert_allclose(total, [1 + 0.25 + 1 + 1 - 1, 0.5 + 0.25 + 1 + 1 - 1, 1 + 0.25 + 0 + 1 - 1])
+    assert seen == [(LINE,), (LINE,), ()]
+    # Without expected ops nothing extra is passed: today's call, the task table's value.
+    _, parts, _ = combine({k: rewards[k] for k in ("expected_usage", "documented", "any")}, ["c"] * 3, ["1"] * 3,
+                          token_ids, tasks, FUNCTIONAL)
+    np.testing.assert_array_equal(parts["expected_usage"], [0.5, 1.0, 1.0])
+    np.testing.assert_array_equal(parts["any"], [0, 0, 0])
+    with pytest.raises(ValueError, match="expected_functional_ids has 1 entries"):
+        combine(rewards, ["c"] * 3, ["1"] * 3, token_ids, tasks, FUNCTIONAL, expected_functional_ids=[()])
+
+
 def test_verbosity_penalty_is_linear_beyond_budget():
     penalty = functools.partial(verbosity_penalty, budget=100)
     assert penalty("", "", [0] * 100, **KW) == 0.0

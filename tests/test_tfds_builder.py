@@ -1,6 +1,7 @@
 """The synthetic suite as a TFDS/ArrayRecord dataset: build offline without TensorFlow, read back
 with tfds.data_source, records equal to what the generator makes."""
 
+import json
 import os
 import pickle
 import shutil
@@ -225,3 +226,49 @@ def test_build_and_read_never_import_tensorflow_even_where_it_is_installed(tmp_p
     done = subprocess.run([sys.executable, "-c", _POISONED_TF, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "read " in done.stdout
+
+
+# ---------------------------------------------------------------- user data: the `ops` field
+
+
+def _user_jsonl(folder) -> str:
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(folder / "a.png")
+    good = {"images": ["a.png"], "question": "How many dots?", "response": "I outline them <|Shape|>: 3. \\boxed{3}", "answer": "3"}
+    lines = [dict(good, ops=["Line", "shape"], uid="with-ops"), dict(good, uid="without")]
+    path = folder / "train.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return str(path)
+
+
+def _ops_by_uid(data_dir: str) -> dict[str, tuple[str, ...]]:
+    source = load_split(data_dir, "train", "mine", dataset="atlas_user_data")
+    return {r["uid"]: decode_record(r, source.source, i).ops for i, r in enumerate(source)}
+
+
+def test_user_data_stores_ops_and_rebuilds_a_build_stored_without_them(tmp_path, monkeypatch):
+    path, data_dir = _user_jsonl(tmp_path), str(tmp_path / "tfds")
+    # A build by the code before `ops` existed: no such feature, the old layout in its fingerprint.
+    features = tfds_builder.record_features
+
+    def old_features(imported=False):
+        return tfds.features.FeaturesDict({k: v for k, v in features(imported).items() if k != "ops"})
+
+    with monkeypatch.context() as m:
+        m.setattr(tfds_builder, "record_features", old_features)
+        m.setattr(tfds_builder, "_USER_LAYOUT", "origin")
+        generate = tfds_builder.AtlasUserData._generate_examples
+        m.setattr(tfds_builder.AtlasUserData, "_generate_examples",
+                  lambda self, records: generate(self, ({k: v for k, v in r.items() if k != "ops"} for r in records)))
+        dataset_dir, _ = tfds_builder.build_user_dataset(data_dir, {"train": path}, name="mine")
+    assert "ops" not in load_split(data_dir, "train", "mine", dataset="atlas_user_data")[0]
+    assert _ops_by_uid(data_dir) == {"with-ops": (), "without": ()}  # read as "names none", not an error
+
+    # Today's code: the layout changed, so the same JSONL is imported again, with its ops.
+    mtime = os.stat(os.path.join(dataset_dir, "dataset_info.json")).st_mtime_ns
+    again, _ = tfds_builder.build_user_dataset(data_dir, {"train": path}, name="mine")
+    assert again == dataset_dir and os.stat(os.path.join(dataset_dir, "dataset_info.json")).st_mtime_ns != mtime
+    assert _ops_by_uid(data_dir) == {"with-ops": ("line", "shape"), "without": ()}
+    stored = {r["uid"]: r["ops"] for r in load_split(data_dir, "train", "mine", dataset="atlas_user_data")}
+    assert stored == {"with-ops": ["line", "shape"], "without": []}  # str, as the import wrote them

@@ -25,6 +25,7 @@ D = 3 * 2 * 14 * 14 = 1176, N = max_images, U = P / 4):
   num_images        int32[B]
   prompt_len        int32[B]        tokens up to and including "<|im_start|>assistant\\n"
   answer, task, uid list[str]       host-side metadata (never sent to devices)
+  ops               list[tuple[str, ...]]  host-side: the functional ops each record calls for (`Sample.ops`)
   skipped           int             bad records skipped while this batch was assembled
 """
 
@@ -42,7 +43,7 @@ from atlas_jax.data.sample import BadRecordError, Sample
 from atlas_jax.model import rope, vision_layout
 from atlas_jax.model.config import ModelConfig
 
-META_KEYS = ("answer", "task", "uid")
+META_KEYS = ("answer", "task", "uid", "ops")
 LAYOUT_KEYS = ("window_index", "rope_hw", "full_segments", "window_segments", "unit_valid")
 
 
@@ -176,6 +177,7 @@ class ExampleBuilder:
             "answer": sample.answer,
             "task": sample.task,
             "uid": sample.uid or f"{self.source_name}:{index}",
+            "ops": sample.ops,
         }
 
     def _too_long(self, bad, sample: Sample, response_field: str, length: int, prompt_len: int, image_tokens: int):

@@ -4,11 +4,14 @@ Each non-blank line is a JSON object:
 
     {"images": ["img/0001.png", ...],   # paths relative to the JSONL file's folder, or absolute
      "question": "...", "response": "... \\\\boxed{42}", "answer": "42",
-     "task": "...", "response_answer_only": "...", "uid": "..."}   # these three are optional
+     "task": "...", "response_answer_only": "...", "uid": "...",   # these four are optional
+     "ops": ["line", ...]}   # functional operations the question calls for (expected-usage reward)
 
-Other keys are ignored. Each record also keeps `origin` = '<path>:<line>' (path as given), so an
-error found later (e.g. a sample too long for the pipeline's max_length) names the JSONL line even
-when the user chose the uid. Images are stored as the file's original bytes (no re-encoding), after
+`ops` names functional tokens (`functional_tokens.DEFAULT_TOKENS`: manip, line, arrow, shape,
+text; case ignored, stored in that spelling); a record's ops take precedence over the synthetic
+task table in the `expected_usage` reward. Other keys are ignored. Each record also keeps
+`origin` = '<path>:<line>' (path as given), so an error found later (e.g. a sample too long for
+the pipeline's max_length) names the JSONL line even when the user chose the uid. Images are stored as the file's original bytes (no re-encoding), after
 checking that they decode fully. Every rule of `records.validate_sample` applies, plus: valid UTF-8
 and JSON on each line, image paths naming existing regular files of at most `MAX_IMAGE_BYTES` (never
 a FIFO or a device), and unique `uid`s (default `<file name>:<line>`). A bad line raises
@@ -30,7 +33,7 @@ import re
 import stat
 from collections.abc import Iterator
 
-from atlas_jax.data.records import ORIGIN_FIELD, REQUIRED_FIELDS, decode_record
+from atlas_jax.data.records import OPS_FIELD, ORIGIN_FIELD, REQUIRED_FIELDS, decode_record
 from atlas_jax.data.sample import BadRecordError
 
 log = logging.getLogger(__name__)
@@ -181,9 +184,11 @@ def _line_record(
         "task": raw.get("task", ""),
         "response_answer_only": raw.get("response_answer_only", ""),
         "uid": raw.get("uid", f"{os.path.basename(path)}:{line_no}"),
+        OPS_FIELD: raw.get(OPS_FIELD, []),
     }
-    # Decoding validates every field and image; the decoded Sample itself is not kept.
-    decode_record(record, path, where, min_images=min_images, max_images=max_images)
+    # Decoding validates every field and image; of the decoded Sample only the ops' spelling is kept.
+    sample = decode_record(record, path, where, min_images=min_images, max_images=max_images)
+    record[OPS_FIELD] = list(sample.ops)
     record[ORIGIN_FIELD] = f"{path}:{line_no}"
     return record
 

@@ -8,6 +8,8 @@ A *record* is what the TFDS/ArrayRecord datasets and the JSONL import hold:
     origin:               str, optional: 'FILE:LINE' the record was imported from (JSONL only;
                                        the synthetic suite has none). Kept apart from the
                                        user-settable uid so errors can always name the line.
+    ops:                  list[str], optional: the functional operations the question calls for
+                                       (JSONL only), by `functional_tokens` name ('line', ...)
 
 Every record is validated when it is decoded, so a bad one is rejected with a `BadRecordError`
 naming the source (file or dataset split), the record and the field, never turned into a silent
@@ -29,7 +31,9 @@ wrong batch. Rules (`validate_sample`):
   the stripped `answer` (an error by default; `answer_mismatch="warn"` logs a warning instead, for
   user data whose answers are graded by another rule, e.g. '0.5' vs '1/2');
 - `response_answer_only`, when non-empty, follows the same rules as the response but may not
-  contain functional tokens (it is the baseline trajectory without them).
+  contain functional tokens (it is the baseline trajectory without them);
+- `ops`, when given, is a list of functional-token names (`functional_tokens.DEFAULT_TOKENS`, case
+  ignored on reading: 'Line' is 'line'), each one of the configured functional tokens.
 
 Over-long samples are checked later, by the input pipeline, once the text is tokenised.
 """
@@ -45,7 +49,7 @@ from collections.abc import Mapping, Sequence
 from PIL import Image, ImageFile
 
 from atlas_jax.data.sample import BadRecordError, Sample
-from atlas_jax.functional_tokens import QWEN_ADDED_TOKENS, token_strings
+from atlas_jax.functional_tokens import DEFAULT_TOKENS, QWEN_ADDED_TOKENS, token_strings
 from atlas_jax.rl.rewards import extract_boxed as boxed_content  # the reward's reading, so a valid record is graded alike
 
 QWEN_SPECIAL_TOKENS = QWEN_ADDED_TOKENS
@@ -55,6 +59,8 @@ TEXT_FIELDS: tuple[str, ...] = ("question", "response", "answer", "task", "respo
 REQUIRED_FIELDS: tuple[str, ...] = ("images", "question", "response", "answer")
 # Only imported records carry it; stored only by the user-data builder.
 ORIGIN_FIELD = "origin"
+# Optional in JSONL; stored only by the user-data builder (the synthetic suite's tasks name their ops).
+OPS_FIELD = "ops"
 
 # Anything in the Qwen special-token style, known or not.
 _TOKEN_SHAPED = re.compile(r"<\|[^<>|\s]{1,64}\|>")
@@ -80,7 +86,23 @@ def encode_sample(sample: Sample, image_format: str = "PNG") -> dict:
     }
     if sample.origin:
         record[ORIGIN_FIELD] = sample.origin
+    if sample.ops:
+        record[OPS_FIELD] = list(sample.ops)
     return record
+
+
+def parse_ops(value, bad) -> tuple[str, ...]:
+    """The functional-token names of a record's `ops` value (a list of names, case ignored), in the
+    registry's spelling; anything else raises `bad(field, problem)`."""
+    known = {t.name.lower(): t.name for t in DEFAULT_TOKENS}
+    if not isinstance(value, (list, tuple)):
+        raise bad(OPS_FIELD, f"wrong type: expected a list of functional-token names from {sorted(known)}, got {type(value).__name__}")
+    names = []
+    for i, name in enumerate(value):
+        if not isinstance(name, str) or name.lower() not in known:
+            raise bad(f"{OPS_FIELD}[{i}]", f"unknown operation: {name!r}; expected functional-token names from {sorted(known)}")
+        names.append(known[name.lower()])
+    return tuple(names)
 
 
 def record_location(source: str, index: int | str, origin: str = "", uid: str = "") -> tuple[str, str]:
@@ -150,6 +172,7 @@ def decode_record(
     raw_images = record["images"]
     if not isinstance(raw_images, (list, tuple)):
         raise BadRecordError(source, index, "images", f"wrong type: expected a list of encoded images, got {type(raw_images).__name__}")
+    ops = parse_ops(record.get(OPS_FIELD, ()), lambda field, problem: BadRecordError(source, index, field, problem))
     images = [decode_image(data, source, index, f"images[{i}]") for i, data in enumerate(raw_images)]
     sample = Sample(
         images=images,
@@ -160,6 +183,7 @@ def decode_record(
         response_answer_only=record.get("response_answer_only", ""),
         uid=record.get("uid", ""),
         origin=origin,
+        ops=ops,
     )
     validate_sample(
         sample,
@@ -216,6 +240,14 @@ def validate_sample(
         raise bad("images", f"too few images: {len(sample.images)}, at least {min_images} required")
     if max_images is not None and len(sample.images) > max_images:
         raise bad("images", f"too many images: {len(sample.images)}, at most {max_images} allowed")
+
+    if not isinstance(sample.ops, tuple):
+        raise bad(OPS_FIELD, f"wrong type: expected a tuple of functional-token names, got {type(sample.ops).__name__}")
+    # An op the run has no token for could never be rewarded: the record and the config disagree.
+    configured = [t.name for t in DEFAULT_TOKENS if t.token in functional]
+    for i, name in enumerate(sample.ops):
+        if name not in configured:
+            raise bad(f"{OPS_FIELD}[{i}]", f"unknown operation: {name!r}; expected one of the configured functional tokens {configured}")
 
     found = _control_strings(sample.question, known=functional, allowed=())
     if found:

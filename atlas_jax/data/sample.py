@@ -18,6 +18,9 @@ class Sample:
     uid: a stable identifier (split/task/seed/index) used in error messages.
     origin: where the record was first read, as 'FILE:LINE' (set by the JSONL import, never by the
       user: a uid may be anything); '' when generated. Errors about the record name it.
+    ops: names of the functional tokens the question calls for (`functional_tokens` names, e.g.
+      ('line',)), read by the expected-usage reward before the synthetic task table; () when not
+      given (user data without an `ops` field, and the synthetic suite, whose tasks name theirs).
     """
 
     images: list[Image.Image]
@@ -28,6 +31,7 @@ class Sample:
     response_answer_only: str = ""
     uid: str = ""
     origin: str = ""
+    ops: tuple[str, ...] = ()
 
 
 class BadRecordError(ValueError):

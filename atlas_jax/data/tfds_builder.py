@@ -28,7 +28,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 from etils import epath
 
 from atlas_jax.data import jsonl
-from atlas_jax.data.records import ORIGIN_FIELD, TEXT_FIELDS, encode_sample
+from atlas_jax.data.records import OPS_FIELD, ORIGIN_FIELD, TEXT_FIELDS, encode_sample
 from atlas_jax.data.synthetic.family import SPLITS  # train and the evaluation conditions
 
 DATASET_VERSION = "1.0.0"
@@ -40,11 +40,13 @@ log = logging.getLogger(__name__)
 _CODE_PATH = epath.Path(__file__)
 
 
-def record_features(with_origin: bool = False) -> tfds.features.FeaturesDict:
-    """The stored record: encoded image bytes plus the text fields of `records.py` (and `origin`,
-    the JSONL file:line, for imported data)."""
+def record_features(imported: bool = False) -> tfds.features.FeaturesDict:
+    """The stored record: encoded image bytes plus the text fields of `records.py`, and for
+    imported data `origin` (the JSONL file:line) and `ops` (the functional ops the record expects)."""
     fields = {"images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_))}
-    fields.update({name: tfds.features.Text() for name in TEXT_FIELDS + ((ORIGIN_FIELD,) if with_origin else ())})
+    fields.update({name: tfds.features.Text() for name in TEXT_FIELDS + ((ORIGIN_FIELD,) if imported else ())})
+    if imported:
+        fields[OPS_FIELD] = tfds.features.Sequence(tfds.features.Text())
     return tfds.features.FeaturesDict(fields)
 
 
@@ -186,7 +188,7 @@ class AtlasUserData(tfds.core.GeneratorBasedBuilder):
     # reading goes through the files (TFDS reads a config unknown to the code from disk).
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=record_features(with_origin=True))
+        return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=record_features(imported=True))
 
     def _split_generators(self, dl_manager):
         del dl_manager
@@ -208,7 +210,7 @@ class AtlasUserData(tfds.core.GeneratorBasedBuilder):
 
 
 _REPORTS_FILE = "import_reports.json"
-_USER_LAYOUT = "origin"  # what the stored records hold beyond TEXT_FIELDS
+_USER_LAYOUT = "origin,ops"  # what the stored records hold beyond TEXT_FIELDS
 
 
 def build_user_dataset(
@@ -229,7 +231,7 @@ def build_user_dataset(
     in place, pass `overwrite=True`. Reports are kept in `import_reports.json` beside the data.
     """
     paths = {split: os.path.abspath(os.fspath(path)) for split, path in splits.items()}
-    # _USER_LAYOUT is in the fingerprint so a build stored by older code (no `origin`) is redone.
+    # _USER_LAYOUT is in the fingerprint so a build stored by older code (no `origin`, no `ops`) is redone.
     digest = hashlib.sha256(json.dumps([sorted(paths.items()), skip_bad_records, min_images, _USER_LAYOUT]).encode())
     for split in sorted(paths):
         try:
@@ -305,10 +307,16 @@ class RecordSource(Sequence):
         return f"RecordSource({self.source!r}, {len(self)} records)"
 
 
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
 def _to_record(item: Mapping) -> dict:
     names = TEXT_FIELDS + ((ORIGIN_FIELD,) if ORIGIN_FIELD in item else ())  # imported data only
-    record = {name: item[name].decode("utf-8") if isinstance(item[name], bytes) else str(item[name]) for name in names}
+    record = {name: _text(item[name]) for name in names}
     record["images"] = [bytes(data) for data in item["images"]]
+    if OPS_FIELD in item:  # imported data only
+        record[OPS_FIELD] = [_text(name) for name in item[OPS_FIELD]]
     return record
 
 

@@ -45,7 +45,8 @@ log = logging.getLogger("atlas_jax")
 
 def reward_functions(c: mlc.ConfigDict, tokens: tokenizer_lib.RunTokens) -> dict:
     """name -> (weight, fn) from `c.rl.rewards` and `c.rl.custom_rewards`; 'expected_usage' rewards
-    each synthetic task's own token(s), 'overlong' is DAPO's soft penalty at the sampler's length."""
+    the token(s) a record names in `ops` (user data), else its synthetic task's own, 'overlong' is
+    DAPO's soft penalty at the sampler's length."""
     r = c.rl
     table = dict(rewards_lib.DEFAULT_REWARDS)
     ids = dict(tokens.functional)
@@ -65,9 +66,10 @@ def score_rollouts(host: dict, out: dict, tok, tokens: tokenizer_lib.RunTokens, 
     """The rewards of every rollout of the global batch, identical on every host.
 
     Each host decodes and scores the G completions of its own prompts (its block of the global
-    batch, whose rollouts are the same block of the sampler's rows) against its own answers and
-    tasks; the scores are then gathered in process order, the global row order, so the result is
-    the same whatever the number of hosts.
+    batch, whose rollouts are the same block of the sampler's rows) against its own answers,
+    tasks and expected ops (a record's `ops`, as token ids, for the rewards that accept them); the
+    scores are then gathered in process order, the global row order, so the result is the same
+    whatever the number of hosts.
     out: the sampler's outputs for B*G rows (row i*G + j is sample j of prompt i).
     on_error: `rewards.combine`'s ('raise' | 'zero').
     Returns float32[B*G] arrays 'total' (weighted sum), 'accuracy', 'lengths' (completion
@@ -81,7 +83,9 @@ def score_rollouts(host: dict, out: dict, tok, tokens: tokenizer_lib.RunTokens, 
     texts = [tok.decode([i for i in x if i not in tokens.stop_ids], skip_special_tokens=False) for x in ids]
     answers = [a for a in host["answer"] for _ in range(group_size)]
     tasks = [t for t in host["task"] for _ in range(group_size)]
-    total, per_fn, errors = rewards_lib.combine(reward_fns, texts, answers, ids, tasks, tokens.functional_ids, on_error)
+    op_ids = dict(tokens.functional)  # the pipeline admits only configured ops
+    expected = [tuple(op_ids[o] for o in ops) for ops in host["ops"] for _ in range(group_size)]
+    total, per_fn, errors = rewards_lib.combine(reward_fns, texts, answers, ids, tasks, tokens.functional_ids, on_error, expected)
     accuracy = per_fn.get("accuracy")
     if accuracy is None:
         accuracy = np.array([rewards_lib.accuracy_reward(t, a) for t, a in zip(texts, answers)])

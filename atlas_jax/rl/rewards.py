@@ -5,11 +5,14 @@ Every reward function has the `RewardFunction` signature
     fn(completion_text, answer, token_ids, /, *, task, functional_ids) -> float
 
 where token_ids are the completion's sampled ids (no prompt, no padding) and functional_ids the
-vocabulary ids of the functional tokens. Extra knobs are keyword arguments with defaults; bind
-them with functools.partial. `combine` evaluates a weighted set of them over a rollout batch and
-turns any failure into a `RewardError` that names the function and the sample (or, with
-on_error='zero', a counted 0), never a silent zero. `load_reward` imports a user's function from
-'package.module:function=weight' (config `rl.custom_rewards`) and checks its signature.
+vocabulary ids of the functional tokens. A function that also takes the keyword
+`expected_functional_ids` is given, per completion, the ids of the functional tokens its record
+names in `ops` (user data; () when it names none); others are called exactly as above. Extra
+knobs are keyword arguments with defaults; bind them with functools.partial. `combine` evaluates
+a weighted set of them over a rollout batch and turns any failure into a `RewardError` that names
+the function and the sample (or, with on_error='zero', a counted 0), never a silent zero.
+`load_reward` imports a user's function from 'package.module:function=weight' (config
+`rl.custom_rewards`) and checks its signature.
 """
 
 from __future__ import annotations
@@ -274,23 +277,25 @@ def functional_usage_reward(
 def expected_usage_reward(
     expected_by_task: Mapping[str, Collection[int]], other_token_credit: float = 0.5
 ) -> RewardFunction:
-    """A usage reward that knows which functional token each task calls for.
+    """A usage reward that knows which functional token each sample calls for.
 
     expected_by_task: task name -> ids of the functional tokens that task's operation needs (e.g.
     'shape_count' -> {id of <|Shape|>}). The returned function gives 1.0 for using an expected
-    token, other_token_credit for using only other functional tokens, 0.0 for none; tasks not in
-    the mapping fall back to `functional_usage_reward`.
+    token, other_token_credit for using only other functional tokens, 0.0 for none. The expected
+    tokens are the record's own (`expected_functional_ids`, from a JSONL record's `ops`) when it
+    names any, else its task's; a sample with neither falls back to `functional_usage_reward`.
     """
     table = {task: frozenset(int(i) for i in ids) for task, ids in expected_by_task.items()}
     empty = [task for task, ids in table.items() if not ids]
     if empty:
         raise ValueError(f"expected_by_task has no token ids for tasks {empty}")
 
-    def expected_usage(completion, answer, token_ids, /, *, task, functional_ids):
+    def expected_usage(completion, answer, token_ids, /, *, task, functional_ids, expected_functional_ids=()):
         used = {int(t) for t in token_ids} & _functional_set(functional_ids)
-        if task not in table:
+        expected = frozenset(int(i) for i in expected_functional_ids) or table.get(task)
+        if expected is None:
             return float(bool(used))
-        return 1.0 if used & table[task] else other_token_credit if used else 0.0
+        return 1.0 if used & expected else other_token_credit if used else 0.0
 
     return expected_usage
 
@@ -407,6 +412,16 @@ def load_reward(spec: str) -> tuple[str, float, RewardFunction]:
 # ---------------------------------------------------------------------------- combine
 
 
+def accepts_keyword(fn: Callable, name: str) -> bool:
+    """Whether `fn` can be called with the keyword argument `name` (it names it, or takes **kwargs)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: called the documented way only
+        return False
+    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return any(p.kind == p.VAR_KEYWORD or (p.name == name and p.kind in kinds) for p in params)
+
+
 def _as_reward_value(value) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"returned {value!r} of type {type(value).__name__}; expected a float")
@@ -423,12 +438,15 @@ def combine(
     tasks: Sequence[str] | None,
     functional_ids: Sequence[int],
     on_error: str = "raise",
+    expected_functional_ids: Sequence[Sequence[int]] | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, int]]:
     """Weighted sum of reward functions over N completions.
 
     rewards: name -> (weight, RewardFunction). completions / answers / token_ids / tasks: one per
     completion (answers and tasks repeated for each of a prompt's G completions); tasks None means
     '' for all. functional_ids: vocabulary ids of the functional tokens.
+    expected_functional_ids: one per completion, the ids of the functional tokens its record names
+    (`ops`; () for none), passed to the functions that accept that keyword; None passes nothing.
     Returns (total float32[N] = sum_k weight_k * value_k, {name: unweighted float32[N]},
     {name: samples on which it failed}).
     A function that raises or returns a non-float / NaN / inf raises RewardError naming the
@@ -439,7 +457,10 @@ def combine(
         raise ValueError(f"on_error={on_error!r}; expected 'raise' or 'zero'")
     n = len(completions)
     tasks = [""] * n if tasks is None else tasks
-    for name, seq in (("answers", answers), ("token_ids", token_ids), ("tasks", tasks)):
+    sequences = [("answers", answers), ("token_ids", token_ids), ("tasks", tasks)]
+    if expected_functional_ids is not None:
+        sequences.append(("expected_functional_ids", expected_functional_ids))
+    for name, seq in sequences:
         if len(seq) != n:
             raise ValueError(f"combine: {name} has {len(seq)} entries; expected {n}, one per completion")
     for name, entry in rewards.items():
@@ -453,10 +474,12 @@ def combine(
     for name, (weight, fn) in rewards.items():
         values = np.zeros(n, np.float64)
         errors[name] = 0
+        with_expected = expected_functional_ids is not None and accepts_keyword(fn, "expected_functional_ids")
         for i in range(n):
+            extra = {"expected_functional_ids": tuple(expected_functional_ids[i])} if with_expected else {}
             try:
                 values[i] = _as_reward_value(
-                    fn(completions[i], answers[i], token_ids[i], task=tasks[i], functional_ids=functional_ids)
+                    fn(completions[i], answers[i], token_ids[i], task=tasks[i], functional_ids=functional_ids, **extra)
                 )
             except Exception as e:  # noqa: BLE001 - re-raised with the reward and sample named, or counted
                 if on_error == "raise":
