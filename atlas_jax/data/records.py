@@ -141,20 +141,11 @@ def decode_image(data: bytes, source: str, index: int | str, field: str = "image
     return image
 
 
-def decode_record(
-    record: Mapping,
-    source: str,
-    index: int | str,
-    *,
-    functional_strings: Sequence[str] | None = None,
-    min_images: int = 1,
-    max_images: int | None = None,
-    answer_mismatch: str = "error",
-) -> Sample:
+def decode_record(record: Mapping, source: str, index: int | str, **rules) -> Sample:
     """The validated Sample stored in `record`.
 
     source: where the record came from (a file, 'atlas_synthetic/tiny:train'), for messages.
-    index: the record's position or line number there.
+    index: the record's position or line number there. rules: `validate_sample`'s keywords.
     Raises BadRecordError naming source, record and field when anything is wrong.
     """
     if not isinstance(record, Mapping):
@@ -185,15 +176,7 @@ def decode_record(
         origin=origin,
         ops=ops,
     )
-    validate_sample(
-        sample,
-        source,
-        index,
-        functional_strings=functional_strings,
-        min_images=min_images,
-        max_images=max_images,
-        answer_mismatch=answer_mismatch,
-    )
+    validate_sample(sample, source, index, **rules)
     return sample
 
 
