@@ -20,12 +20,22 @@ temporaries - aliased, against the chip's HBM), XLA's FLOPs and cost-model step 
 the cost model cannot time an op, the roofline max(FLOPs / peak, bytes accessed / HBM
 bandwidth) of XLA's counts), the model's FLOPs and the MFU that step time implies (an
 estimate, not a measurement), and the collectives of the compiled HLO. A sampler's cost counts one pass of its decode loop, so it has
-no step-time estimate. Exit status: 0 all fit, 1 a program does not fit, 2 a bad topology or
+no step-time estimate.
+
+XLA's cost analysis counts a while loop's body once. A training program with loops (scanned
+layers, accumulated micro-batches, the output head's chunks, the partitioner's windowed einsums)
+is therefore also compiled loop-free at small depths (`LoopFree`: layers unrolled at 1 and 2 of
+each kind, one micro-batch, the head in one chunk, fsdp matmuls whole) and XLA's costs are
+extrapolated linearly in the layer counts to the real depth, times the micro-batches
+(`--noestimate` skips these extra compiles). XLA sees the Pallas attention kernels as opaque
+calls: their FLOPs are charged at the chip's peak on top. Exit status: 0 all fit, 1 a program does not fit, 2 a bad topology or
 config (one line on stderr, no traceback).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -48,7 +58,7 @@ from atlas_jax import tokenizer as tokenizer_lib
 from atlas_jax.data import batching
 from atlas_jax.model import lora, presets, rope, vision_layout
 from atlas_jax.model.config import ConfigError, ModelConfig
-from atlas_jax.train import la_grpo, optimizer, sft, train_state
+from atlas_jax.train import la_grpo, optimizer, sft, token_logprobs, train_state
 
 GiB = 2**30
 
@@ -78,12 +88,32 @@ CHIPS = {
 
 
 @dataclasses.dataclass
+class LoopFree:
+    """A program's loop-free versions, for XLA's cost model, which counts a while loop's body once.
+
+    lowerings[i]: () -> jax Lowered of the same program with layers unrolled (`scan_layers=False`)
+    at the layer counts design[i] (`LAYER_COUNTS`), one micro-batch (no accumulation loop) and the
+    output head over the whole sequence at once (`_head_in_one_chunk`), compiled with whole
+    matmuls (`WHOLE_EINSUMS`); counts: the real model's layer counts; passes: the real step's micro-batches (its XLA costs are `passes` times a
+    variant's: the optimizer update, which runs once per step, is counted `passes` times)."""
+
+    design: list[tuple[int, ...]]
+    lowerings: list[Callable]
+    counts: tuple[int, ...]
+    passes: int = 1
+
+
+@dataclasses.dataclass
 class Program:
-    """name; lower: () -> jax Lowered; model_flops: the model's FLOPs per call (0: not estimated)."""
+    """name; lower: () -> jax Lowered; model_flops: the model's FLOPs per call (0: not estimated);
+    kernel_flops: of those, the attention FLOPs that run in Pallas kernels, which XLA's cost model
+    does not see into; loop_free: how to estimate a program with repeated loops (None: none)."""
 
     name: str
     lower: Callable
     model_flops: float = 0.0
+    kernel_flops: float = 0.0
+    loop_free: LoopFree | None = None
 
 
 # ---------------------------------------------------------------------------- topology
@@ -145,7 +175,7 @@ def _placeholder_example(model_cfg: ModelConfig, max_patches: int) -> dict:
         "pixel_values": np.zeros((0, model_cfg.vision.patch_dim), np.float32),
         "grid_thw": np.zeros((0, 3), np.int32),
         **vision_layout.vision_layout([], model_cfg.vision, max_patches),
-        "answer": "", "task": "", "uid": "placeholder",
+        "answer": "", "task": "", "uid": "placeholder", "ops": (),
     }
 
 
@@ -204,32 +234,116 @@ def _lowering(mesh, jitted, /, *args, **kw) -> Callable:
     return lower
 
 
+# ---------------------------------------------------------------------------- loop-free variants
+LAYER_COUNTS = ("decoder layers", "vision window-attention blocks", "vision full-attention blocks")
+
+
+def layer_counts(m: ModelConfig) -> tuple[int, int, int]:
+    full = len(m.vision.fullatt_block_indexes)
+    return m.text.num_layers, m.vision.depth - full, full
+
+
+def at_depth(m: ModelConfig, counts: tuple[int, ...]) -> ModelConfig:
+    """`m` with its layers unrolled at these `LAYER_COUNTS`: the vision window blocks first, then
+    the full-attention ones; the visual operations after the first decoder layer (their cost does
+    not depend on where they run)."""
+    layers, window, full = counts
+    return dataclasses.replace(
+        m, scan_layers=False, text=dataclasses.replace(m.text, num_layers=layers),
+        vision=dataclasses.replace(m.vision, depth=window + full, fullatt_block_indexes=tuple(range(window, window + full))),
+        visual_ops=dataclasses.replace(m.visual_ops, layer=0),
+    )
+
+
+def depth_design(counts: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The layer counts to compile at: a base of at most one layer of each kind, then for each
+    kind the model has more of, the base with one more of it (one compile per unknown)."""
+    base = tuple(min(n, 1) for n in counts)
+    return [base] + [tuple(b + (j == i) for j, b in enumerate(base)) for i, n in enumerate(counts) if n > base[i]]
+
+
+def extrapolate(design: list[tuple[int, ...]], figures, counts: tuple[int, ...]) -> np.ndarray:
+    """figures[i]: costs measured at design[i]; the costs at `counts` of the linear model
+    a + sum_k b_k * count_k (a: everything outside the layers) through those points."""
+    kinds = [k for k in range(len(counts)) if any(d[k] != design[0][k] for d in design)]
+    X = np.array([[1.0] + [d[k] for k in kinds] for d in design])
+    return np.array([1.0] + [counts[k] for k in kinds]) @ np.linalg.solve(X, np.asarray(figures, np.float64))
+
+
+@contextlib.contextmanager
+def _head_in_one_chunk():
+    """Lowering inside it, the training losses apply the output head to the whole sequence at
+    once (`token_logprobs`' chunk loop runs once): the same FLOPs, one loop trip for the cost
+    model. Only the cost estimate's variants lower so; their memory is not the job's."""
+    chunked = token_logprobs._over_chunks
+    token_logprobs._over_chunks = lambda per_chunk, h_btd, targets_bt, chunk: chunked(per_chunk, h_btd, targets_bt, h_btd.shape[1])
+    try:
+        yield
+    finally:
+        token_logprobs._over_chunks = chunked
+
+
+def _loop_free(build: Callable[[ModelConfig], Callable], model_cfg: ModelConfig, passes: int) -> LoopFree:
+    """build(model config) -> lower of one micro-batch's program for that model."""
+    counts = layer_counts(model_cfg)
+    design = depth_design(counts)
+    return LoopFree(design, [lambda d=d: build(at_depth(model_cfg, d))() for d in design], counts, passes)
+
+
 # ---------------------------------------------------------------------------- programs
 def _frozen_vision_factor(c) -> float:
     """A frozen tower runs forward only: 1/3 of its training FLOPs."""
     return 1 / 3 if c.optim.freeze_vision else 1.0
 
 
-def sft_programs(c: mlc.ConfigDict, model_cfg: ModelConfig, mesh) -> list[Program]:
+def attention_flops(model_cfg: ModelConfig, batch: int, seq: int, patches: int, vision_factor: float) -> float:
+    """The scores-and-values part of `metrics.model_flops` (decoder + vision x vision_factor):
+    the FLOPs that run inside the attention kernels."""
+    t, v = model_cfg.text, model_cfg.vision
+    decoder = t.num_layers * 2 * batch * seq * seq * t.num_heads * t.head_dim
+    window = min(patches, (v.window_size // v.patch_size) ** 2)
+    full = len(v.fullatt_block_indexes)
+    vision = 2 * batch * patches * v.hidden_size * (full * patches + (v.depth - full) * window)
+    return 6.0 * (decoder + vision * vision_factor)
+
+
+def _kernel_flops(model_cfg: ModelConfig, *args) -> float:
+    return attention_flops(model_cfg, *args) if model_cfg.attention == "splash" else 0.0
+
+
+def _sft_step(c: mlc.ConfigDict, model_cfg: ModelConfig, mesh) -> tuple[Callable, tuple[int, int, int], nnx.GraphDef, nnx.State]:
+    """(lower of the job's train step, its batch's (B, T, patches), the model's graphdef and
+    abstract parameters)."""
     graphdef, tx, schedule, state, state_sh = abstract_state(c, model_cfg, mesh, total_steps=c.train.steps)
     batch = abstract_batch(c, model_cfg, mesh, fmt="sft", batch_size=c.data.batch_size)
     step = sft.make_train_step(
         graphdef, tx, state_sharding=state_sh, batch_sharding={k: v.sharding for k, v in batch.items()},
         grad_accum=c.optim.grad_accum, lr_schedule=schedule, train=builders.trainable(c),
     )
-    B, T = batch["input_ids"].shape
-    f = metrics.model_flops(model_cfg, B, T, batch["pixel_values"].shape[1])
+    return _lowering(mesh, step, state, batch), (*batch["input_ids"].shape, batch["pixel_values"].shape[1]), graphdef, state.params
+
+
+def sft_programs(c: mlc.ConfigDict, model_cfg: ModelConfig, mesh) -> list[Program]:
+    lower, (B, T, patches), graphdef, params = _sft_step(c, model_cfg, mesh)
+    f = metrics.model_flops(model_cfg, B, T, patches)
     train_flops = f["decoder"] + f["lm_head"] + f["vision"] * _frozen_vision_factor(c)
-    programs = [Program("train_step", _lowering(mesh, step, state, batch), train_flops)]
+    kernel = _kernel_flops(model_cfg, B, T, patches, _frozen_vision_factor(c))
+    one_pass = copy.deepcopy(c)
+    one_pass.optim.grad_accum = 1
+    one_pass.data.batch_size = c.data.batch_size // c.optim.grad_accum
+    loop_free = _loop_free(lambda m: _sft_step(one_pass, m, mesh)[0], model_cfg, c.optim.grad_accum)
+    programs = [Program("train_step", lower, train_flops, kernel, loop_free)]
     if c.eval.num_per_task > 0:
         prompts = abstract_batch(c, model_cfg, mesh, fmt="rl", batch_size=c.eval.batch_size)
         scfg = sampling.SamplingConfig(max_new_tokens=c.eval.max_new_tokens, greedy=True, stop_ids=(0, 1),
                                        return_op_attention=model_cfg.visual_ops.enabled and c.eval.heatmaps > 0)
-        programs.append(Program("eval_sampler", _sampler(graphdef, state.params, prompts, None, scfg, mesh)))
+        programs.append(Program("eval_sampler", _sampler(graphdef, params, prompts, None, scfg, mesh)))
     return programs
 
 
-def la_grpo_programs(c: mlc.ConfigDict, model_cfg: ModelConfig, mesh) -> list[Program]:
+def _rl_programs(c: mlc.ConfigDict, model_cfg: ModelConfig, mesh) -> tuple[Callable, Callable, float, float]:
+    """(lower of the sampler, lower of the update step, the update's model FLOPs, its FLOPs in
+    attention kernels)."""
     from atlas_jax.jobs import la_grpo as job  # the job's own rollout-batch builder
 
     r = c.rl
@@ -254,10 +368,26 @@ def la_grpo_programs(c: mlc.ConfigDict, model_cfg: ModelConfig, mesh) -> list[Pr
         train=builders.trainable(c), reference_adapters_off=adapters_off,
     )
     R, L = rollouts["input_ids"].shape
-    f = metrics.model_flops(model_cfg, R, L, prompts["pixel_values"].shape[1])
+    patches = prompts["pixel_values"].shape[1]
+    f = metrics.model_flops(model_cfg, R, L, patches)
     update = f["decoder"] + f["lm_head"] + f["vision"] * _frozen_vision_factor(c)
-    update += sum(f.values()) / 3 if loss_cfg.beta > 0 else 0.0  # the reference forward
-    return [Program("sampler", lower_sampler), Program("update_step", _lowering(mesh, step, state, ref_params, rollouts), update)]
+    kernel = _kernel_flops(model_cfg, R, L, patches, _frozen_vision_factor(c))
+    if loss_cfg.beta > 0:  # the reference forward
+        update += sum(f.values()) / 3
+        kernel += _kernel_flops(model_cfg, R, L, patches, 1.0) / 3
+    return lower_sampler, _lowering(mesh, step, state, ref_params, rollouts), update, kernel
+
+
+def la_grpo_programs(c: mlc.ConfigDict, model_cfg: ModelConfig, mesh) -> list[Program]:
+    lower_sampler, lower_update, update, kernel = _rl_programs(c, model_cfg, mesh)
+    rollouts = c.rl.prompts_per_step * c.rl.group_size
+    micro = c.rl.micro_batch or rollouts
+    loop_free = None
+    if micro % c.rl.group_size == 0:  # one pass: the prompts of one micro-batch's whole groups
+        one_pass = copy.deepcopy(c)
+        one_pass.rl.prompts_per_step = micro // c.rl.group_size
+        loop_free = _loop_free(lambda m: _rl_programs(one_pass, m, mesh)[1], model_cfg, rollouts // micro)
+    return [Program("sampler", lower_sampler), Program("update_step", lower_update, update, kernel, loop_free)]
 
 
 # ---------------------------------------------------------------------------- analysis
@@ -303,22 +433,99 @@ def repeated_loops(hlo: str) -> int:
     return hlo.count(" while(") - sum(1 for n in _TRIP_COUNT.findall(hlo) if int(n) <= 1)
 
 
-def analyse(program: Program, chip: Chip, chips: int, param_shapes, logits_dims) -> dict:
+def xla_cost(compiled, chip: Chip) -> np.ndarray:
+    """[FLOPs, bytes accessed, step seconds] per chip from XLA's cost analysis; the seconds are its
+    cost model's, or where that gave up on some op, the roofline of its counts."""
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops, nbytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    seconds = float(cost.get("optimal_seconds", -1.0))
+    if seconds <= 0:
+        seconds = max(flops / chip.peak, nbytes / chip.bandwidth)
+    return np.array([flops, nbytes, seconds])
+
+
+# The SPMD partitioner turns an fsdp matmul into a "windowed einsum" loop (one weight shard per trip,
+# overlapping the gather with the matmul), whose body the cost model would count once: the cost
+# variants compile their matmuls whole (the same FLOPs) instead.
+WHOLE_EINSUMS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                 "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+
+
+def loop_free_cost(loop_free: LoopFree, chip: Chip, log: Callable[[str], None] = lambda s: None) -> dict:
+    """XLA's costs of the whole step, extrapolated from its loop-free variants' (`LoopFree`):
+    {"flops", "bytes", "xla_s", "design", "compile_s"}; raises CompileCheckError when a variant
+    still has a repeated loop (its costs would be partial)."""
+    figures, compile_s = [], 0.0
+    for counts, lower in zip(loop_free.design, loop_free.lowerings):
+        t0 = time.perf_counter()
+        with _head_in_one_chunk():
+            lowered = lower()
+        compiled = lowered.compile(compiler_options=WHOLE_EINSUMS)
+        compile_s += time.perf_counter() - t0
+        if loops := repeated_loops(compiled.as_text()):
+            raise CompileCheckError(f"the cost estimate's variant at layer counts {counts} still has {loops} repeated loop(s)")
+        figures.append(xla_cost(compiled, chip))
+        log(f"  cost variant {dict(zip(LAYER_COUNTS, counts))}: {figures[-1][0] / 1e12:.3f} TFLOP, "
+            f"{figures[-1][2] * 1e3:.1f} ms (XLA), {time.perf_counter() - t0:.0f} s")
+    flops, nbytes, seconds = loop_free.passes * extrapolate(loop_free.design, figures, loop_free.counts)
+    return {"flops": flops, "bytes": nbytes, "xla_s": seconds, "design": loop_free.design, "compile_s": compile_s}
+
+
+_OUT_OF_HBM = re.compile(r"memory required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM")
+
+
+def _out_of_memory_row(program: Program, chip: Chip, error: str, compile_s: float) -> dict | None:
+    """The row of a program XLA refused to compile for the chip's HBM (its temporaries alone
+    exceed it; the error names no other figure); None for any other error."""
+    m = _OUT_OF_HBM.search(error)
+    if m is None:
+        return None
+    temp = int(float(m.group(1)) * 1024 ** "_KMGT".index(m.group(2) or "_"))
+    return {
+        "name": program.name, "fits": False, "headroom": 1 - temp / chip.hbm, "total_bytes": temp,
+        "hbm_bytes": chip.hbm, "memory": {"argument": 0, "output": 0, "temp": temp, "alias": 0},
+        "out_of_memory": True, "compile_s": compile_s, "flops": 0.0, "model_flops": program.model_flops,
+        "est_step_s": None, "est_mfu": None, "estimate": None, "repeated_loops": 0,
+        "collectives": {"flagged_all_gathers": []},
+    }
+
+
+def analyse(program: Program, chip: Chip, chips: int, param_shapes, logits_dims, *,
+            estimate: bool = True, log: Callable[[str], None] = lambda s: None) -> dict:
+    """One program's row. estimate: for a program with repeated loops, compile its loop-free
+    variants (`LoopFree`) for a step-time estimate (False: none, '-')."""
     t0 = time.perf_counter()
-    compiled = program.lower().compile()
+    try:
+        compiled = program.lower().compile()
+    except jax.errors.JaxRuntimeError as e:
+        if (row := _out_of_memory_row(program, chip, str(e), time.perf_counter() - t0)) is None:
+            raise
+        return row
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     parts = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")}
     total = parts["argument"] + parts["output"] + parts["temp"] - parts["alias"]
-    cost = compiled.cost_analysis() or {}
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", 0.0))
-    est_s = float(cost.get("optimal_seconds", -1.0))
-    if est_s <= 0:  # the cost model gave up on some op: the roofline of XLA's counts instead
-        est_s = max(flops / chip.peak, float(cost.get("bytes accessed", 0.0)) / chip.bandwidth)
+    flops, nbytes, xla_s = xla_cost(compiled, chip)
     hlo = compiled.as_text()
     loops = repeated_loops(hlo)
-    est_s = est_s if program.model_flops and not loops else 0.0
+    est = None
+    if program.model_flops and not loops:
+        est = {"flops": flops, "bytes": nbytes, "xla_s": xla_s, "method": "XLA cost model"}
+    elif program.model_flops and program.loop_free is not None and estimate:
+        try:
+            est = loop_free_cost(program.loop_free, chip, log)
+        except CompileCheckError as e:  # no estimate, the memory figures still stand
+            log(f"  no step-time estimate: {e}")
+    if est is not None and "method" not in est:
+        est["method"] = (f"XLA cost model of {len(est['design'])} loop-free compiles at layer counts "
+                         f"{est.pop('design')} ({', '.join(LAYER_COUNTS)}), extrapolated linearly to "
+                         f"{program.loop_free.counts} x {program.loop_free.passes} micro-batch(es)")
+    est_s = 0.0
+    if est is not None:
+        # XLA sees a Pallas kernel as an opaque call: its FLOPs are charged at the chip's peak.
+        est["kernel_s"] = program.kernel_flops / chips / chip.peak
+        est_s = est["xla_s"] + est["kernel_s"]
     return {
         "name": program.name,
         "fits": total <= chip.hbm,
@@ -331,6 +538,7 @@ def analyse(program: Program, chip: Chip, chips: int, param_shapes, logits_dims)
         "model_flops": program.model_flops,
         "est_step_s": est_s or None,
         "est_mfu": program.model_flops / (est_s * chip.peak * chips) if est_s > 0 else None,
+        "estimate": est,
         "repeated_loops": loops,
         "collectives": collectives(hlo, param_shapes, logits_dims),
     }
@@ -343,13 +551,14 @@ def advice(row: dict, c: mlc.ConfigDict) -> str:
         knobs = "fewer rollouts per chip (rl.prompts_per_step, rl.group_size) or a shorter rl.max_new_tokens"
     remat = "" if c.model.remat == "full" else ", model.remat='full'"
     mesh = "" if tuple(c.mesh) == (1, -1, 1) else ", or a mesh that shards more (mesh=(1, -1, 1): all fsdp)"
-    return (f"{row['name']} does not fit: {row['total_bytes'] / GiB:.2f} GiB per chip > {row['hbm_bytes'] / GiB:.2f} GiB HBM "
+    need = "its temporaries alone (XLA refused to compile it)" if row.get("out_of_memory") else "per chip"
+    return (f"{row['name']} does not fit: {row['total_bytes'] / GiB:.2f} GiB {need} > {row['hbm_bytes'] / GiB:.2f} GiB HBM "
             f"(over by {over:.2f} GiB); try {knobs}{remat}{mesh}")
 
 
-def check(c: mlc.ConfigDict, topology: str, log: Callable[[str], None] = lambda s: None) -> list[dict]:
-    """Compiles the job's programs for `topology`; one `analyse` row per program.
-    Raises CompileCheckError (bad topology or config) with a one-line message."""
+def check(c: mlc.ConfigDict, topology: str, log: Callable[[str], None] = lambda s: None, *, estimate: bool = True) -> list[dict]:
+    """Compiles the job's programs for `topology`; one `analyse` row per program (estimate: as
+    there). Raises CompileCheckError (bad topology or config) with a one-line message."""
     devices, chip = topology_devices(topology)
     if c.job not in ("sft", "la_grpo"):
         raise CompileCheckError(f"config.job={c.job!r}: the compile check covers the 'sft' and 'la_grpo' jobs")
@@ -367,7 +576,7 @@ def check(c: mlc.ConfigDict, topology: str, log: Callable[[str], None] = lambda 
     rows = []
     for p in programs:
         log(f"compiling {p.name} ...")
-        rows.append(analyse(p, chip, len(devices), param_shapes, logits_dims))
+        rows.append(analyse(p, chip, len(devices), param_shapes, logits_dims, estimate=estimate, log=log))
         r = rows[-1]
         log(f"  {r['compile_s']:.0f} s; {r['total_bytes'] / GiB:.2f} GiB per chip of {r['hbm_bytes'] / GiB:.0f} GiB "
             f"({100 * r['headroom']:.1f}% free)")
@@ -387,9 +596,14 @@ def table(rows: list[dict]) -> str:
             f"{r['name']:14s} {r['compile_s']:7.1f}s {g(m['argument'])} {g(m['output'])} {g(m['temp'])} {g(m['alias'])} "
             f"{g(r['total_bytes']):>9s} {r['hbm_bytes'] / GiB:6.1f}G {100 * r['headroom']:7.1f}% {r['flops'] / 1e12:10.3f} {est} {mfu}"
         )
-    lines.append("(per chip; est s / est MFU: XLA's cost-model estimate, not a measurement; '-' for a program "
-                 "with repeated loops (scanned layers, micro-batches, output-head chunks), whose bodies XLA "
-                 "counts once)")
+    lines.append("(per chip; XLA TFLOP: the compiled program's count, a loop's body once; est s / est MFU: XLA's "
+                 "cost-model estimate, not a measurement, with the attention kernels' FLOPs at peak; '-': no "
+                 "model FLOPs, or repeated loops without --estimate)")
+    for r in rows:
+        if r["estimate"] is not None:
+            e = r["estimate"]
+            lines.append(f"{r['name']} estimate: {e['method']}: {e['flops'] / 1e12:.3f} TFLOP, {e['bytes'] / GiB:.1f} GiB "
+                         f"accessed, {e['xla_s']:.3f} s + attention kernels {e['kernel_s']:.3f} s")
     for r in rows:
         col = r["collectives"]
         parts = [f"{op} {v['count']} ({v['bytes'] / GiB:.2f} GiB)" for op, v in col.items() if op != "flagged_all_gathers"]
@@ -403,11 +617,11 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(c: mlc.ConfigDict, topology: str, *, json_path: str = "") -> int:
+def run(c: mlc.ConfigDict, topology: str, *, json_path: str = "", estimate: bool = True) -> int:
     """The command: prints the table (and advice for what does not fit), writes `json_path`;
     returns the exit status (0 all fit, 1 something does not fit, 2 bad topology or config)."""
     try:
-        rows = check(c, topology, log=lambda s: print(s, flush=True))
+        rows = check(c, topology, log=lambda s: print(s, flush=True), estimate=estimate)
     except CompileCheckError as e:
         print(f"compile_check: {e}", file=sys.stderr)
         return 2
@@ -428,6 +642,8 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/ (optionally file.py:arg).", lock_config=True)
     flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e:4x8, v5p:2x2x4, v4:2x2x4, v6e:4x4.")
     flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
+    flags.DEFINE_bool("estimate", True, "For a program with loops (scanned layers, micro-batches), compile its "
+                      "loop-free variants at small depths for the step-time / MFU estimate.")
     flags.mark_flags_as_required(["config", "topology"])
     FLAGS = flags.FLAGS
-    app.run(lambda argv: sys.exit(run(FLAGS.config, FLAGS.topology, json_path=FLAGS.json)))
+    app.run(lambda argv: sys.exit(run(FLAGS.config, FLAGS.topology, json_path=FLAGS.json, estimate=FLAGS.estimate)))

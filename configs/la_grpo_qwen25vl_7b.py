@@ -23,7 +23,9 @@ from atlas_jax import run_config
 # Figures: bench/RESULTS.md, "7B on pod slices".
 SLICES = {
     "v5p": dict(micro_batch=64),  # 32 chips x 95 GiB: 2 rollouts per chip per pass, 8 passes
-    "v5e": dict(micro_batch=64),  # 64 chips x 16 GiB: 1 rollout per chip per pass, 8 passes
+    # 64 chips x 16 GiB: 1 rollout per chip per pass, 8 passes. Does not fit yet: the update step
+    # holds ~30 GiB of unsharded float32 layer gradients whatever the batch (RESULTS.md).
+    "v5e": dict(micro_batch=64),
 }
 
 

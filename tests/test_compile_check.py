@@ -96,11 +96,63 @@ def test_auto_attention_compiles_the_splash_kernel_for_tpu():
     assert "tpu_custom_call" in step.lower().as_text()
 
 
+def test_depth_design_and_linear_extrapolation():
+    # 7B: 28 decoder layers, 28 window-attention and 4 full-attention vision blocks.
+    design = compile_check.depth_design((28, 28, 4))
+    assert design == [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)]
+    assert compile_check.depth_design((4, 1, 1)) == [(1, 1, 1), (2, 1, 1)]  # tiny: one vision block of each kind
+
+    def cost(n):  # costs linear in the layer counts, two figures each
+        return [5.0 + 3.0 * n[0] + 2.0 * n[1] + 7.0 * n[2], 1.0 + 0.5 * n[0] + 0.25 * n[1] + 4.0 * n[2]]
+
+    figures = [cost(d) for d in design]
+    assert compile_check.extrapolate(design, figures, (28, 28, 4)) == pytest.approx(cost((28, 28, 4)))
+
+
+@pytest.mark.slow
+def test_estimate_of_scanned_layers_matches_the_unrolled_compile():
+    """XLA counts a scanned body once: the check compiles the step unrolled at 1 and 2 decoder
+    layers and extrapolates to the tiny model's 4; that must equal the cost analysis of the
+    4-layer step compiled unrolled."""
+
+    def rows(scan: bool):
+        c = small(config("sft_synthetic", "module"))
+        c.eval.num_per_task = 0
+        c.model.scan_layers, c.model.remat = scan, "full"
+        (row,) = compile_check.check(c, TOPOLOGY)
+        return row
+
+    scanned, unrolled = rows(True), rows(False)
+    assert scanned["repeated_loops"] > 0 and unrolled["repeated_loops"] == 0
+    assert unrolled["estimate"]["method"] == "XLA cost model"
+    est, ref = scanned["estimate"], unrolled["estimate"]
+    assert "2 loop-free compiles" in est["method"]
+    assert scanned["flops"] < 0.8 * est["flops"]  # the scanned program's own count misses 3 of 4 layers
+    for key in ("flops", "bytes", "xla_s"):
+        assert est[key] == pytest.approx(ref[key], rel=1e-3), key
+    assert scanned["est_mfu"] == pytest.approx(unrolled["est_mfu"], rel=1e-3)
+    # The splash kernels' FLOPs, charged at peak on top of XLA's figures.
+    assert est["kernel_s"] > 0 and scanned["est_step_s"] == pytest.approx(est["xla_s"] + est["kernel_s"])
+
+
 def test_advice_names_the_overflow_and_the_knobs(sft_report):
     row = dict(sft_report[1]["programs"][0], total_bytes=HBM + 2**30, fits=False)
     msg = compile_check.advice(row, small(config("sft_synthetic", "module")))
     assert msg.startswith("train_step does not fit: 17.00 GiB per chip > 16.00 GiB HBM (over by 1.00 GiB)")
     assert "data.batch_size" in msg and "optim.grad_accum" in msg and "model.remat='full'" in msg
+
+
+def test_a_program_xla_refuses_for_lack_of_hbm_is_a_row_not_a_traceback():
+    error = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (45.89G) "
+             "exceeds available HBM (15.75G).")
+    program = compile_check.Program("update_step", lambda: None, 1e15)
+    row = compile_check._out_of_memory_row(program, compile_check.CHIPS["v5e"], error, 12.0)
+    assert not row["fits"] and row["out_of_memory"]
+    assert row["total_bytes"] == row["memory"]["temp"] == int(45.89 * 2**30)
+    msg = compile_check.advice(row, small(config("la_grpo_synthetic", "la_grpo,vocab")))
+    assert msg.startswith("update_step does not fit: 45.89 GiB its temporaries alone (XLA refused to compile it) > 16.00 GiB HBM")
+    assert "rl.prompts_per_step" in msg
+    assert compile_check._out_of_memory_row(program, compile_check.CHIPS["v5e"], "INTERNAL: something else", 1.0) is None
 
 
 @pytest.mark.parametrize(
