@@ -131,13 +131,21 @@ def make_rl_step(
                 lambda mb: rollout_logprobs(nnx.merge(graphdef, ref_state), mb, temperature)[0], micro))
 
         trained, frozen = nnx.split_state(state.params, train, ...)
+        trained_sh, _ = nnx.split_state(state_sharding.params, train, ...)
+
+        def sharded_like_params(out):
+            """Gradients laid out as their parameters: left to itself, XLA keeps the anchor term's
+            second gradient tree whole on every chip (measured: +1.3x the parameters' float32 bytes)."""
+            grads, anchor, shares = out
+            constrain = lambda g: jax.tree.map(jax.lax.with_sharding_constraint, g, trained_sh)  # noqa: E731
+            return constrain(grads), None if anchor is None else constrain(anchor), shares
 
         def accumulate(carry, mb):
-            return jax.tree.map(jnp.add, carry, micro_grads(trained, frozen, mb, totals)), None
+            return jax.tree.map(jnp.add, carry, sharded_like_params(micro_grads(trained, frozen, mb, totals))), None
 
         first = jax.tree.map(lambda x: x[0], micro)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(micro_grads, trained, frozen, first, totals))
-        (grads, anchor_grads, shares), _ = jax.lax.scan(accumulate, zeros, micro)
+        (grads, anchor_grads, shares), _ = jax.lax.scan(accumulate, sharded_like_params(zeros), micro)
         metrics = losses.finish_metrics(shares, rows["advantages"])
         if anchor_grads is not None:
             metrics["anchor/grad_share"] = optax.tree.norm(anchor_grads) / jnp.maximum(optax.tree.norm(grads), 1e-12)
