@@ -19,13 +19,12 @@ arg: comma-separated options: 'la_grpo' (alpha = 0.1, default) or 'grpo' (alpha 
 from atlas_jax import run_config
 
 
-# Rollouts per forward / backward pass of the update (per chip: micro_batch / chips).
-# Figures: bench/RESULTS.md, "7B on pod slices".
+# micro_batch: rollouts per forward / backward pass of the update (per chip: micro_batch / chips).
+# anchor_share: the anchor term's share of the gradient, a diagnostic that costs a second backward
+# pass (on v5e-64: 14.99 of 16 GiB with it, 8.46 without). Figures: bench/RESULTS.md, "7B on pod slices".
 SLICES = {
-    "v5p": dict(micro_batch=64),  # 32 chips x 95 GiB: 2 rollouts per chip per pass, 8 passes
-    # 64 chips x 16 GiB: 1 rollout per chip per pass, 8 passes. Does not fit yet: the update step
-    # holds ~30 GiB of unsharded float32 layer gradients whatever the batch (RESULTS.md).
-    "v5e": dict(micro_batch=64),
+    "v5p": dict(micro_batch=64, anchor_share=True),  # 32 chips x 95 GiB: 2 rollouts per chip per pass, 8 passes
+    "v5e": dict(micro_batch=64, anchor_share=False),  # 64 chips x 16 GiB: 1 rollout per chip per pass, 8 passes
 }
 
 
@@ -59,6 +58,7 @@ def get_config(arg: str = "la_grpo"):
     c.rl.group_size = 8
     # 512 rollouts of <= 3072 tokens per update, summed exactly inside the one update step.
     c.rl.micro_batch = SLICES[pod]["micro_batch"]
+    c.rl.anchor_share = SLICES[pod]["anchor_share"]
     c.rl.num_iterations = 2
     c.rl.sample.max_new_tokens = 1024
     c.rl.sample.temperature = 1.0
