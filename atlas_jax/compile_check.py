@@ -383,7 +383,10 @@ def la_grpo_programs(c: mlc.ConfigDict, model_cfg: ModelConfig, mesh) -> list[Pr
     rollouts = c.rl.prompts_per_step * c.rl.group_size
     micro = c.rl.micro_batch or rollouts
     loop_free = None
-    if micro % c.rl.group_size == 0:  # one pass: the prompts of one micro-batch's whole groups
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    # One pass: the prompts of one micro-batch's whole groups, which the variant's sampler must be
+    # able to shard (e.g. 8 prompts on 32 fsdp chips cannot: no estimate, rather than an error).
+    if micro % c.rl.group_size == 0 and (micro // c.rl.group_size) % batch_shards == 0:
         one_pass = copy.deepcopy(c)
         one_pass.rl.prompts_per_step = micro // c.rl.group_size
         loop_free = _loop_free(lambda m: _rl_programs(one_pass, m, mesh)[1], model_cfg, rollouts // micro)

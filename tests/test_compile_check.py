@@ -81,6 +81,18 @@ def test_la_grpo_sampler_and_update_compile_and_fit():
     assert 0 < update["est_mfu"] <= 1
 
 
+def test_la_grpo_micro_batch_whose_prompts_cannot_be_sharded_gets_no_estimate_not_an_error():
+    """The cost variant runs one micro-batch's prompts through the sampler: 4 rollouts in groups
+    of 2 are 2 prompts, which 4 chips cannot shard (as 8 prompts on 32 v5p chips)."""
+    c = small(config("la_grpo_synthetic", "la_grpo,vocab"))
+    c.rl.prompts_per_step, c.rl.group_size, c.rl.micro_batch = 8, 2, 4
+    c.rl.sample.max_new_tokens = 16
+    c.rl.anchor_share = False
+    c.model.scan_layers = True  # repeated loops: an estimate would need the loop-free variants
+    sampler, update = compile_check.check(c, TOPOLOGY)
+    assert update["fits"] and update["repeated_loops"] > 0 and update["est_mfu"] is None
+
+
 def test_auto_attention_compiles_the_splash_kernel_for_tpu():
     """model.attention='auto' follows the mesh's devices, not this CPU host: the programs above
     run the splash kernel (a Mosaic custom call in the lowered step, not the interpreter)."""
