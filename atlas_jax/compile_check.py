@@ -34,7 +34,6 @@ config (one line on stderr, no traceback).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -93,9 +92,11 @@ class LoopFree:
 
     lowerings[i]: () -> jax Lowered of the same program with layers unrolled (`scan_layers=False`)
     at the layer counts design[i] (`LAYER_COUNTS`), one micro-batch (no accumulation loop) and the
-    output head over the whole sequence at once (`_head_in_one_chunk`), compiled with whole
-    matmuls (`WHOLE_EINSUMS`); counts: the real model's layer counts; passes: the real step's micro-batches (its XLA costs are `passes` times a
-    variant's: the optimizer update, which runs once per step, is counted `passes` times)."""
+    output head over the whole sequence at once (the step builders' `head_chunk`: the same FLOPs
+    in one trip of `token_logprobs`' chunk loop; only the variants' memory is not the job's),
+    compiled with whole matmuls (`WHOLE_EINSUMS`); counts: the real model's layer counts; passes:
+    the real step's micro-batches (its XLA costs are `passes` times a variant's: the optimizer
+    update, which runs once per step, is counted `passes` times)."""
 
     design: list[tuple[int, ...]]
     lowerings: list[Callable]
@@ -270,19 +271,6 @@ def extrapolate(design: list[tuple[int, ...]], figures, counts: tuple[int, ...])
     return np.array([1.0] + [counts[k] for k in kinds]) @ np.linalg.solve(X, np.asarray(figures, np.float64))
 
 
-@contextlib.contextmanager
-def _head_in_one_chunk():
-    """Lowering inside it, the training losses apply the output head to the whole sequence at
-    once (`token_logprobs`' chunk loop runs once): the same FLOPs, one loop trip for the cost
-    model. Only the cost estimate's variants lower so; their memory is not the job's."""
-    chunked = token_logprobs._over_chunks
-    token_logprobs._over_chunks = lambda per_chunk, h_btd, targets_bt, chunk: chunked(per_chunk, h_btd, targets_bt, h_btd.shape[1])
-    try:
-        yield
-    finally:
-        token_logprobs._over_chunks = chunked
-
-
 def _loop_free(build: Callable[[ModelConfig], Callable], model_cfg: ModelConfig, passes: int) -> LoopFree:
     """build(model config) -> lower of one micro-batch's program for that model."""
     counts = layer_counts(model_cfg)
@@ -311,14 +299,17 @@ def _kernel_flops(model_cfg: ModelConfig, *args) -> float:
     return attention_flops(model_cfg, *args) if model_cfg.attention == "splash" else 0.0
 
 
-def _sft_step(c: mlc.ConfigDict, model_cfg: ModelConfig, mesh) -> tuple[Callable, tuple[int, int, int], nnx.GraphDef, nnx.State]:
+def _sft_step(c: mlc.ConfigDict, model_cfg: ModelConfig, mesh, *,
+              head_in_one_chunk: bool = False) -> tuple[Callable, tuple[int, int, int], nnx.GraphDef, nnx.State]:
     """(lower of the job's train step, its batch's (B, T, patches), the model's graphdef and
-    abstract parameters)."""
+    abstract parameters). head_in_one_chunk: the loss applies the output head to the whole
+    sequence at once (a cost variant's, `LoopFree`), not `token_logprobs.CHUNK` positions at a time."""
     graphdef, tx, schedule, state, state_sh = abstract_state(c, model_cfg, mesh, total_steps=c.train.steps)
     batch = abstract_batch(c, model_cfg, mesh, fmt="sft", batch_size=c.data.batch_size)
     step = sft.make_train_step(
         graphdef, tx, state_sharding=state_sh, batch_sharding={k: v.sharding for k, v in batch.items()},
         grad_accum=c.optim.grad_accum, lr_schedule=schedule, train=builders.trainable(c),
+        head_chunk=batch["input_ids"].shape[1] if head_in_one_chunk else token_logprobs.CHUNK,
     )
     return _lowering(mesh, step, state, batch), (*batch["input_ids"].shape, batch["pixel_values"].shape[1]), graphdef, state.params
 
@@ -331,7 +322,7 @@ def sft_programs(c: mlc.ConfigDict, model_cfg: ModelConfig, mesh) -> list[Progra
     one_pass = copy.deepcopy(c)
     one_pass.optim.grad_accum = 1
     one_pass.data.batch_size = c.data.batch_size // c.optim.grad_accum
-    loop_free = _loop_free(lambda m: _sft_step(one_pass, m, mesh)[0], model_cfg, c.optim.grad_accum)
+    loop_free = _loop_free(lambda m: _sft_step(one_pass, m, mesh, head_in_one_chunk=True)[0], model_cfg, c.optim.grad_accum)
     programs = [Program("train_step", lower, train_flops, kernel, loop_free)]
     if c.eval.num_per_task > 0:
         prompts = abstract_batch(c, model_cfg, mesh, fmt="rl", batch_size=c.eval.batch_size)
@@ -341,9 +332,10 @@ def sft_programs(c: mlc.ConfigDict, model_cfg: ModelConfig, mesh) -> list[Progra
     return programs
 
 
-def _rl_programs(c: mlc.ConfigDict, model_cfg: ModelConfig, mesh) -> tuple[Callable, Callable, float, float]:
+def _rl_programs(c: mlc.ConfigDict, model_cfg: ModelConfig, mesh, *,
+                 head_in_one_chunk: bool = False) -> tuple[Callable, Callable, float, float]:
     """(lower of the sampler, lower of the update step, the update's model FLOPs, its FLOPs in
-    attention kernels)."""
+    attention kernels). head_in_one_chunk: as `_sft_step`'s, for the update's log-probs."""
     from atlas_jax.jobs import la_grpo as job  # the job's own rollout-batch builder
 
     r = c.rl
@@ -366,6 +358,7 @@ def _rl_programs(c: mlc.ConfigDict, model_cfg: ModelConfig, mesh) -> tuple[Calla
         functional_ids=tokens.functional_ids, anchor_share=r.anchor_share, micro_batch=r.micro_batch,
         state_sharding=state_sh, ref_sharding=ref_sh, batch_sharding={k: v.sharding for k, v in rollouts.items()},
         train=builders.trainable(c), reference_adapters_off=adapters_off,
+        head_chunk=rollouts["input_ids"].shape[1] if head_in_one_chunk else token_logprobs.CHUNK,
     )
     R, L = rollouts["input_ids"].shape
     patches = prompts["pixel_values"].shape[1]
@@ -389,7 +382,7 @@ def la_grpo_programs(c: mlc.ConfigDict, model_cfg: ModelConfig, mesh) -> list[Pr
     if micro % c.rl.group_size == 0 and (micro // c.rl.group_size) % batch_shards == 0:
         one_pass = copy.deepcopy(c)
         one_pass.rl.prompts_per_step = micro // c.rl.group_size
-        loop_free = _loop_free(lambda m: _rl_programs(one_pass, m, mesh)[1], model_cfg, rollouts // micro)
+        loop_free = _loop_free(lambda m: _rl_programs(one_pass, m, mesh, head_in_one_chunk=True)[1], model_cfg, rollouts // micro)
     return [Program("sampler", lower_sampler), Program("update_step", lower_update, update, kernel, loop_free)]
 
 
@@ -458,13 +451,18 @@ WHOLE_EINSUMS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
 def loop_free_cost(loop_free: LoopFree, chip: Chip, log: Callable[[str], None] = lambda s: None) -> dict:
     """XLA's costs of the whole step, extrapolated from its loop-free variants' (`LoopFree`):
     {"flops", "bytes", "xla_s", "design", "compile_s"}; raises CompileCheckError when a variant
-    still has a repeated loop (its costs would be partial)."""
+    still has a repeated loop (its costs would be partial) or XLA refuses it for the chip's HBM
+    (the output head over a whole micro-batch's sequences at once can need more than the job)."""
     figures, compile_s = [], 0.0
     for counts, lower in zip(loop_free.design, loop_free.lowerings):
         t0 = time.perf_counter()
-        with _head_in_one_chunk():
-            lowered = lower()
-        compiled = lowered.compile(compiler_options=WHOLE_EINSUMS)
+        try:
+            compiled = lower().compile(compiler_options=WHOLE_EINSUMS)
+        except jax.errors.JaxRuntimeError as e:
+            if (m := _OUT_OF_HBM.search(str(e))) is None:
+                raise
+            raise CompileCheckError(f"the cost estimate's variant at layer counts {counts} does not fit the chip: "
+                                    f"{m.group(1)}{m.group(2)} of temporaries (a smaller rl.micro_batch / per-chip batch)") from None
         compile_s += time.perf_counter() - t0
         if loops := repeated_loops(compiled.as_text()):
             raise CompileCheckError(f"the cost estimate's variant at layer counts {counts} still has {loops} repeated loop(s)")

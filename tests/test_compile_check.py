@@ -147,6 +147,38 @@ def test_estimate_of_scanned_layers_matches_the_unrolled_compile():
     assert est["kernel_s"] > 0 and scanned["est_step_s"] == pytest.approx(est["xla_s"] + est["kernel_s"])
 
 
+@pytest.mark.slow
+def test_cost_variants_apply_the_output_head_in_one_chunk():
+    """Sequences longer than `token_logprobs.CHUNK`: the job's step (layers unrolled) loops over
+    the output head's chunks, which XLA's cost model would count once; the cost variants pass the
+    whole sequence as the step's `head_chunk`, and the estimate equals XLA's cost analysis of the
+    4-layer step built with that chunk (no loop left)."""
+    from atlas_jax import builders
+    from atlas_jax.train import sft, token_logprobs
+
+    c = small(config("sft_synthetic", "module"))
+    c.eval.num_per_task = 0
+    c.data.max_length = 2 * token_logprobs.CHUNK + 64  # three chunks
+    c.model.scan_layers, c.model.remat = False, "full"
+    (row,) = compile_check.check(c, TOPOLOGY)
+    assert row["repeated_loops"] > 0 and "2 loop-free compiles" in row["estimate"]["method"]
+
+    devices, chip = compile_check.topology_devices(TOPOLOGY)
+    mesh = builders.make_mesh(c, devices)
+    model_cfg = compile_check.shape_model_config(c, mesh)
+    graphdef, tx, schedule, state, state_sh = compile_check.abstract_state(c, model_cfg, mesh, total_steps=c.train.steps)
+    batch = compile_check.abstract_batch(c, model_cfg, mesh, fmt="sft", batch_size=c.data.batch_size)
+    assert batch["input_ids"].shape[1] > token_logprobs.CHUNK
+    step = sft.make_train_step(graphdef, tx, state_sharding=state_sh, batch_sharding={k: v.sharding for k, v in batch.items()},
+                               lr_schedule=schedule, train=builders.trainable(c), head_chunk=batch["input_ids"].shape[1])
+    with jax.set_mesh(mesh):
+        compiled = step.lower(state, batch).compile()
+    assert compile_check.repeated_loops(compiled.as_text()) == 0
+    ref = dict(zip(("flops", "bytes", "xla_s"), compile_check.xla_cost(compiled, chip)))
+    for key in ("flops", "bytes", "xla_s"):
+        assert row["estimate"][key] == pytest.approx(ref[key], rel=1e-3), key
+
+
 def test_advice_names_the_overflow_and_the_knobs(sft_report):
     row = dict(sft_report[1]["programs"][0], total_bytes=HBM + 2**30, fits=False)
     msg = compile_check.advice(row, small(config("sft_synthetic", "module")))
@@ -165,6 +197,26 @@ def test_a_program_xla_refuses_for_lack_of_hbm_is_a_row_not_a_traceback():
     assert msg.startswith("update_step does not fit: 45.89 GiB its temporaries alone (XLA refused to compile it) > 16.00 GiB HBM")
     assert "rl.prompts_per_step" in msg
     assert compile_check._out_of_memory_row(program, compile_check.CHIPS["v5e"], "INTERNAL: something else", 1.0) is None
+
+
+def test_a_cost_variant_xla_refuses_for_lack_of_hbm_is_no_estimate_not_a_traceback():
+    """Found on v4-32 (LA-GRPO, rl.micro_batch=128): the variant's head over the whole sequence at
+    once needed 44.42G of temporaries; the check then has no estimate but keeps the program's row."""
+
+    class Refused:
+        def __init__(self, error):
+            self.error = error
+
+        def compile(self, compiler_options=None):
+            raise jax.errors.JaxRuntimeError(self.error)
+
+    oom = "RESOURCE_EXHAUSTED: the total memory required for HLO temporaries (44.42G) exceeds available HBM (30.75G)."
+    loop_free = compile_check.LoopFree([(1, 1, 1)], [lambda: Refused(oom)], (4, 1, 1))
+    with pytest.raises(compile_check.CompileCheckError, match=r"layer counts \(1, 1, 1\) does not fit the chip: 44.42G"):
+        compile_check.loop_free_cost(loop_free, compile_check.CHIPS["v4"])
+    other = compile_check.LoopFree([(1, 1, 1)], [lambda: Refused("INTERNAL: something else")], (4, 1, 1))
+    with pytest.raises(jax.errors.JaxRuntimeError):
+        compile_check.loop_free_cost(other, compile_check.CHIPS["v4"])
 
 
 @pytest.mark.parametrize(

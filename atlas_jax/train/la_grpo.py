@@ -38,7 +38,8 @@ def per_rollout(batch: dict, group_size: int) -> dict:
     return {k: jnp.repeat(x, group_size, axis=0) if k in per_prompt else x for k, x in batch.items()}
 
 
-def rollout_logprobs(model, rows: dict, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+def rollout_logprobs(model, rows: dict, temperature: float = 1.0, *,
+                     head_chunk: int = token_logprobs.CHUNK) -> tuple[jax.Array, jax.Array]:
     """(float32[R, N] log-probs of the completion tokens, float32[R, N] entropy at each completion
     position) under `model`'s policy at `temperature`: softmax(logits / temperature), the
     sampler's distribution before its top-k / top-p filters (see `sampling`).
@@ -46,14 +47,14 @@ def rollout_logprobs(model, rows: dict, temperature: float = 1.0) -> tuple[jax.A
     rows (`per_rollout`): `input_ids` int32[R, Tp+N] (left-padded prompt, then completion),
     `attention_mask`, `positions` int32[R, 3, Tp+N], `completion_mask` bool[R, N], images per
     rollout (`pixel_values` [R, P, C] + layout arrays). The output head runs only at the N
-    positions that predict completion tokens, a chunk at a time (`token_logprobs`).
+    positions that predict completion tokens, `head_chunk` positions at a time (`token_logprobs`).
     """
     ids = rows["input_ids"]
     N = rows["completion_mask"].shape[1]
     args, images = model_inputs(rows)
     hidden, _, _ = model(*args, head=False, **images)
     hidden_rnd = hidden[:, -N - 1 : -1]  # position t predicts token t + 1
-    return token_logprobs.tempered_logprobs_entropy(hidden_rnd, model.output_head(), ids[:, -N:], temperature)
+    return token_logprobs.tempered_logprobs_entropy(hidden_rnd, model.output_head(), ids[:, -N:], temperature, chunk=head_chunk)
 
 
 def split_rows(rows: dict, num_micro: int) -> dict:
@@ -79,6 +80,7 @@ def make_rl_step(
     ref_sharding: Any = None,
     train: nnx.filterlib.Filter = nnx.Param,
     reference_adapters_off: bool = False,
+    head_chunk: int = token_logprobs.CHUNK,
 ):
     """The compiled step `(TrainState, ref_params | None, batch) -> (TrainState, metrics)`.
 
@@ -96,7 +98,8 @@ def make_rl_step(
     batch's; train: the parameters differentiated and updated (`optimizer.trainable`), no
     backward pass runs through the rest; reference_adapters_off: the reference policy is the
     policy with its LoRA adapters zeroed (`lora.adapters_off`: the base model, no second copy of
-    the weights; ref_params is None).
+    the weights; ref_params is None); head_chunk: positions the output head runs on at a time in
+    the policy's and the reference's log-probs (`rollout_logprobs`; the same values at any size).
     """
     lc = loss_cfg
 
@@ -105,7 +108,7 @@ def make_rl_step(
         rollouts = losses.Rollouts(rows["old_logprobs"], rows["advantages"], rows["completion_mask"], rows["functional"],
                                    rows.get("ref_logprobs"), totals)
         (logp, entropy), pull_back = jax.vjp(
-            lambda t: rollout_logprobs(nnx.merge(graphdef, t, frozen), rows, temperature), trained)
+            lambda t: rollout_logprobs(nnx.merge(graphdef, t, frozen), rows, temperature, head_chunk=head_chunk), trained)
         (_, shares), g_logp_entropy = jax.value_and_grad(losses.grpo_loss_part, argnums=(0, 3), has_aux=True)(
             logp, rollouts, lc, entropy)
         (grads,) = pull_back(g_logp_entropy)
@@ -128,7 +131,7 @@ def make_rl_step(
         if lc.beta > 0:
             ref_state = lora.adapters_off(state.params) if reference_adapters_off else ref_params
             micro["ref_logprobs"] = jax.lax.stop_gradient(jax.lax.map(
-                lambda mb: rollout_logprobs(nnx.merge(graphdef, ref_state), mb, temperature)[0], micro))
+                lambda mb: rollout_logprobs(nnx.merge(graphdef, ref_state), mb, temperature, head_chunk=head_chunk)[0], micro))
 
         trained, frozen = nnx.split_state(state.params, train, ...)
         trained_sh, _ = nnx.split_state(state_sharding.params, train, ...)

@@ -21,11 +21,12 @@ from atlas_jax.train import token_logprobs
 from atlas_jax.train.train_state import TrainState
 
 
-def sft_loss(hidden_btd: jax.Array, head_dv: jax.Array, batch: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
+def sft_loss(hidden_btd: jax.Array, head_dv: jax.Array, batch: dict, *,
+             head_chunk: int = token_logprobs.CHUNK) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Summed cross-entropy over target tokens and its counts (sums, so micro-batches add exactly).
 
     hidden_btd: float[B, T, D] final hidden states (`VLM(..., head=False)`); head_dv: float[D, V]
-    (`VLM.output_head()`), applied a chunk of positions at a time (`token_logprobs`), so no
+    (`VLM.output_head()`), applied `head_chunk` positions at a time (`token_logprobs`), so no
     float32 [B, T, V] logits exist. Position t predicts token t+1; targets are tokens with `loss_mask`.
     Returns (sum of CE, {'tokens', 'correct', 'func_tokens', 'func_correct', 'ce_sum'}).
     """
@@ -33,7 +34,7 @@ def sft_loss(hidden_btd: jax.Array, head_dv: jax.Array, batch: dict) -> tuple[ja
     targets_bt = ids[:, 1:]
     mask_bt = batch["loss_mask"][:, 1:]
     func_bt = batch["functional_mask"][:, 1:] & mask_bt
-    logp_bt, hit_bt = token_logprobs.target_logprobs(hidden_btd[:, :-1], head_dv, targets_bt)
+    logp_bt, hit_bt = token_logprobs.target_logprobs(hidden_btd[:, :-1], head_dv, targets_bt, chunk=head_chunk)
     ce_sum = -jnp.sum(jnp.where(mask_bt, logp_bt, 0.0))
     sums = {
         "ce_sum": ce_sum,
@@ -59,17 +60,20 @@ def make_train_step(
     grad_accum: int = 1,
     lr_schedule: Callable | None = None,
     train: nnx.filterlib.Filter = nnx.Param,
+    head_chunk: int = token_logprobs.CHUNK,
 ):
     """The compiled SFT step `(TrainState, batch) -> (TrainState, metrics)`. Gradients are taken
     w.r.t. the parameters `train` only (`optimizer.trainable`): no backward pass runs through
-    the frozen rest (a frozen vision tower, LoRA's base weights)."""
+    the frozen rest (a frozen vision tower, LoRA's base weights). head_chunk: positions the
+    output head runs on at a time (`sft_loss`); the same values at any size, only memory and the
+    loop's trip count change."""
 
     def grads_of(trained, frozen, micro):
         def loss_fn(t):
             model = nnx.merge(graphdef, t, frozen)
             args, kw = model_inputs(micro)
             hidden, _, _ = model(*args, head=False, **kw)
-            return sft_loss(hidden, model.output_head(), micro)
+            return sft_loss(hidden, model.output_head(), micro, head_chunk=head_chunk)
 
         (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
         return grads, sums
