@@ -73,7 +73,7 @@ def load_split(c: mlc.ConfigDict, workdir: str, split: str):
     if c.data.source == "synthetic":
         if not c.data.num_per_task:
             size = None if split == "train" else c.eval.num_per_task
-            return SyntheticSource(split, size, seed=c.seed, image_size=c.data.image_size,
+            return SyntheticSource(split, size, seed=c.seed, tasks=c.data.tasks or None, image_size=c.data.image_size,
                                    perception_every=c.data.perception_every if split == "train" else 0)
         return tfds_builder.load_split(d, split, synthetic_config(c))
     return tfds_builder.load_split(d, split, "user", dataset="atlas_user_data")

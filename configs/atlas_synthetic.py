@@ -12,6 +12,7 @@ arg: 'module' (visual-op modules, default) or 'vocab' (the paper exactly).
 import ml_collections
 
 from atlas_jax import pretrained, run_config
+from atlas_jax.data import synthetic
 
 
 def get_config(arg: str = "module"):
@@ -23,15 +24,20 @@ def get_config(arg: str = "module"):
     c.model.init_from_hf = pretrained.PERCEIVE_TINY
     c.optim.vision_lr_scale = 0.1  # its tower was pretrained at this rate; the suite's lr would make it drift
     c.model.visual_ops.mode = arg
+    # Families that compose what the start sees (`data/synthetic/cell_scene.py`); the eight harder ones
+    # ask for counting and glyph reading it cannot do at this size (bench/RESULTS.md, issue 12).
+    c.data.tasks = synthetic.CELL_SCENE_TASKS
     c.train.log_every = 25
     c.rl.loss.alpha = 0.1
     c.eval.num_per_task = 128  # per family and condition: a 95% interval of about +-0.09 at p = 0.5 per family
     c.eval.batch_size = 64  # 16 batches per condition; wider batches decode more prompts per step on CPU
     # What differs between the stages (each stage's config = this one + its section here).
     c.stages = ml_collections.ConfigDict()
-    c.stages.sft = ml_collections.ConfigDict()
+    # Every third SFT record a perception question: keeps the start's reading of the image (without
+    # it, SFT erases it within 100 steps); 1000 steps (bench/RESULTS.md, "Families the start can answer").
+    c.stages.sft = ml_collections.ConfigDict({"data": {"perception_every": 3}, "train": {"steps": 1000}})
     c.stages.la_grpo = run_config.synthetic_rl_stage(ml_collections.ConfigDict({"train": {}, "optim": {}}))
-    c.stages.la_grpo.eval = ml_collections.ConfigDict({"every": 0})  # the recipe evaluates after RL (2 x 1024 decodes each)
+    c.stages.la_grpo.eval = ml_collections.ConfigDict({"every": 0})  # the recipe evaluates after RL (2 x 512 decodes per condition)
     return c
 
 

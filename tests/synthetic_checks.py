@@ -303,6 +303,63 @@ def check_arrow_label(sample, scene):
     return str(sum(int(v) for v in path)), len(path) - 1
 
 
+# ---- the cell-scene families: objects read off the pixels, one per colour ----------------------
+QUADRANT_WORDS = ("top left", "top right", "bottom left", "bottom right")
+
+
+def scene_objects(px) -> list[dict]:
+    """Every object-coloured blob: colour name, shape from how much of its bounding box it fills
+    (square ~1, disc ~pi/4, triangle ~1/2), quadrant and offset from the quadrant's centre (px)
+    from its bounding-box centre, half-width."""
+    h, w = px.shape[:2]
+    out = []
+    for name, rgb in canvas.PALETTE.items():
+        for b in blobs(mask_of(px, rgb)):
+            x0, y0, x1, y1 = b["bbox"]
+            fill = b["area"] / ((x1 - x0 + 1) * (y1 - y0 + 1))
+            kind = "square" if fill > 0.92 else "circle" if fill > 0.68 else "triangle"
+            cx, cy = (x0 + x1 + 1) / 2, (y0 + y1 + 1) / 2
+            col, row = int(cx * 2 // w), int(cy * 2 // h)
+            offset = max(abs(cx - (col + 0.5) * w / 2), abs(cy - (row + 0.5) * h / 2))
+            out.append({"color": name, "kind": kind, "where": QUADRANT_WORDS[2 * row + col], "col": col,
+                        "offset": offset, "half": (x1 - x0 + 1) / 2})
+    return out
+
+
+def _size_band(objects) -> str:
+    return "small" if max(o["half"] for o in objects) < 13 else "large"
+
+
+def _named_colour(question: str, objects) -> dict:
+    (o,) = [o for o in objects if re.search(rf"\b{o['color']}\b", question)]
+    return o
+
+
+def check_zoom_color(sample, scene):
+    objects = scene_objects(pixels(sample))
+    where = re.search(r"object at the ([a-z ]+?)(?: have)?\?", sample.question).group(1)
+    (o,) = [o for o in objects if o["where"] == where]
+    return o["color"], _size_band(objects)
+
+
+def check_outline_shape(sample, scene):
+    objects = scene_objects(pixels(sample))
+    return _named_colour(sample.question, objects)["kind"], _size_band(objects)
+
+
+def check_point_where(sample, scene):
+    objects = scene_objects(pixels(sample))
+    return _named_colour(sample.question, objects)["where"], _size_band(objects)
+
+
+def check_line_left(sample, scene):
+    objects = scene_objects(pixels(sample))
+    named = sorted((sample.question.index(o["color"]), o) for o in objects if re.search(rf"\b{o['color']}\b", sample.question))
+    (_, a), (_, b) = named
+    assert a["col"] != b["col"], f"{sample.uid}: the two named objects share a column"
+    return (a if a["col"] < b["col"] else b)["color"], _size_band(objects)
+
+
 CLUTTER_GREYS = ((150, 150, 150), (185, 185, 185), (120, 120, 120))
 
 
@@ -333,4 +390,8 @@ CHECKERS = {
     "zoom_count": check_zoom_count,
     "arrow_label": check_arrow_label,
     "line_count": check_line_count,
+    "zoom_color": check_zoom_color,
+    "outline_shape": check_outline_shape,
+    "point_where": check_point_where,
+    "line_left": check_line_left,
 }

@@ -71,11 +71,14 @@ def test_description_names_every_object_as_drawn():
         for o in objects:
             x, y = (round(v) for v in o["center"])
             assert tuple(pixels[y, x]) == canvas.PALETTE[o["color"]]
-            assert int(o["center"][0] // (112 / 3)) == o["cell"] % 3 and int(o["center"][1] // (112 / 3)) == o["cell"] // 3
+            grid = scene["grid"]  # 3 x 3 cells, or the 2 x 2 quadrants of the families' scenes
+            assert int(o["center"][0] // (112 / grid)) == o["cell"] % grid and int(o["center"][1] // (112 / grid)) == o["cell"] // grid
+            words = perception.POSITIONS if grid == 3 else ("top left", "top right", "bottom left", "bottom right")
+            assert o["where"] == words[o["cell"]]
         if scene["kind"] == "describe":
             described += 1
             for o in objects:
-                assert f"{perception.POSITIONS[o['cell']].capitalize()}: " in sample.response
+                assert f"{o['where'].capitalize()}: " in sample.response
                 assert f" {o['color']} {o['kind']}." in sample.response
             for d in scene["digits"]:
                 assert f"The digit {d['digit']} is at the {perception.POSITIONS[d['cell']]}." in sample.response
@@ -91,7 +94,7 @@ def test_question_answers_follow_the_scene():
         sample, scene = perception.generate_with_scene("held_out", i, seed=0)
         kind, objects = scene["kind"], scene["objects"]
         seen.add(kind)
-        by_position = {perception.POSITIONS[o["cell"]]: o for o in objects}
+        by_position = {o["where"]: o for o in objects}
         if kind == "count":
             assert sample.answer == str(len(objects))
         elif kind in ("color_at", "shape_at"):
@@ -207,3 +210,25 @@ def test_vision_tower_learning_rate_split():
     c = run_config.apply_overrides(run_config.base(), {"optim.vision_lr_scale": 0.0})
     with pytest.raises(ConfigError, match="optim.vision_lr_scale"):
         run_config.validate(c, 1, paths=False)
+
+
+def test_tiny_decoder_can_tell_image_columns_and_rows_apart():
+    """M-RoPE gives an image token's width index the head's lowest frequencies: with Qwen's
+    theta the tiny model's 4 x 4 merged tokens one column apart are rotated by < 0.01 rad, so no
+    query can prefer the left object to the right one. The preset's theta must separate them."""
+    import jax.numpy as jnp
+
+    from atlas_jax.model import presets, rope
+
+    t = presets.tiny().text
+
+    def step_angle(axis):  # largest rotation (rad) between two image tokens one step apart on `axis`
+        pos = np.zeros((1, 3, 2), np.int32)
+        pos[0, axis, 1] = 1
+        cos, sin = rope.mrope_cos_sin(jnp.asarray(pos), t.head_dim, t.rope_theta, t.mrope_section)
+        angle = np.arctan2(np.asarray(sin), np.asarray(cos))
+        return float(np.abs(angle[0, 1] - angle[0, 0]).max())
+
+    assert step_angle(2) >= 0.3 and step_angle(1) >= 0.5, (step_angle(1), step_angle(2))
+    wide = rope.mrope_cos_sin(jnp.asarray(np.array([[[0, 0], [0, 0], [0, 1]]], np.int32)), t.head_dim, 10000.0, t.mrope_section)
+    assert np.abs(np.arctan2(np.asarray(wide[1]), np.asarray(wide[0]))[0, 1]).max() < 0.01  # what theta 10000 gave

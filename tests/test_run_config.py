@@ -10,6 +10,7 @@ import re
 import pytest
 
 from atlas_jax import run_config, sampling
+from atlas_jax.data import synthetic
 from atlas_jax.model.config import ConfigError
 from atlas_jax.rl import losses
 from atlas_jax.tokenizer import RunTokens
@@ -65,6 +66,8 @@ def test_rl_sections_take_their_defaults_from_the_dataclasses_that_use_them():
     ("data.max_length", 0, r"config\.data\.max_length=0: expected a positive token count"),
     ("data.max_patches", 30, r"config\.data\.max_patches=30: expected a positive multiple of merge_size\*\*2=4"),
     ("data.perception_every", -1, r"config\.data\.perception_every=-1: expected 0, or > 0 in an SFT job"),
+    ("data.tasks", ("zoom_color", "no_such_family"), r"config\.data\.tasks=\('zoom_color', 'no_such_family'\): expected distinct names among \['shape_count'"),
+    ("data.tasks", ("zoom_color", "zoom_color"), r"config\.data\.tasks=.*expected distinct names"),
     ("data.pad_to_multiple", -8, r"config\.data\.pad_to_multiple=-8: expected >= 0"),
     ("data.sft_target", "answer", r"config\.data\.sft_target='answer': expected 'trajectory' or 'answer_only'"),
     ("rl.sample.top_k", -3, r"config\.rl\.sample\.top_k=-3"),
@@ -97,7 +100,8 @@ def test_recipe_stages_are_the_recipe_config_plus_their_own_section():
     run_config.validate(c, 1)
     sft, rl = run_config.stage(c, "sft"), run_config.stage(c, "la_grpo", **{"checkpoint.init_from": "/runs/sft"})
     assert "stages" not in sft and "stages" not in rl
-    assert (sft.job, sft.train.steps, sft.optim.lr, sft.eval.every) == ("sft", 300, 3e-3, 0)
+    assert (sft.job, sft.train.steps, sft.optim.lr, sft.eval.every, sft.data.perception_every) == ("sft", 1000, 3e-3, 0, 3)
+    assert rl.data.perception_every == 0 and tuple(sft.data.tasks) == tuple(rl.data.tasks) == synthetic.CELL_SCENE_TASKS
     assert (rl.job, rl.train.steps, rl.optim.lr, rl.optim.warmup_steps, rl.eval.every) == ("la_grpo", 20, 5e-5, 2, 0)
     assert rl.checkpoint.init_from == "/runs/sft" and rl.rl.loss.alpha == 0.1
     # Everything else is shared, and equals the standalone LA-GRPO config's budget.

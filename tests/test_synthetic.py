@@ -17,8 +17,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import synthetic_checks  # noqa: E402
 from atlas_jax import functional_tokens  # noqa: E402
+from atlas_jax.data import synthetic  # noqa: E402
 from atlas_jax.data.sample import Sample  # noqa: E402
 from atlas_jax.data.synthetic import TASKS, generate, generate_split, generate_with_scene, task_names  # noqa: E402
+from atlas_jax.data.synthetic import cell_scene  # noqa: E402
 from atlas_jax.data.synthetic.family import SPLITS  # noqa: E402
 N = 8  # samples per (task, split) in the per-sample checks
 ALL_TOKENS = functional_tokens.token_strings()
@@ -132,6 +134,8 @@ TRAIN_ANSWERS = {
     "label_sum": {str(v) for v in range(2, 28)},  # 2 or 3 digits 1-9
     "arrow_label": {str(v) for v in range(3, 25)},  # 2 or 3 distinct digits 1-9
     "line_side": {"yes", "no"}, "zoom_read": set("0123456789"), "arrow_chain": set(synthetic_checks.ARROW_CHAIN_LETTERS),
+    "zoom_color": set(cell_scene.COLORS), "outline_shape": {"circle", "square", "triangle"},
+    "point_where": set(synthetic_checks.QUADRANT_WORDS), "line_left": set(cell_scene.COLORS),
 }
 # Families whose `hard` answers lie outside the training answer set (the others extrapolate the
 # layout: longer chains, steeper lines, more clutter, answered with letters, yes / no or digits).
@@ -161,7 +165,10 @@ def test_headline_answers_are_training_answers_and_hard_ones_are_not(task):
 # The layout property each checker MEASURES (count, chain length, number of summed labels,
 # line-angle band, frame quadrant) and the condition that takes it outside the training values.
 LAYOUT_SHIFTED_BY = {"shape_count": "hard", "zoom_count": "hard", "line_count": "hard", "label_sum": "hard",
-                     "arrow_chain": "hard", "arrow_label": "hard", "line_side": "shifted", "zoom_read": "shifted"}
+                     "arrow_chain": "hard", "arrow_label": "hard", "line_side": "shifted", "zoom_read": "shifted",
+                     # the cell-scene families' object size (their shifted objects move off the quadrant's
+                     # centre: test_shifted_cell_scenes_move_objects_off_their_quadrant_centre)
+                     "zoom_color": "hard", "outline_shape": "hard", "point_where": "hard", "line_left": "hard"}
 
 
 @pytest.mark.parametrize("task", task_names())
@@ -223,6 +230,19 @@ def test_hard_zoom_read_has_more_clutter_than_any_training_image():
     train, hard = grey("train"), grey("hard")
     assert min(hard) > 1.5 * max(train), (train, hard)
     assert max(grey("in_distribution")) < min(hard) and max(grey("shifted")) < min(hard)
+
+
+@pytest.mark.parametrize("task", synthetic.CELL_SCENE_TASKS)
+def test_shifted_cell_scenes_move_objects_off_their_quadrant_centre(task):
+    """Offsets from the quadrant's centre measured from the pixels: every shifted object is further
+    off than any training one, and in_distribution keeps to the training offsets."""
+    def offsets(split):
+        return [o["offset"] for i in range(12)
+                for o in synthetic_checks.scene_objects(synthetic_checks.pixels(generate(task, split, i, seed=5)))]
+
+    train = offsets("train")
+    assert min(offsets("shifted")) > max(train), (min(offsets("shifted")), max(train))
+    assert max(offsets("in_distribution")) <= 5 and max(train) <= 5  # 4 px drawn, +-1 px of rounding
 
 
 @pytest.mark.parametrize("task", task_names())

@@ -9,10 +9,16 @@ from atlas_jax.model.config import ModelConfig, TextConfig, VisionConfig, Visual
 
 
 def tiny(vocab_size: int = 1024, **kw) -> ModelConfig:
-    """~2M parameters: a from-scratch model for CPU runs and tests."""
+    """~2M parameters: a from-scratch model for CPU runs and tests.
+
+    rope_theta 5, not Qwen's 1e6 or 10000: M-RoPE gives an image token's column the lowest of the
+    head's 16 frequencies (`mrope_section`), theta^(-10/16) .. theta^(-15/16) radians per token. At
+    theta 10000 that is 0.003 or less, so across this model's 4 x 4 merged tokens the decoder cannot
+    tell a left object from a right one (a 7B model's grids span tens of tokens); at 5, 0.37 .. 0.22.
+    """
     return _build(
         VisionConfig(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128, fullatt_block_indexes=(1,), window_size=56),
-        TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2, rope_theta=10000.0, mrope_section=(4, 6, 6), max_position_embeddings=4096),
+        TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2, rope_theta=5.0, mrope_section=(4, 6, 6), max_position_embeddings=4096),
         kw,
     )
 

@@ -2,8 +2,8 @@
 
 PERCEIVE_TINY: the tiny model pretrained on dense perception (`configs/perceive_synthetic.py`,
 1.3M parameters, 5 MB in float32), the synthetic recipe's starting point that can see. Shipped
-rather than built by the recipe: its 700 steps take 15-30 min on a 2-core CPU, more than the
-whole main job's budget, and a user of the real recipe starts from a released checkpoint too.
+rather than built by the recipe: its 8000 steps take ~30 min on a 2-core CPU, twice the whole
+main job's budget, and a user of the real recipe starts from a released checkpoint too.
 
 The manifest records each file's sha256, the command that made the directory and its held-out
 perception check (`jobs/perceive.py`); `verify` checks the files against it.

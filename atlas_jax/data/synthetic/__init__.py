@@ -16,6 +16,15 @@ and is reported apart.
     arrow_label   <|Arrow|> <|Text|>      start in the bottom-right        3-4 arrows, sum 25-35 (train <= 24)
     line_count    <|Line|> <|Shape|>      target colour never drawn        4-5 dots above (train 1-3)
 
+Four more (`CELL_SCENE_TASKS`, the main job's) compose what the tiny perception-pretrained start
+reads, an object's colour, shape and quadrant (`cell_scene.py`); shifted: objects off their
+quadrant's centre; hard: objects half the trained size:
+
+    zoom_color     <|Manip|>   the colour of the object in a named quadrant
+    outline_shape  <|Shape|>   the shape of the object of a named colour
+    point_where    <|Arrow|>   the quadrant of the object of a named colour
+    line_left      <|Line|>    which of two named objects is further left
+
     sample = generate("arrow_chain", "train", index=17, seed=0)          # one Sample
     for s in generate_split("shifted", num_per_task=100): ...            # all tasks, interleaved
     sample, scene = generate_with_scene("shape_count", "hard", 3)        # + what was drawn
@@ -24,6 +33,7 @@ Each family is one module (`Difficulty` dataclass + `build`); `registry.py` hold
 """
 
 from atlas_jax.data.synthetic.registry import (
+    CELL_SCENE_TASKS,
     DEFAULT_IMAGE_SIZE,
     TASKS,
     TaskSpec,
@@ -34,5 +44,5 @@ from atlas_jax.data.synthetic.registry import (
 )
 from atlas_jax.data.synthetic.source import SyntheticSource
 
-__all__ = ["DEFAULT_IMAGE_SIZE", "TASKS", "SyntheticSource", "TaskSpec", "generate", "generate_split", "generate_with_scene",
+__all__ = ["CELL_SCENE_TASKS", "DEFAULT_IMAGE_SIZE", "TASKS", "SyntheticSource", "TaskSpec", "generate", "generate_split", "generate_with_scene",
            "task_names"]

@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from atlas_jax.data.sample import Sample
-from atlas_jax.data.synthetic import (arrow_chain, arrow_label, canvas, label_sum, line_count, line_side, shape_count,
-                                      zoom_count, zoom_read)
+from atlas_jax.data.synthetic import (arrow_chain, arrow_label, canvas, label_sum, line_count, line_left, line_side,
+                                      outline_shape, point_where, shape_count, zoom_color, zoom_count, zoom_read)
 from atlas_jax.data.synthetic.family import SPLITS, Drawn
 
 DEFAULT_IMAGE_SIZE = 112
@@ -55,8 +55,14 @@ TASKS: dict[str, TaskSpec] = {
         _spec("zoom_count", zoom_count, ("manip", "shape")),
         _spec("arrow_label", arrow_label, ("arrow", "text"), min_image_size=112),
         _spec("line_count", line_count, ("line", "shape")),
+        # What the perception-pretrained start can see, composed (`cell_scene`): the main job's families.
+        _spec("zoom_color", zoom_color, ("manip",)),
+        _spec("outline_shape", outline_shape, ("shape",)),
+        _spec("point_where", point_where, ("arrow",)),
+        _spec("line_left", line_left, ("line",)),
     )
 }
+CELL_SCENE_TASKS = ("zoom_color", "outline_shape", "point_where", "line_left")
 
 
 def task_names() -> list[str]:
