@@ -3,10 +3,11 @@
 Each image holds 1-4 objects (distinct colours from `canvas.PALETTE`, shapes from `canvas.SHAPES`)
 and 0-1 digits (`glyphs`), each in its own cell of a 3 x 3 grid (the coarse positions
 `POSITIONS`); or one large object in the centre (`LARGE_SHARE`); or 2-4 large objects, one per
-quadrant, as the main job's families draw them (`QUADRANT_SHARE`, `cell_scene`). Half the samples ask for a description that names every object's position, colour
-and shape, the digit and the count (~60 supervised tokens per image, all readable only from the
-pixels); the rest ask one short question (`QUESTION_KINDS`) answered in `\\boxed{}`, the form the
-task suite and the evaluation use.
+quadrant, as the main job's families draw them (`QUADRANT_SHARE`, `cell_scene`). Half the samples
+ask for a description that names every object's position, colour and shape, the digit and the
+count (~60 supervised tokens per image, all readable only from the pixels); the rest ask one
+short question (`QUESTION_KINDS`) answered in `\\boxed{}`, the form the task suite and the
+evaluation use.
 
     sample = generate("train", index=17, seed=0)                  # one Sample, pure in its arguments
     source = PerceptionSource("train", seed=0)                    # random access, unlimited
