@@ -23,7 +23,7 @@ from atlas_jax import checkpoint, hf_checkpoint, multihost, run_config
 from atlas_jax import sharding as shd
 from atlas_jax import tokenizer as tokenizer_lib
 from atlas_jax.data import image_processing, pipeline, tfds_builder
-from atlas_jax.data.synthetic import perception
+from atlas_jax.data.synthetic import TASKS, perception
 from atlas_jax.data.synthetic.source import SyntheticSource
 from atlas_jax.model import attention, extend, lora, presets, vlm
 from atlas_jax.train import optimizer
@@ -140,7 +140,9 @@ def _corpus(c, workdir):
     when generated without end) plus the functional words. Perception pretraining adds its own
     texts to the suite's: the model it makes is the suite's starting point."""
     perceive = c.data.source == "perception"
-    src = SyntheticSource("train", None, seed=c.seed, image_size=c.data.image_size) if perceive else load_split(c, workdir, "train")
+    # Perception pretraining: every family's texts (`TASKS`), so the start's tokenizer covers the main job's too.
+    src = (SyntheticSource("train", None, seed=c.seed, tasks=list(TASKS), image_size=c.data.image_size) if perceive
+           else load_split(c, workdir, "train"))
     texts = perception.corpus(c.seed, image_size=c.data.image_size) if perceive else []
     for i in range(min(len(src), CORPUS_RECORDS)):
         r = src[i]

@@ -72,7 +72,7 @@ def base() -> mlc.ConfigDict:
     c.data.data_dir = ""  # '' = WORKDIR/data
     c.data.synthetic_config = "tiny"
     c.data.num_per_task = 0  # synthetic training data: 0 = an unlimited stream generated on the fly; N = a stored set of N per task
-    c.data.tasks = ()  # the synthetic families trained and evaluated on (names in data.synthetic.TASKS); () = every family
+    c.data.tasks = ()  # the synthetic families trained and evaluated on (names in data.synthetic.TASKS); () = the original eight
     c.data.perception_every = 0  # synthetic SFT on the fly: every N-th training record a perception question, which keeps
     # a perception-pretrained start's reading of the image (SFT on the families alone erases it in ~100 steps); 0 = none
     c.data.image_size = 112
@@ -314,7 +314,7 @@ def _check_data(c: mlc.ConfigDict) -> None:
     _need(d.max_images >= 1, "data.max_images", d.max_images, ">= 1")
     unknown = [t for t in d.tasks if t not in TASKS]
     _need(not unknown and len(set(d.tasks)) == len(d.tasks), "data.tasks", d.tasks,
-          f"distinct names among {list(TASKS)} (() = every family)")
+          f"distinct names among {list(TASKS)} (() = the original eight)")
     _need(not d.tasks or (d.source == "synthetic" and not d.num_per_task), "data.tasks", d.tasks,
           "() unless data.source='synthetic' is generated on the fly (data.num_per_task=0; a stored set holds every family)")
     smallest = max(TASKS[t].min_image_size for t in (d.tasks or TASKS)) if d.source == "synthetic" else 28

@@ -63,10 +63,14 @@ TASKS: dict[str, TaskSpec] = {
     )
 }
 CELL_SCENE_TASKS = ("zoom_color", "outline_shape", "point_where", "line_left")
+# The suite a source holds when no families are named (`data.tasks=()`): the eight original ones,
+# so stored datasets and the runs built on them are unchanged by the families added for the main job.
+DEFAULT_TASKS = tuple(name for name in TASKS if name not in CELL_SCENE_TASKS)
 
 
 def task_names() -> list[str]:
-    return list(TASKS)
+    """The default suite (`DEFAULT_TASKS`); every family the registry can generate is in `TASKS`."""
+    return list(DEFAULT_TASKS)
 
 
 def _difficulty(spec: TaskSpec, difficulty) -> Any:
@@ -86,7 +90,7 @@ def _difficulty(spec: TaskSpec, difficulty) -> Any:
 
 def _check(task: str, split: str, index: int, image_size: int) -> None:
     if task not in TASKS:
-        raise ValueError(f"task {task!r} is unknown; expected one of {task_names()}")
+        raise ValueError(f"task {task!r} is unknown; expected one of {list(TASKS)}")
     if split not in _SPLIT_CODE:
         raise ValueError(f"split {split!r} is unknown; expected one of {list(SPLITS)}")
     if not isinstance(index, (int, np.integer)) or index < 0:
@@ -133,7 +137,7 @@ def generate_split(split: str, num_per_task: int, seed: int = 0, tasks: Sequence
     names = task_names() if tasks is None else list(tasks)
     for name in names:
         if name not in TASKS:
-            raise ValueError(f"task {name!r} is unknown; expected one of {task_names()}")
+            raise ValueError(f"task {name!r} is unknown; expected one of {list(TASKS)}")
     for index in range(num_per_task):
         for name in names:
             yield generate(name, split, index, seed, image_size=image_size)

@@ -31,7 +31,7 @@ UNLIMITED = 2**40  # records in an "unlimited" source: far more than any run rea
 
 class SyntheticSource(Sequence):
     """`len()` and `[i]` -> record dict (`records.encode_sample`); picklable for Grain workers.
-    num_per_task None = unlimited; tasks None = every family; image_size None = the generator's;
+    num_per_task None = unlimited; tasks None = the default suite (`task_names()`); image_size None = the generator's;
     perception_every N > 0: records 0, N, 2N, ... are perception questions (unlimited train only)."""
 
     def __init__(self, split: str, num_per_task: int | None, seed: int = 0, tasks: Sequence[str] | None = None,
