@@ -74,8 +74,8 @@ def phrase(o: dict) -> str:
 
 
 def described(o: dict) -> str:
-    """'Top left: a red circle.': the sentence perception pretraining's descriptions give each object,
-    so a trajectory states its evidence in the words the start was trained to produce."""
+    """'Top left: a red circle.': the sentence perception pretraining's descriptions give each object
+    (`perception`), so a trajectory states its evidence in the words the start was trained to produce."""
     return f"{o['where'].capitalize()}: {phrase(o)}."
 
 

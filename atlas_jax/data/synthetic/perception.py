@@ -89,13 +89,9 @@ def _describe(scene: dict) -> tuple[str, str]:
     objects, digits = scene["objects"], scene["digits"]
     n = len(objects)
     parts = [f"There {'is' if n == 1 else 'are'} {plural(n, 'object')}."]
-    parts += [f"{o['where'].capitalize()}: {_article(o['color'])} {o['color']} {o['kind']}." for o in objects]
+    parts += [cell_scene.described(o) for o in objects]  # the sentence the families' trajectories reuse
     parts += [f"The digit {d['digit']} is at the {d['where']}." for d in digits] or ["There is no digit."]
     return " ".join(parts + [boxed(str(n))]), str(n)
-
-
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
 
 
 def _question(rng: np.random.Generator, kind: str, scene: dict) -> tuple[str, str]:
