@@ -6,6 +6,7 @@ import importlib.util
 import os
 import re
 
+import numpy as np
 import pytest
 from scipy import stats
 
@@ -74,3 +75,28 @@ def test_the_recipe_config_names_a_bad_evaluation_setting():
         bad.eval[field] = value
         with pytest.raises(ConfigError, match=re.escape(message)):
             run_config.validate(bad, 1, paths=False)
+
+
+def test_paired_bootstrap_with_one_seed_is_scipys_paired_percentile_bootstrap():
+    rng = np.random.default_rng(3)
+    a = (rng.random(400) < 0.6).astype(float)
+    b = np.where(rng.random(400) < 0.8, a, 1 - a)  # mostly the same prompts right: pairing narrows the interval
+    mean, (lo, hi) = results.paired_bootstrap(a[None], b[None], reps=4000)
+    ref = stats.bootstrap((a, b), lambda x, y: np.mean(x - y), paired=True, vectorized=False, n_resamples=4000,
+                          method="percentile", random_state=0).confidence_interval
+    assert mean == pytest.approx(np.mean(a - b))
+    assert (lo, hi) == pytest.approx((ref.low, ref.high), abs=0.012)
+    unpaired = 1.96 * np.sqrt(a.var() / 400 + b.var() / 400)
+    assert hi - lo < 0.8 * 2 * unpaired
+
+
+def test_paired_bootstrap_counts_the_spread_between_seeds():
+    # Two seeds whose arms differ by +0.2 and -0.2 on every prompt: the mean difference is 0, and
+    # resampling the seeds must put both signs inside the interval; a prompt-only bootstrap would not.
+    a = np.array([[1.0] * 50 + [0.0] * 50, [0.0] * 50 + [1.0] * 50])
+    b = np.array([[1.0] * 30 + [0.0] * 70, [0.0] * 30 + [1.0] * 70])
+    mean, (lo, hi) = results.paired_bootstrap(a, b)
+    assert mean == pytest.approx(0.0)
+    assert lo <= -0.15 and hi >= 0.15
+    same, (slo, shi) = results.paired_bootstrap(a, a)
+    assert same == slo == shi == 0.0

@@ -5,7 +5,8 @@ interval and the image-swap control, next to the trivial baselines; as results.j
                "shifted": {...}, "hard": {...}}
 
 `samples` are an evaluation's scored rows (`evaluate.evaluate`'s eval_<tag>.json): task, answer,
-correct, image_swap_correct. The baselines use the training answer distribution (the first
+correct, image_swap_correct, and where measured the localisation fields op_target_share /
+op_target_chance / op_target_hit (`heatmaps.localisation`). The baselines use the training answer distribution (the first
 TRAIN_ANSWER_RECORDS training records of each family): `majority` always answers the family's
 most frequent training answer; `uniform` guesses uniformly among the family's training answers
 (its expected accuracy). Neither looks at the image; the image-swap control shows what the model
@@ -19,6 +20,8 @@ import math
 import statistics
 from collections.abc import Sequence
 
+import numpy as np
+
 TRAIN_ANSWER_RECORDS = 128  # per family: training answers the baselines are computed from
 Z95 = statistics.NormalDist().inv_cdf(0.975)  # two-sided 95%
 
@@ -29,6 +32,21 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> list[float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def paired_bootstrap(a_sp: np.ndarray, b_sp: np.ndarray | None = None, *, reps: int = 2000, seed: int = 0) -> tuple[float, list[float]]:
+    """(mean, percentile 95% interval) of a's accuracy, or of a - b paired, from per-prompt scores
+    float[S training seeds, P prompts] (the same prompts in every row and in both arms): each draw
+    resamples the seeds, then the prompts, with replacement, the same draws for a and b, so the
+    interval holds both the spread between training runs and that between prompts."""
+    x = np.asarray(a_sp, np.float64) if b_sp is None else np.asarray(a_sp, np.float64) - np.asarray(b_sp, np.float64)
+    s, p = x.shape
+    rng = np.random.default_rng(seed)
+    means = np.empty(reps)
+    for r in range(reps):
+        means[r] = x[rng.integers(0, s, s)][:, rng.integers(0, p, p)].mean()
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(x.mean()), [float(lo), float(hi)]
 
 
 def training_answers(src, tasks: Sequence[str], per_task: int = TRAIN_ANSWER_RECORDS) -> dict[str, collections.Counter]:
@@ -72,7 +90,8 @@ def baselines(train: dict[str, collections.Counter], samples: Sequence[dict]) ->
 
 
 def summary(samples: Sequence[dict]) -> dict:
-    """Accuracy, its Wilson 95% interval and the image-swap accuracy, overall and per family."""
+    """Accuracy, its Wilson 95% interval and the image-swap accuracy, overall and per family; and
+    where some rows were measured, the means of their localisation fields over op_target_count rows."""
 
     def part(rows):
         n = len(rows)
@@ -80,6 +99,10 @@ def summary(samples: Sequence[dict]) -> dict:
         out = {"accuracy": correct / n, "interval": wilson_interval(correct, n), "num_samples": n}
         if all("image_swap_correct" in r for r in rows):
             out["image_swap"] = _mean(r["image_swap_correct"] for r in rows)
+        measured = [r for r in rows if "op_target_share" in r]
+        if measured:
+            out.update({k: _mean(float(r[k]) for r in measured) for k in ("op_target_share", "op_target_chance", "op_target_hit")})
+            out["op_target_count"] = len(measured)
         return out
 
     by_task = collections.defaultdict(list)
