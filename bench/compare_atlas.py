@@ -41,7 +41,7 @@ EVAL_SEED = 0  # the evaluation prompts' seed, shared by every arm and training 
 SFT_ARMS = {"answer_only": ("module", "answer_only"), "vocab": ("vocab", "trajectory"), "module": ("module", "trajectory")}
 RL_MODES = ("vocab", "module")  # RL starts from each ATLAS SFT checkpoint
 # Per-sample fields of an evaluation (eval_<tag>.json) averaged per arm when present.
-SAMPLE_MEANS = ("op_target_share", "op_target_hit", "op_chance_share")
+SAMPLE_MEANS = ("op_target_share", "op_target_hit", "op_target_chance")
 
 
 def _recipe(mode: str):
@@ -188,7 +188,7 @@ def markdown(res: dict) -> str:
                   "module attention on target (chance) | argmax on target |", "|---|---|---|---|---|---|---|---|"]
         for name, r in rows.items():
             arm = res["arms"].get(name, {})
-            loc = (f"{r['op_target_share']:.3f} ({r.get('op_chance_share', float('nan')):.3f})" if "op_target_share" in r else "-")
+            loc = (f"{r['op_target_share']:.3f} ({r.get('op_target_chance', float('nan')):.3f})" if "op_target_share" in r else "-")
             hit = f"{r['op_target_hit']:.3f}" if "op_target_hit" in r else "-"
             lines.append(f"| {name} | {r['accuracy']:.3f} [{r['interval'][0]:.3f}, {r['interval'][1]:.3f}] | "
                          + " / ".join(f"{a:.3f}" for a in r["per_seed"]) + f" | {r['image_swap']:.3f} | "
