@@ -1,6 +1,7 @@
 """PNG heat maps of where a visual-operation module looked: its attention over the merged image
 tokens, upsampled onto the image (PIL only, no plotting library), and an HTML index page that
-shows each map next to its question and completion."""
+shows each map next to its question and completion; and how much of that attention lands on the
+object the generator knows the token is about (`target_tokens`, `localisation`)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,42 @@ def overlay(image: Image.Image, attn_p: np.ndarray, grid_thw, *, merge: int = 2,
     heat = Image.fromarray(colorize(a)).resize(image.size, Image.NEAREST)
     out = Image.blend(image.convert("RGB"), heat, alpha)
     return _captioned(out, title) if title else out
+
+
+def target_tokens(box, image_size: tuple[int, int], grid_hw: tuple[int, int]) -> np.ndarray:
+    """bool[gh * gw], row-major over the merged-token grid (gh, gw) of an image of (width, height)
+    `image_size` pixels: the tokens whose part of the image overlaps `box` = (x0, y0, x1, y1)
+    (pixels, ends exclusive). Token (r, c) covers x in [c W / gw, (c + 1) W / gw) and y likewise:
+    the image processor resizes the image to whole patches, scaling the box and the tokens alike.
+
+    Why the tokens overlapping the object's box, not its quadrant: it needs no family-specific
+    layout (any box, image size or grid), and for the cell-scene families at 112 px (a 4 x 4 grid
+    of 28-px tokens) it IS the quadrant's 2 x 2 tokens, since every object straddles its quadrant's
+    centre lines (tests/test_localisation.py checks both over many seeds)."""
+    (width, height), (gh, gw) = image_size, grid_hw
+    x0, y0, x1, y1 = box
+    cols, rows = np.arange(gw), np.arange(gh)
+    in_x = (cols * width / gw < x1) & ((cols + 1) * width / gw > x0)
+    in_y = (rows * height / gh < y1) & ((rows + 1) * height / gh > y0)
+    return (in_y[:, None] & in_x[None, :]).reshape(-1)
+
+
+def localisation(attn_p: np.ndarray, region_p: np.ndarray) -> dict[str, float | bool]:
+    """Whether one functional token's module looked at its target.
+
+    attn_p: float[P] its head-averaged attention over one image's merged tokens (as `overlay`
+    draws it); region_p: bool[P] the target's tokens (`target_tokens`). Returns
+      share:  the attention mass on the region over the mass on the whole image (1: all on it);
+      chance: the region's share of the image's tokens, which uniform attention gets;
+      hit:    whether the most-attended token (the first, on a tie) lies in the region.
+    """
+    attn = np.asarray(attn_p, np.float64)
+    region = np.asarray(region_p, bool)
+    if attn.shape != region.shape or not region.any():
+        raise ValueError(f"localisation: attention {attn.shape} and region {region.shape} must match and the "
+                         f"region hold a token (got {int(region.sum())})")
+    return {"share": float(attn[region].sum() / max(attn.sum(), 1e-12)), "chance": float(region.mean()),
+            "hit": bool(region[int(np.argmax(attn))])}
 
 
 def upsample(image: Image.Image, scale: int) -> Image.Image:

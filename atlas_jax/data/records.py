@@ -10,6 +10,10 @@ A *record* is what the TFDS/ArrayRecord datasets and the JSONL import hold:
                                        user-settable uid so errors can always name the line.
     ops:                  list[str], optional: the functional operations the question calls for
                                        (JSONL only), by `functional_tokens` name ('line', ...)
+    target_box:           list[int], optional: [x0, y0, x1, y1] (ends exclusive), the pixels of the
+                                       first image holding the object the functional token acts
+                                       on (the cell-scene families, generated on the fly; stored
+                                       sets hold none), for evaluation's localisation metric
 
 Every record is validated when it is decoded, so a bad one is rejected with a `BadRecordError`
 naming the source (file or dataset split), the record and the field, never turned into a silent
@@ -61,6 +65,8 @@ REQUIRED_FIELDS: tuple[str, ...] = ("images", "question", "response", "answer")
 ORIGIN_FIELD = "origin"
 # Optional in JSONL; stored only by the user-data builder (the synthetic suite's tasks name their ops).
 OPS_FIELD = "ops"
+# Optional; only the synthetic families that know which object their functional token acts on set it.
+TARGET_BOX_FIELD = "target_box"
 
 # Anything in the Qwen special-token style, known or not.
 _TOKEN_SHAPED = re.compile(r"<\|[^<>|\s]{1,64}\|>")
@@ -88,7 +94,20 @@ def encode_sample(sample: Sample, image_format: str = "PNG") -> dict:
         record[ORIGIN_FIELD] = sample.origin
     if sample.ops:
         record[OPS_FIELD] = list(sample.ops)
+    if sample.target_box:
+        record[TARGET_BOX_FIELD] = [int(v) for v in sample.target_box]
     return record
+
+
+def parse_target_box(value, bad) -> tuple[int, ...]:
+    """A record's `target_box` value as (x0, y0, x1, y1): four integers with x0 < x1 and y0 < y1;
+    anything else raises `bad(field, problem)`."""
+    ok = (isinstance(value, (list, tuple)) and len(value) == 4
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+    if not ok or not (value[0] < value[2] and value[1] < value[3]):
+        raise bad(TARGET_BOX_FIELD, f"expected [x0, y0, x1, y1], four integer pixel coordinates with x0 < x1 and "
+                                    f"y0 < y1; got {value!r}")
+    return tuple(value)
 
 
 def parse_ops(value, bad) -> tuple[str, ...]:
@@ -164,6 +183,9 @@ def decode_record(record: Mapping, source: str, index: int | str, **rules) -> Sa
     if not isinstance(raw_images, (list, tuple)):
         raise BadRecordError(source, index, "images", f"wrong type: expected a list of encoded images, got {type(raw_images).__name__}")
     ops = parse_ops(record.get(OPS_FIELD, ()), lambda field, problem: BadRecordError(source, index, field, problem))
+    target_box = record.get(TARGET_BOX_FIELD)
+    if target_box is not None:
+        target_box = parse_target_box(target_box, lambda field, problem: BadRecordError(source, index, field, problem))
     images = [decode_image(data, source, index, f"images[{i}]") for i, data in enumerate(raw_images)]
     sample = Sample(
         images=images,
@@ -175,6 +197,7 @@ def decode_record(record: Mapping, source: str, index: int | str, **rules) -> Sa
         uid=record.get("uid", ""),
         origin=origin,
         ops=ops,
+        target_box=target_box or (),
     )
     validate_sample(sample, source, index, **rules)
     return sample

@@ -21,6 +21,9 @@ class Sample:
     ops: names of the functional tokens the question calls for (`functional_tokens` names, e.g.
       ('line',)), read by the expected-usage reward before the synthetic task table; () when not
       given (user data without an `ops` field, and the synthetic suite, whose tasks name theirs).
+    target_box: (x0, y0, x1, y1), ends exclusive, the pixels of the first image holding the object
+      the trajectory's functional token acts on (the cell-scene families; `Drawn.target_box`), for
+      evaluation's localisation metric; () when unknown.
     """
 
     images: list[Image.Image]
@@ -32,6 +35,7 @@ class Sample:
     uid: str = ""
     origin: str = ""
     ops: tuple[str, ...] = ()
+    target_box: tuple[int, ...] = ()
 
 
 class BadRecordError(ValueError):

@@ -1,5 +1,6 @@
 """Evaluation: greedy decoding on a held-out split, boxed-answer accuracy overall and per task,
-functional-token usage, and heat maps of the visual-operation modules' attention.
+functional-token usage, heat maps of the visual-operation modules' attention, and how much of
+that attention lands on the object the question is about (where the generator knows it).
 
     python -m atlas_jax.main --config=configs/sft_synthetic.py --workdir=/tmp/atlas_sft --config.job=eval
 
@@ -11,18 +12,20 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import io
 import json
 import logging
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 from flax import nnx
 from PIL import Image
 
 from atlas_jax import builders, checkpoint, heatmaps, multihost, sampling
-from atlas_jax.data import device_batch, pipeline
+from atlas_jax.data import device_batch, pipeline, records
 from atlas_jax.rl import rewards
 
 log = logging.getLogger("atlas_jax")
@@ -38,19 +41,30 @@ def evaluate(policy: builders.Policy, c: mlc.ConfigDict, workdir: str, mesh, *, 
 
     Each host scores the prompts it fed (its own answers); the scored samples of all hosts are
     gathered, batch by batch and host by host, which is the order of the eval stream, so the
-    results do not depend on the number of hosts. Heat maps: see `_HeatMaps`."""
+    results do not depend on the number of hosts. Heat maps: see `_HeatMaps`.
+
+    Localisation (a model with visual-op modules, records that carry `target_box`: the cell-scene
+    families): for each sample whose completion holds a functional token, the attention of its
+    first one over the image (the map the sampler already returns, no second pass) scored by
+    `heatmaps.localisation` against the target object's tokens (`heatmaps.target_tokens`): per
+    sample `op_target_share` / `op_target_chance` / `op_target_hit`, and in the results their
+    means overall and per task (`op_target_share[/task]`, ...) over `op_target_count[/task]`
+    samples (the share, chance and hit keys only where that count is > 0)."""
     split = split or c.eval.split
     model_cfg, tokens = policy.model_cfg, policy.tokens
     src = builders.load_split(c, workdir, split)
     picked, uids = _per_task(src, c.eval.num_per_task, c.eval.batch_size)
     names = tokens.functional_names
     maps = _HeatMaps(c, model_cfg, tokens, workdir, tag)
-    # One sampler for both passes (the swap pass ignores the attention): compiled once.
+    # One sampler for both passes (the swap pass ignores the attention): compiled once. The modules'
+    # attention is computed at every step anyway; returning it (for the heat maps and the
+    # localisation metric) only keeps a float32[B, N, P] buffer.
     scfg = sampling.SamplingConfig(
         max_new_tokens=c.eval.max_new_tokens, greedy=True, stop_ids=tokens.stop_ids, pad_id=tokens.pad_id,
-        return_op_attention=maps.enabled,
+        return_op_attention=model_cfg.visual_ops.enabled,
     )
-    samples = _decode(policy, c, _Subset(src, picked), f"{split} (eval subset)", scfg, mesh, maps)
+    targets = _targets(src, picked) if model_cfg.visual_ops.enabled else {}
+    samples = _decode(policy, c, _Subset(src, picked), f"{split} (eval subset)", scfg, mesh, maps, targets)
     if c.eval.image_swap:
         swapped = _decode(policy, c, _ImageSwapped(src, picked, c.eval.batch_size), f"{split} (image swap)", scfg, mesh)
         for row, other in zip(samples, swapped, strict=True):
@@ -72,23 +86,59 @@ def evaluate(policy: builders.Policy, c: mlc.ConfigDict, workdir: str, mesh, *, 
         "completions_with_functional": sum(sum(row["functional"].values()) > 0 for row in samples) / n,
         **{f"functional/{k}": usage[k] / n for k in names},
         "num_samples": len(samples),
+        **(_localisation_results(samples, {row["task"] for row in samples if row["uid"] in targets}) if targets else {}),
     }
     maps.draw(policy.graphdef, policy.params, policy.tok, src, uids, samples, mesh)
     if jax.process_index() == 0:
-        kept = ("uid", "task", "answer", "completion", "correct", "image_swap_correct")
+        kept = ("uid", "task", "answer", "completion", "correct", "image_swap_correct", *_LOCALISATION_FIELDS)
         written = [{k: row[k] for k in kept if k in row} for row in samples]
         with open(os.path.join(workdir, f"eval_{tag}.json"), "w") as f:
             json.dump({"split": split, "results": results, "samples": written}, f, indent=1)
     log.info("eval %s on %s: accuracy %.3f (image swap %s), functional tokens per completion %.2f", tag, split,
              results["accuracy"], f"{results['image_swap']:.3f}" if c.eval.image_swap else "off",
              results["functional_per_completion"])
+    if targets and results["op_target_count"]:
+        log.info("eval %s on %s: first functional token's module attention on the target object %.3f (chance %.3f), "
+                 "its argmax on it %.3f, over %d completions", tag, split, results["op_target_share"],
+                 results["op_target_chance"], results["op_target_hit"], results["op_target_count"])
     return results
 
 
+_LOCALISATION_FIELDS = ("op_target_share", "op_target_chance", "op_target_hit")
+
+
+def _targets(src, picked: list[int]) -> dict[str, tuple[tuple[int, ...], tuple[int, int]]]:
+    """uid -> (target_box, (width, height) of the first image) of the picked records that carry a
+    target box (`records.TARGET_BOX_FIELD`); {} when none does."""
+    targets = {}
+    for i in picked:
+        record = src[i]
+        box = record.get(records.TARGET_BOX_FIELD)
+        if box:
+            with Image.open(io.BytesIO(record["images"][0])) as image:  # reads the header only
+                targets[str(record["uid"])] = (tuple(box), image.size)
+    return targets
+
+
+def _localisation_results(samples: list[dict], tasks: set[str]) -> dict:
+    """Means of the samples' localisation fields overall and per task of `tasks` (those whose
+    records carry a target), with the count of samples measured."""
+    out = {}
+    for task in (None, *sorted(tasks)):
+        rows = [row for row in samples if "op_target_share" in row and task in (None, row["task"])]
+        suffix = "" if task is None else f"/{task}"
+        out[f"op_target_count{suffix}"] = len(rows)
+        if rows:
+            out.update({f"{k}{suffix}": sum(float(row[k]) for row in rows) / len(rows) for k in _LOCALISATION_FIELDS})
+    return out
+
+
 def _decode(policy: builders.Policy, c: mlc.ConfigDict, src, source_name: str, scfg: sampling.SamplingConfig, mesh,
-            maps: "_HeatMaps | None" = None) -> list[dict]:
+            maps: "_HeatMaps | None" = None, targets: dict | None = None) -> list[dict]:
     """Greedy completions of every record of `src` (whole eval batches, in order), scored; each uid
-    once (the padding of the last batch repeats earlier records), every host's rows, in stream order."""
+    once (the padding of the last batch repeats earlier records), every host's rows, in stream order.
+    targets (`_targets`; needs `scfg.return_op_attention`): the rows of those uids whose completion
+    holds a functional token also get the localisation fields of its first one's attention."""
     tok, model_cfg = policy.tok, policy.model_cfg
     names, func_ids, stop = policy.tokens.functional_names, policy.tokens.functional_ids, policy.tokens.stop_ids
     pcfg = builders.make_pipeline_config(c, model_cfg, fmt="rl", batch_size=c.eval.batch_size, shuffle=False, num_epochs=1)
@@ -100,6 +150,8 @@ def _decode(policy: builders.Policy, c: mlc.ConfigDict, src, source_name: str, s
         out = sampling.generate(policy.graphdef, policy.params, batch, None, scfg)
         completions, mask = multihost.gather((out["tokens"], out["mask"]))
         rows = multihost.own_rows(completions.shape[0])
+        if targets:
+            first_attn, has_map = (x[rows] for x in multihost.gather(_first_op_attention(out["op"], out["op_attention"])))
         scored = []
         for j, (row_tokens, row_mask) in enumerate(zip(completions[rows], mask[rows])):
             ids = row_tokens[row_mask].tolist()
@@ -109,6 +161,14 @@ def _decode(policy: builders.Policy, c: mlc.ConfigDict, src, source_name: str, s
                 "completion": text, "correct": rewards.accuracy_reward(text, host["answer"][j]),
                 "functional": {name: ids.count(fid) for name, fid in zip(names, func_ids)},
             })
+            uid = scored[-1]["uid"]
+            if targets and uid in targets and has_map[j]:
+                box, image_size = targets[uid]
+                merge = model_cfg.vision.spatial_merge_size
+                _, h, w = (int(g) for g in host["grid_thw"][j][0])
+                grid = (h // merge, w // merge)
+                found = heatmaps.localisation(first_attn[j][: grid[0] * grid[1]], heatmaps.target_tokens(box, image_size, grid))
+                scored[-1].update({f"op_target_{k}": v for k, v in found.items()})
         mine.append(scored)
         if maps is not None:
             maps.collect(k, host, out)
@@ -285,6 +345,17 @@ class _HeatMaps:
                     forced[str(host["uid"][j])] = (
                         _first_image(host, j), host["grid_thw"][j][0], ops["op"][j], ops["attn"][j], ops["position"][j])
         return forced
+
+
+@jax.jit
+def _first_op_attention(op_rn: jax.Array, attn_rnp: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The sampler's `op` int32[R, N] / `op_attention` float32[R, N, P] -> the attention float32[R, P]
+    of each row's first completion token with a map (its first functional token, unless that was
+    the last token, whose op never ran), and bool[R]: whether the row has one. Reduced before the
+    gather, so only [R, P] crosses hosts."""
+    has_map_rn = op_rn >= 0
+    first_r = jnp.argmax(has_map_rn, axis=1)
+    return jnp.take_along_axis(attn_rnp, first_r[:, None, None], axis=1)[:, 0], has_map_rn.any(axis=1)
 
 
 @functools.partial(jax.jit, static_argnums=0)

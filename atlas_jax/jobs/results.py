@@ -6,11 +6,12 @@ interval and the image-swap control, next to the trivial baselines; as results.j
 
 `samples` are an evaluation's scored rows (`evaluate.evaluate`'s eval_<tag>.json): task, answer,
 correct, image_swap_correct, and where measured the localisation fields op_target_share /
-op_target_chance / op_target_hit (`heatmaps.localisation`). The baselines use the training answer distribution (the first
-TRAIN_ANSWER_RECORDS training records of each family): `majority` always answers the family's
-most frequent training answer; `uniform` guesses uniformly among the family's training answers
-(its expected accuracy). Neither looks at the image; the image-swap control shows what the model
-gets from the question alone (it must fall toward them).
+op_target_chance / op_target_hit (`heatmaps.localisation`). The baselines use the training
+answer distribution (the first TRAIN_ANSWER_RECORDS training records of each family):
+`majority` always answers the family's most frequent training answer; `uniform` guesses
+uniformly among the family's training answers (its expected accuracy). Neither looks at the
+image; the image-swap control shows what the model gets from the question alone (it must fall
+toward them).
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def summary(samples: Sequence[dict]) -> dict:
             out["image_swap"] = _mean(r["image_swap_correct"] for r in rows)
         measured = [r for r in rows if "op_target_share" in r]
         if measured:
-            out.update({k: _mean(float(r[k]) for r in measured) for k in ("op_target_share", "op_target_chance", "op_target_hit")})
+            fields = ("op_target_share", "op_target_chance", "op_target_hit")
+            out.update({k: _mean(float(r[k]) for r in measured) for k in fields})
             out["op_target_count"] = len(measured)
         return out
 

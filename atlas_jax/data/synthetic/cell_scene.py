@@ -79,5 +79,12 @@ def described(o: dict) -> str:
     return f"{o['where'].capitalize()}: {phrase(o)}."
 
 
+def box(o: dict) -> tuple[int, int, int, int]:
+    """The pixel box (x0, y0, x1, y1), ends exclusive, that `canvas.draw_shape` paints `o` within:
+    PIL fills its rounded corner coordinates inclusively, hence the + 1."""
+    (x, y), r = o["center"], o["radius"]
+    return round(x - r), round(y - r), round(x + r) + 1, round(y + r) + 1
+
+
 def column(o: dict) -> int:
     return o["cell"] % GRID

@@ -21,6 +21,10 @@ class Drawn:
 
     scene: the JSON-like description the image was drawn from (positions in pixels, colours,
     graph edges, ...); tests re-derive the answer from it (or from the pixels) independently.
+    target_box: the pixel box (x0, y0, x1, y1), ends exclusive, of the one object the trajectory's
+    functional token acts on, where a family has one (the cell-scene families); None elsewhere.
+    It travels with the record (`records.TARGET_BOX_FIELD`) so evaluation can measure whether a
+    visual-op module attends to that object (`heatmaps.localisation`).
     """
 
     image: Image.Image
@@ -28,6 +32,7 @@ class Drawn:
     response: str
     answer: str
     scene: dict[str, Any]
+    target_box: tuple[int, int, int, int] | None = None
 
 
 def pick(rng: np.random.Generator, options: Sequence[str]) -> str:

@@ -35,4 +35,5 @@ def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Dra
     response = (f"{intent} <|Line|> {cell_scene.described(first)} {cell_scene.described(second)} "
                 f"So the {left['color']} object is further left. {boxed(left['color'])}")
     scene = {"objects": objects, "first": objects.index(first), "second": objects.index(second)}
-    return Drawn(image, question, response, left["color"], scene)
+    # The <|Line|> is drawn through the first named object: its module should attend to that one.
+    return Drawn(image, question, response, left["color"], scene, target_box=cell_scene.box(first))

@@ -24,4 +24,5 @@ def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Dra
     question = pick(rng, (f"What shape is the {color} object?", f"Is the {color} object a circle, a square or a triangle?"))
     intent = pick(rng, (f"I outline the {color} object.", f"I trace the outline of the {color} object."))
     response = f"{intent} <|Shape|> {cell_scene.described(target)} It is a {target['kind']}. {boxed(target['kind'])}"
-    return Drawn(image, question, response, target["kind"], {"objects": objects, "target": objects.index(target)})
+    return Drawn(image, question, response, target["kind"], {"objects": objects, "target": objects.index(target)},
+                 target_box=cell_scene.box(target))

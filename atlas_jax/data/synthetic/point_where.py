@@ -24,4 +24,5 @@ def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Dra
     question = pick(rng, (f"Where is the {color} object?", f"In which part of the image is the {color} object?"))
     intent = pick(rng, (f"I draw an arrow to the {color} object.", f"I point an arrow at the {color} object."))
     response = f"{intent} <|Arrow|> {cell_scene.described(target)} {boxed(target['where'])}"
-    return Drawn(image, question, response, target["where"], {"objects": objects, "target": objects.index(target)})
+    return Drawn(image, question, response, target["where"], {"objects": objects, "target": objects.index(target)},
+                 target_box=cell_scene.box(target))

@@ -121,7 +121,7 @@ def generate_with_scene(task: str, split: str, index: int, seed: int = 0, diffic
         raise canvas.PlacementError(f"task {task!r}, {split}/{index}, difficulty {diff}: {last_error}")
     sample = Sample(images=[drawn.image], question=drawn.question, response=drawn.response, answer=drawn.answer,
                     task=task, response_answer_only="\\boxed{" + drawn.answer + "}",
-                    uid=f"{split}/{task}/seed={seed}/i={index}")
+                    uid=f"{split}/{task}/seed={seed}/i={index}", target_box=tuple(drawn.target_box or ()))
     scene = dict(drawn.scene, image_size=image_size, split=split)
     return sample, scene
 

@@ -25,4 +25,5 @@ def build(rng: np.random.Generator, split: str, d: Difficulty, size: int) -> Dra
     question = pick(rng, (f"What colour is the object at the {where}?", f"Which colour does the object at the {where} have?"))
     intent = pick(rng, (f"I zoom into the {where} of the image.", f"To see it clearly, I enlarge the {where} of the image."))
     response = f"{intent} <|Manip|> {cell_scene.described(target)} {boxed(target['color'])}"
-    return Drawn(image, question, response, target["color"], {"objects": objects, "target": objects.index(target)})
+    return Drawn(image, question, response, target["color"], {"objects": objects, "target": objects.index(target)},
+                 target_box=cell_scene.box(target))
