@@ -114,7 +114,8 @@ def test_frozen_vision_tower_does_not_move():
     cfg, graphdef, state, shardings, tx = _setup(mesh, 1)
     before = jax.device_get(state.params["vision"])
     batch, bsh = _put(_batch(cfg), mesh)
-    step = sft.make_train_step(graphdef, tx, state_sharding=shardings, batch_sharding=bsh)
+    step = sft.make_train_step(graphdef, tx, state_sharding=shardings, batch_sharding=bsh,
+                               train=optimizer.trainable(freeze_vision=True))
     state, metrics = step(state, batch)
     after = jax.device_get(state.params["vision"])
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):

@@ -95,8 +95,9 @@ def make_rl_step(
     forward / backward pass (0 = all R at once; must divide R): the reference forward and the
     policy's forward + backward run a micro-batch at a time in a loop inside the step, gradients
     summed, every normaliser the whole batch's, so loss, metrics and update are the whole
-    batch's; train: the parameters differentiated and updated (`optimizer.trainable`), no
-    backward pass runs through the rest; reference_adapters_off: the reference policy is the
+    batch's; train: the parameters differentiated and updated (`optimizer.trainable`; `tx` is
+    made for the same filter), no backward pass runs through the rest and it passes through the
+    step unchanged; reference_adapters_off: the reference policy is the
     policy with its LoRA adapters zeroed (`lora.adapters_off`: the base model, no second copy of
     the weights; ref_params is None); head_chunk: positions the output head runs on at a time in
     the policy's and the reference's log-probs (`rollout_logprobs`; the same values at any size).
@@ -152,8 +153,8 @@ def make_rl_step(
         metrics = losses.finish_metrics(shares, rows["advantages"])
         if anchor_grads is not None:
             metrics["anchor/grad_share"] = optax.tree.norm(anchor_grads) / jnp.maximum(optax.tree.norm(grads), 1e-12)
-        updates, opt_state = tx.update(nnx.merge_state(grads, jax.tree.map(jnp.zeros_like, frozen)), state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        updates, opt_state = tx.update(grads, state.opt_state, trained)  # the frozen rest passes through
+        params = nnx.merge_state(optax.apply_updates(trained, updates), frozen)
         metrics.update(
             grad_norm=optax.tree.norm(grads),
             param_norm=optax.tree.norm(params),

@@ -30,14 +30,11 @@ def trainable(freeze_vision: bool, adapters_only: bool = False) -> nnx.filterlib
     return nnx.Param
 
 
-def trainable_labels(params: nnx.State, train: nnx.filterlib.Filter, vision_group: bool = False) -> nnx.State:
-    """'train' / 'freeze' per parameter, by the filter `train` (see `trainable`); with
-    `vision_group`, the trained parameters of the vision tower are 'vision' instead."""
-    trained, frozen = nnx.split_state(params, train, ...)
-    tower, rest = nnx.split_state(trained, nnx.PathContains("vision") if vision_group else nnx.Nothing(), ...)
+def trainable_labels(trained: nnx.State) -> nnx.State:
+    """The parameter group of each trained parameter: 'vision' in the vision tower, else 'train'."""
+    tower, rest = nnx.split_state(trained, nnx.PathContains("vision"), ...)
     label = lambda name: (lambda _: name)
-    return nnx.merge_state(jax.tree.map(label("vision"), tower), jax.tree.map(label("train"), rest),
-                           jax.tree.map(label("freeze"), frozen))
+    return nnx.merge_state(jax.tree.map(label("vision"), tower), jax.tree.map(label("train"), rest))
 
 
 def make_optimizer(
@@ -54,9 +51,13 @@ def make_optimizer(
     train: nnx.filterlib.Filter = nnx.Param,
     vision_lr_scale: float = 1.0,
 ) -> optax.GradientTransformation:
-    """clip(global norm) -> AdamW(schedule); parameters outside `train` get no update and no Adam
-    state. vision_lr_scale: the vision tower's learning rate relative to the rest (a parameter
-    group; see `configs/perceive_synthetic.py` for why a from-scratch tower needs it)."""
+    """clip(global norm) -> AdamW(schedule) over the parameters `train` alone: its state holds the
+    trained parameters' moments only, and `init` / `update` take all parameters or the trained
+    part and return the trained part's state / updates. The steps split the parameters by the same
+    filter and pass the frozen rest through untouched, so the frozen arrays are in neither the
+    optimizer's state nor its update program. vision_lr_scale: the vision tower's learning rate
+    relative to the rest (a parameter group; see `configs/perceive_synthetic.py` for why a
+    from-scratch tower needs it)."""
     lr_schedule = schedule(lr, warmup_steps, total_steps)
 
     def adamw(scale: float) -> optax.GradientTransformation:
@@ -64,10 +65,16 @@ def make_optimizer(
         return optax.adamw(rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
 
     clip = optax.clip_by_global_norm(clip_norm) if clip_norm > 0 else optax.identity()
-    if train is nnx.Param and vision_lr_scale == 1.0:
-        return optax.chain(clip, adamw(1.0))
-    groups = {"train": adamw(1.0), "vision": adamw(vision_lr_scale), "freeze": optax.set_to_zero()}
-    return optax.chain(clip, optax.multi_transform(groups, trainable_labels(params, train, vision_lr_scale != 1.0)))
+    trained = lambda tree: nnx.split_state(tree, train, ...)[0]  # noqa: E731
+    if vision_lr_scale == 1.0:
+        tx = optax.chain(clip, adamw(1.0))
+    else:
+        groups = {"train": adamw(1.0), "vision": adamw(vision_lr_scale)}
+        tx = optax.chain(clip, optax.multi_transform(groups, trainable_labels(trained(params))))
+    return optax.GradientTransformation(
+        lambda params: tx.init(trained(params)),
+        lambda updates, state, params=None: tx.update(trained(updates), state, None if params is None else trained(params)),
+    )
 
 
 def from_config(

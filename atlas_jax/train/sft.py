@@ -64,7 +64,8 @@ def make_train_step(
 ):
     """The compiled SFT step `(TrainState, batch) -> (TrainState, metrics)`. Gradients are taken
     w.r.t. the parameters `train` only (`optimizer.trainable`): no backward pass runs through
-    the frozen rest (a frozen vision tower, LoRA's base weights). head_chunk: positions the
+    the frozen rest (a frozen vision tower, LoRA's base weights), and `tx` (`optimizer.make_optimizer`
+    with the same `train`) updates only them: the frozen arrays pass through unchanged. head_chunk: positions the
     output head runs on at a time (`sft_loss`); the same values at any size, only memory and the
     loop's trip count change."""
 
@@ -95,8 +96,8 @@ def make_train_step(
             (grads, sums), _ = jax.lax.scan(body, (zero_g, zero_s), micro)
         n = jnp.maximum(sums["tokens"], 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / n, grads)  # exact token mean over the whole batch
-        updates, opt_state = tx.update(nnx.merge_state(grads, jax.tree.map(jnp.zeros_like, frozen)), state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        updates, opt_state = tx.update(grads, state.opt_state, trained)  # the frozen rest passes through
+        params = nnx.merge_state(optax.apply_updates(trained, updates), frozen)
         metrics = {
             "loss": sums["ce_sum"] / n,
             "accuracy": sums["correct"] / n,
