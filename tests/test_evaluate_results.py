@@ -47,6 +47,23 @@ def test_summary_per_family_and_image_swap():
     assert s["interval"] == pytest.approx(results.wilson_interval(2, 3))
 
 
+def test_table_shows_where_the_modules_look_when_measured():
+    rows = [{"task": "zoom", "answer": "1", "correct": 1.0, "image_swap_correct": 0.0,
+             "op_target_share": 0.6, "op_target_chance": 0.2, "op_target_hit": 1.0},
+            {"task": "zoom", "answer": "2", "correct": 0.0, "image_swap_correct": 0.0,
+             "op_target_share": 0.2, "op_target_chance": 0.1, "op_target_hit": 0.0},
+            {"task": "side", "answer": "yes", "correct": 1.0, "image_swap_correct": 1.0}]
+    train = {"zoom": collections.Counter({"1": 2}), "side": collections.Counter({"yes": 1})}
+    res = {"in_distribution": {"sft": results.summary(rows), "baselines": results.baselines(train, rows)}}
+    md = results.table(res, {"sft": "SFT"})
+    # Means over the two measured rows only; the family without a target box has no row.
+    assert "| overall | 0.400 | 0.500 | 0.150 | 2 |" in md and "| zoom | 0.400 | 0.500 | 0.150 | 2 |" in md
+    assert "| side | 0.400" not in md and md.count("share on target") == 1
+    blind = {"in_distribution": {"sft": results.summary([{k: v for k, v in r.items() if not k.startswith("op_")} for r in rows]),
+                                 "baselines": res["in_distribution"]["baselines"]}}
+    assert "share on target" not in results.table(blind, {"sft": "SFT"})
+
+
 def test_image_swap_rotates_images_within_each_batch():
     src = SyntheticSource("in_distribution", 1, seed=0)  # 8 records, one per family
     swapped = evaluate._ImageSwapped(src, list(range(8)), batch_size=4)

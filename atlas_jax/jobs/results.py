@@ -116,7 +116,8 @@ def summary(samples: Sequence[dict]) -> dict:
 def table(results: dict, checkpoints: dict[str, str]) -> str:
     """Markdown, one section per condition: a row per family (and overall), for each checkpoint
     (`checkpoints`: key in results -> column name) accuracy [95% interval] and the image-swap
-    accuracy, then the majority and uniform baselines."""
+    accuracy, then the majority and uniform baselines; and where the modules' attention was measured,
+    the localisation table (`_localisation_table`)."""
     out = []
     for condition, res in results.items():
         label = " (extrapolation: reported apart from the headline)" if condition == "hard" else ""
@@ -135,8 +136,28 @@ def table(results: dict, checkpoints: dict[str, str]) -> str:
             n = next(iter(res[k] for k in checkpoints))
             n = n["num_samples"] if family == "overall" else n["per_family"][family]["num_samples"]
             out.append(f"| {family} | " + " | ".join(cells) + f" | {b['majority']:.3f} | {b['uniform']:.3f} | {n} |")
-        out.append("")
+        out += ["", *_localisation_table(res, checkpoints)]
     return "\n".join(out)
+
+
+def _localisation_table(res: dict, checkpoints: dict[str, str]) -> list[str]:
+    """Where the visual-op modules look, for the checkpoints that measured it: per family with a
+    target box, the first functional token's attention share on the target's image tokens, how
+    often its argmax lands there, and the share uniform attention would give (chance)."""
+    measured = {k: name for k, name in checkpoints.items() if "op_target_count" in res[k]}
+    if not measured:
+        return []
+    head = [f"{name} share on target | {name} argmax on target" for name in measured.values()]
+    out = ["Visual-op attention on the target object (chance: the target's share of the image tokens):", "",
+           "| family | " + " | ".join(head) + " | chance | n |", "|---" * (2 * len(measured) + 3) + "|"]
+    first = next(iter(measured))
+    families = [f for f, s in res[first]["per_family"].items() if "op_target_count" in s]
+    for family in ["overall", *families]:
+        rows = [res[k] if family == "overall" else res[k]["per_family"].get(family, {}) for k in measured]
+        cells = [f"{s['op_target_share']:.3f} | {s['op_target_hit']:.3f}" if "op_target_count" in s else "- | -" for s in rows]
+        ref = rows[0]
+        out.append(f"| {family} | " + " | ".join(cells) + f" | {ref['op_target_chance']:.3f} | {ref['op_target_count']} |")
+    return [*out, ""]
 
 
 def _mean(values) -> float:
