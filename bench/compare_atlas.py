@@ -145,6 +145,11 @@ def report(root: str, seeds: list[int], conditions: tuple[str, ...]) -> dict:
             mean, interval = results.paired_bootstrap(acc)
             row = {"accuracy": mean, "interval": interval, "per_seed": acc.mean(axis=1).tolist(), "image_swap": float(swap.mean()),
                    "seeds": done, "prompts": len(uids)}
+            per_completion = []
+            for s in done:
+                with open(os.path.join(root, f"seed={s}", name, f"eval_compare_{cond}.json")) as f:
+                    per_completion.append(json.load(f)["results"]["functional_per_completion"])
+            row["functional_per_completion"] = float(np.mean(per_completion))
             for key in SAMPLE_MEANS:
                 vals = [float(data[cond][name][s][u][key]) for s in done for u in uids if key in data[cond][name][s][u]]
                 if vals:
@@ -167,10 +172,6 @@ def report(root: str, seeds: list[int], conditions: tuple[str, ...]) -> dict:
         info = {}
         for seed in seeds:
             d = os.path.join(root, f"seed={seed}", name)
-            path = os.path.join(d, "eval_compare_in_distribution.json")
-            if os.path.exists(path):
-                with open(path) as f:
-                    info.setdefault("functional_per_completion", []).append(json.load(f)["results"]["functional_per_completion"])
             metrics = os.path.join(d, "metrics.jsonl")
             if name.endswith("la_grpo") and os.path.exists(metrics):
                 with open(metrics) as f:
@@ -192,7 +193,7 @@ def markdown(res: dict) -> str:
             hit = f"{r['op_target_hit']:.3f}" if "op_target_hit" in r else "-"
             lines.append(f"| {name} | {r['accuracy']:.3f} [{r['interval'][0]:.3f}, {r['interval'][1]:.3f}] | "
                          + " / ".join(f"{a:.3f}" for a in r["per_seed"]) + f" | {r['image_swap']:.3f} | "
-                         f"{arm.get('functional_per_completion', float('nan')):.2f} | "
+                         f"{r['functional_per_completion']:.2f} | "
                          + (f"{arm['anchor_grad_share']:.4f}" if "anchor_grad_share" in arm else "-") + f" | {loc} | {hit} |")
         lines += ["", "| paired difference | mean [95% CI] | seeds x prompts |", "|---|---|---|"]
         for pair, d in res["comparisons"][cond].items():
