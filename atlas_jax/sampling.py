@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from atlas_jax import sharding as shd
 from atlas_jax.data.device_batch import model_inputs
@@ -133,17 +133,6 @@ def repeat_rows(x: jax.Array, times: int) -> jax.Array:
     return x if times == 1 else jnp.repeat(x, times, axis=0)
 
 
-def _batch_constraint(x, mesh):
-    """Keeps the loop carry's leading axis sharded over the mesh's batch axes, like the inputs
-    (no-op without a mesh). Other axes stay free, so the KV cache may follow the kv-heads'
-    tensor sharding."""
-    if mesh is None or x.ndim == 0:
-        return x
-    rows = shd.logical_to_spec(("batch",), mesh=mesh)[0]
-    spec = P(rows, *([P.UNCONSTRAINED] * (x.ndim - 1)))
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-
 # ------------------------------------------------------------------ the program
 def _generate(graphdef, state, inputs, rng, temperature, top_p, stop_ids, cfg: SamplingConfig, mesh):
     model = nnx.merge(graphdef, state)
@@ -152,7 +141,9 @@ def _generate(graphdef, state, inputs, rng, temperature, top_p, stop_ids, cfg: S
     B, T = ids_bt.shape
     G, N = cfg.num_samples, cfg.max_new_tokens
     R = B * G
-    keep = lambda x: _batch_constraint(x, mesh)  # noqa: E731
+    # The loop carry keeps its rows sharded like the inputs; other axes stay free, so the KV
+    # cache may follow the kv-heads' tensor sharding.
+    keep = lambda x: shd.constrain_rows(x, mesh)  # noqa: E731
 
     cache = jax.tree.map(keep, model.init_cache(B, T + N))
     hidden_btd, cache, _ = model(ids_bt, pos_b3t, mask_bt, **images, cache=cache, head=False)

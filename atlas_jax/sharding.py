@@ -84,6 +84,19 @@ def logical_to_spec(
     return P(*spec)
 
 
+def constrain_rows(x: jax.Array, mesh: Mesh | None = None) -> jax.Array:
+    """`x` with its leading (row) axis sharded over the mesh's batch axes, like the inputs, the
+    others left to XLA; under `mesh`, else the current one (`jax.set_mesh`), else a no-op. Pins an
+    activation's layout where propagation could pick another: e.g. the residual stream in the
+    layer scan after the visual operations' scatter, whose update arrives sharded over 'embed'
+    (XLA then kept the whole batch's activations on every chip: bench/RESULTS.md)."""
+    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    if mesh.empty or x.ndim == 0:
+        return x
+    rows = logical_to_spec(("batch",), x.shape[:1], mesh)[0]
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(rows, *([P.UNCONSTRAINED] * (x.ndim - 1)))))
+
+
 def _is_var(x) -> bool:
     return isinstance(x, nnx.Variable)
 

@@ -7,8 +7,8 @@ decoder: the forward+backward step of `bench_train_step.py` (tiny config, batch 
 112 px image per sample, one core), compiled twice: with `attention.MIN_CAUSAL_BLOCK` at its value
 (4 query blocks of 64 here) and so large that attention is one dense [T, T] block.
 vision: the `small_100m` vision tower (6 blocks, 4 of them windowed) on 2 images of 448 px (1024
-patches each), forward + backward of a sum of squares, compiled with every window block's
-`window_band` as built and set to None (dense block-diagonal mask over the whole row).
+patches each), forward + backward of a sum of squares, compiled with the tower's
+`window_band` (its window blocks' band) as built and set to None (dense block-diagonal mask over the whole row).
 Steps alternate between the two programs; medians are reported, with the two losses (equal).
 """
 
@@ -81,8 +81,7 @@ def vision_study(ckpt: str) -> None:
         return lambda: float(jax.block_until_ready(f(params))[0])
 
     banded = step_of(model.vision)
-    for block in model.vision.blocks:
-        block.attn.window_band = None
+    model.vision.window_band = None
     dense = step_of(model.vision)
     ld, lb = dense(), banded()
     td, tb = _alternate(dense, banded, 6)

@@ -20,7 +20,8 @@ FUNC = (310, 311, 312)
 
 def _cfg(**kw):
     cfg = presets.tiny(vocab_size=320, image_token_id=IMAGE, vision_start_token_id=VSTART, vision_end_token_id=VEND, video_token_id=301)
-    # Vision runs: blocks 0-1 window (one scan), 2 full, 3 window; decoder: layers 0-1, ops, 2-3.
+    # Vision: blocks 0-1 window, 2 full, 3 window (unrolled: three runs; scanned: one scan with a
+    # lax.cond between the two attentions); decoder: layers 0-1, ops, 2-3.
     cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, depth=4, fullatt_block_indexes=(2,)))
     return presets.with_visual_ops(cfg, FUNC, mode="module", layer=1, num_heads=2, head_dim=16).replace(**kw)
 
@@ -63,6 +64,20 @@ def test_same_values_and_gradients_as_unrolled(batch, unrolled, scan, remat):
     assert len(flat_ref) == len(flat)
     for path, g_ref in flat_ref:
         np.testing.assert_allclose(flat[path], g_ref, atol=2e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
+def test_scanned_visual_ops_outputs_equal_unrolled(batch):
+    """Scanned, the operations run inside the layer scan (a lax.cond after their layer); their
+    outputs (attention over the image tokens, positions, ops) are the unrolled model's."""
+    (ids, pos, mask), images = model_inputs(batch)
+    outs = []
+    for scan in (False, True):
+        model = vlm.create(_cfg(scan_layers=scan), sharding.make_mesh((1, 1, 1), jax.devices()[:1]), seed=1)
+        model.visual_ops.gate[...] = jnp.array([0.7, -0.5, 1.1])
+        outs.append(nnx.jit(lambda m: m(ids, pos, mask, **images)[2]["ops"])(model))
+    assert int((outs[0]["op"] >= 0).sum()) == 4  # both samples' functional tokens ran
+    for key in ("attn", "position", "op"):
+        np.testing.assert_allclose(outs[1][key], outs[0][key], atol=1e-6, err_msg=key)
 
 
 def test_unknown_remat_policy_is_a_config_error():

@@ -30,39 +30,39 @@ from atlas_jax.model.vision_layout import LAYOUT_KEYS
 class VisionAttention(nnx.Module):
     """Fused-qkv multi-head self-attention restricted to equal, positive segment ids.
 
-    window_band: None in full-attention blocks; in window blocks the most patches one window
+    band (a call argument, so that window and full-attention blocks are one module structure and
+    scan together): None in full-attention blocks; in window blocks the most patches one window
     holds, so attention runs over bands of the row (`attention.segment_xla`)."""
 
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype, window_band: int | None = None):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
         D, H, E = cfg.hidden_size, cfg.num_heads, cfg.head_dim
         kw = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.qkv = Dense((D,), (3, H, E), ("embed", "qkv", "heads", "head_dim"), **kw)
         self.proj = Dense((H, E), (D,), ("heads", "head_dim", "embed"), **kw)
         self.scale = E**-0.5
-        self.window_band = window_band
         self.implementation = cfg.attention
 
-    def __call__(self, x_bpd, cos_bpe, sin_bpe, seg_bp):
+    def __call__(self, x_bpd, cos_bpe, sin_bpe, seg_bp, band: int | None):
         qkv_bp3he = self.qkv(x_bpd)
         q_bphe = apply_rotary(qkv_bp3he[:, :, 0], cos_bpe, sin_bpe)
         k_bphe = apply_rotary(qkv_bp3he[:, :, 1], cos_bpe, sin_bpe)
         v_bphe = qkv_bp3he[:, :, 2]
         segment = attention.SEGMENT[self.implementation]
-        return self.proj(segment(q_bphe, k_bphe, v_bphe, seg_bp, self.scale, self.window_band))
+        return self.proj(segment(q_bphe, k_bphe, v_bphe, seg_bp, self.scale, band))
 
 
 class VisionBlock(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype, window_band: int | None = None):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
         kw = dict(rngs=rngs, param_dtype=param_dtype)
         self.norm1 = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
-        self.attn = VisionAttention(cfg, dtype=dtype, window_band=window_band, **kw)
+        self.attn = VisionAttention(cfg, dtype=dtype, **kw)
         self.norm2 = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
         self.mlp = SwiGLU(
             cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act, use_bias=True, dtype=dtype, **kw
         )
 
-    def __call__(self, x_bpd, cos_bpe, sin_bpe, seg_bp):
-        x_bpd = x_bpd + self.attn(self.norm1(x_bpd), cos_bpe, sin_bpe, seg_bp)
+    def __call__(self, x_bpd, cos_bpe, sin_bpe, seg_bp, band: int | None):
+        x_bpd = x_bpd + self.attn(self.norm1(x_bpd), cos_bpe, sin_bpe, seg_bp, band)
         return x_bpd + self.mlp(self.norm2(x_bpd))
 
 
@@ -117,11 +117,8 @@ class VisionTower(nnx.Module):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.patch_embed = Dense((cfg.patch_dim,), (cfg.hidden_size,), ("patch", "embed"), use_bias=False, **kw)
         # The most patches one attention window holds (fewer at image edges), as in vision_layout.
-        band = (cfg.window_size // cfg.spatial_merge_size // cfg.patch_size) ** 2 * cfg.merge_unit
-        self.blocks = nnx.List([
-            VisionBlock(cfg, window_band=None if i in cfg.fullatt_block_indexes else band, **kw)
-            for i in range(cfg.depth)
-        ])
+        self.window_band = (cfg.window_size // cfg.spatial_merge_size // cfg.patch_size) ** 2 * cfg.merge_unit
+        self.blocks = nnx.List([VisionBlock(cfg, **kw) for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, **kw)
 
     def rotary(self, rope_hw_bp2):
@@ -152,15 +149,30 @@ class VisionTower(nnx.Module):
         cos_bpe, sin_bpe = _unit_gather(cos_bpe, window_index_bu), _unit_gather(sin_bpe, window_index_bu)
         full_bp, window_bp = layout["full_segments"], layout["window_segments"]
 
-        # Consecutive blocks of one kind (window or full attention) run as one stack.
-        runs = itertools.groupby(range(cfg.depth), key=lambda i: i in cfg.fullatt_block_indexes)
-        for full, indexes in runs:
-            seg_bp = full_bp if full else window_bp
-            blocks = [self.blocks[i] for i in indexes]
-            x_bpd = run_layers(
-                blocks, lambda block, x, _: block(x, cos_bpe, sin_bpe, seg_bp), x_bpd,
-                scan=self.scan_layers, remat=self.remat,
-            )
+        full_blocks = set(cfg.fullatt_block_indexes)
+        if self.scan_layers and 0 < len(full_blocks) < cfg.depth:
+            # One scan over every block, each picking its attention with a lax.cond: XLA compiles
+            # one block body (with both attentions) instead of one per run of a kind (7B: 4 runs
+            # of window blocks, 4 single full-attention blocks).
+            is_full_k = jnp.asarray([i in full_blocks for i in range(cfg.depth)])
+
+            def block_fn(block, x_bpd, index):
+                return jax.lax.cond(
+                    is_full_k[index],
+                    lambda x: block(x, cos_bpe, sin_bpe, full_bp, None),
+                    lambda x: block(x, cos_bpe, sin_bpe, window_bp, self.window_band),
+                    x_bpd,
+                )
+
+            x_bpd = run_layers(self.blocks, block_fn, x_bpd, scan=True, remat=self.remat)
+        else:
+            # Consecutive blocks of one kind (window or full attention) run as one stack.
+            for full, indexes in itertools.groupby(range(cfg.depth), key=lambda i: i in full_blocks):
+                seg_bp, band = (full_bp, None) if full else (window_bp, self.window_band)
+                x_bpd = run_layers(
+                    [self.blocks[i] for i in indexes], lambda block, x, _: block(x, cos_bpe, sin_bpe, seg_bp, band),
+                    x_bpd, scan=self.scan_layers, remat=self.remat,
+                )
 
         y_buo = self.merger(x_bpd)
         # Back to HF (input) order: row u of the output is window-order row inverse[u].

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from atlas_jax import sharding
 from atlas_jax.model.config import DTYPES, ModelConfig
 from atlas_jax.model.decoder import AttentionMask, DecoderLayer, KVCache
 from atlas_jax.model.layer_stack import run_layers
@@ -96,7 +97,9 @@ class VLM(nnx.Module):
         # Slot of the k-th image token of each sample (image tokens are merged units in order).
         slot_bp = jnp.argsort(~is_image, axis=1, stable=True)[:, :P].astype(jnp.int32) + index
         valid_bp = vision["unit_valid"] & (jnp.arange(P)[None] < is_image.sum(axis=1, keepdims=True))
-        return self.visual_ops.image_memory(img_bpd, valid_bp, slot_bp)
+        # Rows sharded like the batch: left to propagation, the keys and values (projected over
+        # the fsdp-sharded width) came out whole-batch on every chip (1.25 GiB each at 7B).
+        return jax.tree.map(sharding.constrain_rows, self.visual_ops.image_memory(img_bpd, valid_bp, slot_bp))
 
     def _empty_memory(self, batch: int) -> ImageMemory:
         o = self.cfg.visual_ops
@@ -167,18 +170,36 @@ class VLM(nnx.Module):
             x_btd, kv = carry
             return layer(x_btd, cos, sin, mask, kv, index)
 
-        # The visual operations write into the residual stream after layer `visual_ops.layer`:
-        # the layers run as two stacks around them. Remat serves a backward pass; with a cache
-        # (sampling) there is none.
-        split = cfg.visual_ops.layer + 1 if self.visual_ops is not None else len(self.layers)
+        # Remat serves a backward pass; with a cache (sampling) there is none.
         run = dict(scan=cfg.scan_layers, remat=cfg.remat if cache is None else "none")
         carry = (x_btd, cache.kv if cache is not None else None)
-        carry = run_layers(self.layers[:split], decoder_layer, carry, **run)
         aux = {}
-        if self.visual_ops is not None:
-            x_btd, aux["ops"] = self.visual_ops(carry[0], op_tokens_bt, mask.query_slot, memory, seen)
-            carry = (x_btd, carry[1])
-        x_btd, kv = run_layers(self.layers[split:], decoder_layer, carry, first_index=split, **run)
+        if self.visual_ops is None:
+            x_btd, kv = run_layers(self.layers, decoder_layer, carry, **run)
+        else:
+            # The visual operations write into the residual stream after layer `visual_ops.layer`.
+            split = cfg.visual_ops.layer + 1
+
+            def visual_ops(x_btd):
+                return self.visual_ops(x_btd, op_tokens_bt, mask.query_slot, memory, seen)
+
+            if cfg.scan_layers:
+                # One scan over every layer, the operations (a lax.cond) after layer split - 1:
+                # XLA compiles one layer body, not one per stack around the operations (the 7B
+                # SFT step's compile: bench/RESULTS.md). Their outputs ride in the carry (small:
+                # float32[B, max_positions, image tokens]).
+                def layer_then_ops(layer, carry, index):
+                    x_btd, kv, ops = carry
+                    x_btd, kv = decoder_layer(layer, (x_btd, kv), index)
+                    x_btd, ops = jax.lax.cond(index == split - 1, visual_ops, lambda x: (x, ops), x_btd)
+                    return sharding.constrain_rows(x_btd), kv, ops
+
+                no_ops = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(visual_ops, x_btd)[1])
+                x_btd, kv, aux["ops"] = run_layers(self.layers, layer_then_ops, (*carry, no_ops), **run)
+            else:
+                carry = run_layers(self.layers[:split], decoder_layer, carry, **run)
+                x_btd, aux["ops"] = visual_ops(carry[0])
+                x_btd, kv = run_layers(self.layers[split:], decoder_layer, (x_btd, carry[1]), first_index=split, **run)
 
         out = self.final_norm(x_btd)
         if head:
@@ -194,6 +215,4 @@ class VLM(nnx.Module):
 
 def create(cfg: ModelConfig, mesh, *, seed: int = 0, rules=None) -> VLM:
     """A freshly initialised VLM whose parameters are created directly in their shards."""
-    from atlas_jax import sharding
-
     return sharding.sharded_init(lambda: VLM(cfg, rngs=nnx.Rngs(seed)), mesh, rules or sharding.RULES)
