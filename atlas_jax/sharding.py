@@ -86,7 +86,8 @@ def logical_to_spec(
 
 def constrain_rows(x: jax.Array, mesh: Mesh | None = None) -> jax.Array:
     """`x` with its leading (row) axis sharded over the mesh's batch axes, like the inputs, the
-    others left to XLA; under `mesh`, else the current one (`jax.set_mesh`), else a no-op. Pins an
+    others left to XLA; under `mesh`, else the current one (`jax.set_mesh`); a no-op without a
+    mesh or where the rows do not divide over the batch axes (left to XLA, not replicated). Pins an
     activation's layout where propagation could pick another: e.g. the residual stream in the
     layer scan after the visual operations' scatter, whose update arrives sharded over 'embed'
     (XLA then kept the whole batch's activations on every chip: bench/RESULTS.md)."""
@@ -94,6 +95,8 @@ def constrain_rows(x: jax.Array, mesh: Mesh | None = None) -> jax.Array:
     if mesh.empty or x.ndim == 0:
         return x
     rows = logical_to_spec(("batch",), x.shape[:1], mesh)[0]
+    if rows is None:
+        return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(rows, *([P.UNCONSTRAINED] * (x.ndim - 1)))))
 
 

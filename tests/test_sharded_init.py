@@ -122,3 +122,15 @@ def test_the_init_program_never_builds_a_full_parameter(built):
             assert hit is None, f"{'/'.join(map(str, p))}: the init program holds a full {hit.group(0)}"
     names = {"/".join(map(str, p)) for p in checked}
     assert {"embed/embedding", "lm_head/kernel", "layers/0/mlp/gate_proj/kernel", "visual_ops/wq"} <= names, names
+
+
+def test_constrain_rows_shards_rows_over_the_batch_axes_and_leaves_the_rest_to_xla():
+    mesh = sharding.make_mesh((2, 2, 2))
+    # The input sharded over 'embed' (fsdp), as the visual operations' scatter left the stream.
+    x = jax.device_put(np.ones((8, 6, 4), np.float32), NamedSharding(mesh, P(None, None, "fsdp")))
+    with jax.set_mesh(mesh):
+        rows = jax.jit(sharding.constrain_rows)(x)
+        odd = jax.jit(sharding.constrain_rows)(np.ones((3, 4), np.float32))  # 3 rows: not divisible by 4
+    assert rows.sharding.spec[0] == ("data", "fsdp") and "fsdp" not in rows.sharding.spec[1:]
+    assert len({s.data.shape for s in rows.addressable_shards}) == 1 and rows.addressable_shards[0].data.shape[0] == 2
+    assert odd.shape == (3, 4) and sharding.constrain_rows(x) is x  # no mesh set: a no-op
