@@ -110,17 +110,21 @@ def run_arm(arm: dict) -> None:
 # ----------------------------------------------------------------------------- report
 
 
-def _load(root: str, seeds: list[int], names: list[str], conditions: tuple[str, ...]) -> dict:
-    """{condition: {arm: {seed: {uid: sample}}}} of the arms' scored samples on disk."""
+def _load(root: str, seeds: list[int], names: list[str], conditions: tuple[str, ...]) -> tuple[dict, dict]:
+    """({condition: {arm: {seed: {uid: sample}}}} of the arms' scored samples on disk, and the same
+    nesting of each evaluation's functional tokens per completion)."""
     out = {cond: {name: {} for name in names} for cond in conditions}
+    functional = {cond: {name: {} for name in names} for cond in conditions}
     for cond in conditions:
         for name in names:
             for seed in seeds:
                 path = os.path.join(root, f"seed={seed}", name, f"eval_compare_{cond}.json")
                 if os.path.exists(path):
                     with open(path) as f:
-                        out[cond][name][seed] = {s["uid"]: s for s in json.load(f)["samples"]}
-    return out
+                        evaluation = json.load(f)
+                    out[cond][name][seed] = {s["uid"]: s for s in evaluation["samples"]}
+                    functional[cond][name][seed] = evaluation["results"]["functional_per_completion"]
+    return out, functional
 
 
 def _matrix(per_seed: dict, seeds: list[int], uids: list[str], key: str) -> np.ndarray:
@@ -131,7 +135,7 @@ def report(root: str, seeds: list[int], conditions: tuple[str, ...]) -> dict:
     from atlas_jax.jobs import results
 
     names = list(SFT_ARMS) + [f"{m}+{r}" for m in RL_MODES for r in ("grpo", "la_grpo")]
-    data = _load(root, seeds, names, conditions)
+    data, functional = _load(root, seeds, names, conditions)
     out = {"seeds": seeds, "conditions": {}, "comparisons": {}, "arms": {}}
     for cond in conditions:
         rows = {}
@@ -145,11 +149,7 @@ def report(root: str, seeds: list[int], conditions: tuple[str, ...]) -> dict:
             mean, interval = results.paired_bootstrap(acc)
             row = {"accuracy": mean, "interval": interval, "per_seed": acc.mean(axis=1).tolist(), "image_swap": float(swap.mean()),
                    "seeds": done, "prompts": len(uids)}
-            per_completion = []
-            for s in done:
-                with open(os.path.join(root, f"seed={s}", name, f"eval_compare_{cond}.json")) as f:
-                    per_completion.append(json.load(f)["results"]["functional_per_completion"])
-            row["functional_per_completion"] = float(np.mean(per_completion))
+            row["functional_per_completion"] = float(np.mean([functional[cond][name][s] for s in done]))
             for key in SAMPLE_MEANS:
                 vals = [float(data[cond][name][s][u][key]) for s in done for u in uids if key in data[cond][name][s][u]]
                 if vals:
