@@ -550,6 +550,14 @@ def advice(row: dict, c: mlc.ConfigDict) -> str:
     knobs = "a smaller per-chip batch (data.batch_size, or a larger optim.grad_accum)"
     if c.job == "la_grpo":
         knobs = "fewer rollouts per chip (rl.prompts_per_step, rl.group_size) or a shorter rl.max_new_tokens"
+        if row["name"] == "update_step":
+            # Micro-batches bound the update's activations without changing its result (the
+            # gradients are summed exactly), so they come first; the anchor's grad-share
+            # diagnostic is a second backward pass (bench/RESULTS.md: ~5 GiB per chip on v4-32).
+            rollouts = c.rl.prompts_per_step * c.rl.group_size
+            knobs = (f"a smaller rl.micro_batch (rollouts per forward/backward pass, now {c.rl.micro_batch or rollouts}; "
+                     f"the step's result does not change), {knobs}"
+                     + (", or rl.anchor_share=False (drops the anchor's gradient-share diagnostic)" if c.rl.anchor_share else ""))
     remat = "" if c.model.remat == "full" else ", model.remat='full'"
     mesh = "" if tuple(c.mesh) == (1, -1, 1) else ", or a mesh that shards more (mesh=(1, -1, 1): all fsdp)"
     need = "its temporaries alone (XLA refused to compile it)" if row.get("out_of_memory") else "per chip"

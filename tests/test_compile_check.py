@@ -196,6 +196,11 @@ def test_a_program_xla_refuses_for_lack_of_hbm_is_a_row_not_a_traceback():
     msg = compile_check.advice(row, small(config("la_grpo_synthetic", "la_grpo,vocab")))
     assert msg.startswith("update_step does not fit: 45.89 GiB its temporaries alone (XLA refused to compile it) > 16.00 GiB HBM")
     assert "rl.prompts_per_step" in msg
+    # The update step's own knob: micro-batches (the synthetic config's 8 x 4 rollouts in one pass).
+    assert "a smaller rl.micro_batch (rollouts per forward/backward pass, now 32;" in msg
+    assert "rl.anchor_share=False" in msg
+    sampler_msg = compile_check.advice(dict(row, name="sampler"), small(config("la_grpo_synthetic", "la_grpo,vocab")))
+    assert "rl.micro_batch" not in sampler_msg and "rl.prompts_per_step" in sampler_msg
     assert compile_check._out_of_memory_row(program, compile_check.CHIPS["v5e"], "INTERNAL: something else", 1.0) is None
 
 
