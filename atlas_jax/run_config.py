@@ -82,7 +82,8 @@ def base() -> mlc.ConfigDict:
     c.data.max_length = 256
     c.data.max_patches = 64
     c.data.max_images = 1
-    c.data.sft_target = "trajectory"  # 'trajectory' | 'answer_only'
+    c.data.sft_target = "trajectory"  # 'trajectory' | 'answer_only' | 'mixed' (per record, data/pipeline.py)
+    c.data.answer_only_share = 0.5  # sft_target='mixed': the records trained on their answer-only response
     c.data.skip_bad_records = False
     c.data.pad_to_multiple = 64
     c.data.worker_count = 0
@@ -339,7 +340,7 @@ def pipeline_config(c: mlc.ConfigDict, image: ImageProcessorConfig | None = None
             batch_size=batch_size or d.batch_size, max_length=d.max_length, max_patches=d.max_patches,
             max_images=d.max_images, seed=c.seed + seed_offset, shuffle=shuffle, num_epochs=num_epochs,
             skip_bad_records=d.skip_bad_records, worker_count=d.worker_count, pad_to_multiple=d.pad_to_multiple,
-            format=fmt, sft_target=d.sft_target, **fields,
+            format=fmt, sft_target=d.sft_target, answer_only_share=d.answer_only_share, **fields,
         )
     except ConfigError as e:
         raise ConfigError(f"config.{e}") from None

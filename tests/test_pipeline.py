@@ -6,6 +6,7 @@ References nobody here wrote: `Qwen2_5_VLProcessor` (HF chat template rendering 
 constructor insists on a video processor, which needs torchvision (absent on purpose).
 """
 
+import dataclasses
 import re
 
 import jax
@@ -19,7 +20,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel, Qwen2_5_VLProcessor,
 
 import grain
 from atlas_jax import sharding
-from atlas_jax.data import records
+from atlas_jax.data import batching, records
 from atlas_jax.data.image_processing import ImageProcessorConfig
 from atlas_jax.data.pipeline import (
     PipelineConfig,
@@ -219,6 +220,31 @@ def test_answer_only_target_and_record_dicts(tok, model_cfg):
     assert not from_samples["functional_mask"].any()
     target = tok.decode(from_samples["input_ids"][0][from_samples["loss_mask"][0]])
     assert target == "\\boxed{0}<|im_end|>"
+
+
+def test_mixed_target_picks_each_records_response_from_its_uid(tok, model_cfg):
+    samples = [random_sample(i) for i in range(8)]
+
+    def targets(source, **kw):
+        cfg = config(batch_size=len(source), shuffle=False, num_epochs=1, **kw)
+        batch = next(iter(make_dataset(source, tok, RunTokens.of(tok), cfg, model_cfg)))
+        return {u: tok.decode(ids[mask]) for u, ids, mask in zip(batch["uid"], batch["input_ids"], batch["loss_mask"])}
+
+    trajectory, answer_only = targets(samples), targets(samples, sft_target="answer_only")
+    assert targets(samples, sft_target="mixed", answer_only_share=0.0) == trajectory
+    assert targets(samples, sft_target="mixed", answer_only_share=1.0) == answer_only
+    mixed = targets(samples, sft_target="mixed", answer_only_share=0.5)
+    picked = {u: mixed[u] == answer_only[u] for u in mixed}
+    assert all(mixed[u] == (answer_only if picked[u] else trajectory)[u] for u in mixed)
+    assert 0 < sum(picked.values()) < len(samples)  # both kinds among 8 records (the draw below is fixed)
+    assert picked == {s.uid: batching.answer_only_target(s, 0.5) for s in samples}
+    # A function of the record alone: the same choice in another order and among other records.
+    assert targets(samples[::-1][:5], sft_target="mixed", answer_only_share=0.5) == {u: mixed[u] for u in ("s7", "s6", "s5", "s4", "s3")}
+    # The draw is uniform: the share of 4000 uids below 0.3 within 4 binomial standard deviations.
+    share = np.mean([batching.answer_only_target(dataclasses.replace(samples[0], uid=f"train/zoom_color/{i}"), 0.3) for i in range(4000)])
+    assert abs(share - 0.3) < 4 * np.sqrt(0.3 * 0.7 / 4000)
+    with pytest.raises(ConfigError, match=r"data\.answer_only_share=1\.5: expected a fraction in \[0, 1\]"):
+        config(sft_target="mixed", answer_only_share=1.5)
 
 
 def test_tfds_array_record_source(tok, model_cfg, tmp_path):

@@ -32,6 +32,7 @@ D = 3 * 2 * 14 * 14 = 1176, N = max_images, U = P / 4):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 
@@ -47,6 +48,16 @@ META_KEYS = ("answer", "task", "uid", "ops")
 LAYOUT_KEYS = ("window_index", "rope_hw", "full_segments", "window_segments", "unit_valid")
 
 
+def answer_only_target(sample: Sample, share: float) -> bool:
+    """Whether data.sft_target='mixed' trains this record on its answer-only response: a uniform
+    draw in [0, 1) from a hash of its uid (its question and response when it has none) below
+    `share`. A function of the record alone, so hosts, worker processes, epochs and resumed runs
+    agree without shared state."""
+    key = sample.uid or f"{sample.question}\x00{sample.response}"
+    draw = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") / 2**64
+    return draw < share
+
+
 @dataclasses.dataclass(frozen=True)
 class BadExample:
     """Stands in for a record that failed, so skip mode can count it downstream."""
@@ -58,7 +69,8 @@ class ExampleBuilder:
     """Builds one example per record; picklable (it may run in Grain worker processes).
 
     fmt: 'sft' (prompt + target trajectory) or 'rl' (prompt only, with answer metadata).
-    target: 'trajectory' (with functional tokens) or 'answer_only' (the baseline response).
+    target: 'trajectory' (with functional tokens), 'answer_only' (the baseline response) or
+      'mixed' (per record, `answer_only_share` of them answer-only: `answer_only_target`).
     """
 
     def __init__(
@@ -77,12 +89,14 @@ class ExampleBuilder:
         functional_ids: Sequence[int],
         functional_strings: Sequence[str],
         answer_mismatch: str = "error",
+        answer_only_share: float = 0.5,
     ):
         self.tok, self.model_cfg, self.image_cfg = tok, model_cfg, image_cfg
         self.source_name, self.fmt, self.target = source_name, fmt, target
         self.max_length, self.max_patches, self.max_images, self.min_images = max_length, max_patches, max_images, min_images
         self.functional_ids, self.functional_strings = tuple(functional_ids), tuple(functional_strings)
         self.answer_mismatch = answer_mismatch
+        self.answer_only_share = answer_only_share
 
     def __call__(self, indexed_record: tuple[int, object]) -> dict:
         index, record = indexed_record
@@ -144,7 +158,9 @@ class ExampleBuilder:
         counts = [improc.num_image_tokens(g, merge) for g in grids]
 
         if self.fmt == "sft":
-            field = "response" if self.target == "trajectory" else "response_answer_only"
+            answer_only = self.target == "answer_only" or (
+                self.target == "mixed" and answer_only_target(sample, self.answer_only_share))
+            field = "response_answer_only" if answer_only else "response"
             response = getattr(sample, field)
             if not response.strip():
                 raise bad(field, f"empty: sft_target={self.target!r} trains on this field")

@@ -48,7 +48,11 @@ class PipelineConfig:
       multiple (capped at max_length); 0 = always max_length. Multi-host runs always use
       max_length, because every host must hand jax the same local shape.
     format: 'sft' (full trajectories) | 'rl' (left-padded prompts + answers).
-    sft_target: 'trajectory' (with functional tokens) | 'answer_only' (the baseline response).
+    sft_target: 'trajectory' (with functional tokens) | 'answer_only' (the baseline response) |
+      'mixed' (each record one of the two: the answer-only response with probability
+      answer_only_share, drawn from the record's uid, so every host, epoch and resume picks alike;
+      a teacher that walks through the operation on only some records, the setting in which RL
+      has to learn where the operation helps: bench/RESULTS.md).
     skip_bad_records: False raises BadRecordError naming the record; True skips and counts it.
     worker_count: 0 = decode in `read_threads` threads of this process; > 0 = worker processes.
     """
@@ -68,6 +72,7 @@ class PipelineConfig:
     pad_to_multiple: int = 64
     format: str = "sft"
     sft_target: str = "trajectory"
+    answer_only_share: float = 0.5
     min_images: int = 1
     answer_mismatch: str = "error"
 
@@ -87,7 +92,8 @@ class PipelineConfig:
         need(self.worker_count >= 0 and self.read_threads >= 0, "worker_count", ">= 0 (and read_threads >= 0)")
         need(self.pad_to_multiple >= 0, "pad_to_multiple", ">= 0 (0 = always max_length)")
         need(self.format in ("sft", "rl"), "format", "'sft' or 'rl'")
-        need(self.sft_target in ("trajectory", "answer_only"), "sft_target", "'trajectory' or 'answer_only'")
+        need(self.sft_target in ("trajectory", "answer_only", "mixed"), "sft_target", "'trajectory', 'answer_only' or 'mixed'")
+        need(0.0 <= self.answer_only_share <= 1.0, "answer_only_share", "a fraction in [0, 1]")
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -287,6 +293,7 @@ def make_dataset(
         source_name=source_name,
         fmt=cfg.format,
         target=cfg.sft_target,
+        answer_only_share=cfg.answer_only_share,
         max_length=cfg.max_length,
         max_patches=cfg.max_patches,
         max_images=cfg.max_images,
