@@ -6,6 +6,7 @@ several training seeds, every checkpoint scored on the same prompts.
     python bench/compare_atlas.py --root=/tmp/compare --seeds=0,1,2             # run (resumable), then report
     python bench/compare_atlas.py --root=/tmp/compare --seeds=0,1,2 --report    # report only
     python bench/compare_atlas.py --root=/tmp/compare --seeds=0 --set stages.sft.train.steps=300   # smaller budget
+    python bench/compare_atlas.py --root=/tmp/select --arms=mixed+grpo,mixed+la_grpo   # RL that must pick the operation
 
 Every arm is the main job's config (`configs/atlas_synthetic.py`: its SFT and LA-GRPO stages,
 1000 SFT steps, 20 rollout batches) with only what the arm names changed:
@@ -13,7 +14,11 @@ Every arm is the main job's config (`configs/atlas_synthetic.py`: its SFT and LA
     answer_only  SFT on "\\boxed{answer}" (data.sft_target=answer_only), visual-op modules built but unused
     vocab        ATLAS SFT, functional tokens as plain vocabulary rows (the paper exactly)
     module       ATLAS SFT, functional tokens that run the visual-op modules
-    <mode>+grpo / <mode>+la_grpo   RL from that seed's <mode> SFT checkpoint, rl.loss.alpha = 0 / the config's
+    mixed        as module, but each SFT record is the trajectory or the answer-only response, half
+                 each (data.sft_target=mixed): the policy must learn by RL where the operation helps
+    <arm>+grpo / <arm>+la_grpo   RL from that seed's <arm> SFT checkpoint, rl.loss.alpha = 0 / the config's
+
+`--arms` picks arms (an RL arm brings its SFT arm); the default is every arm but `mixed`'s.
 
 The training seed (`seed`: new parameters, data order, rollouts) varies; the evaluation prompts
 do not: every checkpoint is scored on the conditions' prompts of seed EVAL_SEED (greedy,
@@ -38,8 +43,12 @@ import time
 import numpy as np
 
 EVAL_SEED = 0  # the evaluation prompts' seed, shared by every arm and training seed
-SFT_ARMS = {"answer_only": ("module", "answer_only"), "vocab": ("vocab", "trajectory"), "module": ("module", "trajectory")}
-RL_MODES = ("vocab", "module")  # RL starts from each ATLAS SFT checkpoint
+SFT_ARMS = {"answer_only": ("module", "answer_only"), "vocab": ("vocab", "trajectory"), "module": ("module", "trajectory"),
+            "mixed": ("module", "mixed")}
+RL_FROM = ("vocab", "module", "mixed")  # the SFT arms RL starts from
+RL_KINDS = ("grpo", "la_grpo")
+ARMS = tuple(SFT_ARMS) + tuple(f"{m}+{r}" for m in RL_FROM for r in RL_KINDS)
+DEFAULT_ARMS = tuple(a for a in ARMS if not a.startswith("mixed"))
 # Per-sample fields of an evaluation (eval_<tag>.json) averaged per arm when present.
 SAMPLE_MEANS = ("op_target_share", "op_target_hit", "op_target_chance")
 
@@ -51,25 +60,39 @@ def _recipe(mode: str):
     return mod.get_config(mode)
 
 
-def arms(seed: int, root: str, overrides: dict) -> list[dict]:
-    """Every arm of one training seed, in the order they must run: {name, job, config, workdir}."""
+def selected(names: list[str]) -> tuple[str, ...]:
+    """`names` (arm names) with the SFT arm of each RL arm added, in ARMS order."""
+    unknown = sorted(set(names) - set(ARMS))
+    if unknown:
+        raise SystemExit(f"--arms: unknown {unknown}; expected names among {list(ARMS)}")
+    wanted = set(names) | {n.split("+")[0] for n in names}
+    return tuple(a for a in ARMS if a in wanted)
+
+
+def arms(seed: int, root: str, overrides: dict, names: tuple[str, ...] = DEFAULT_ARMS) -> list[dict]:
+    """The arms `names` of one training seed, in the order they must run: {name, job, config, workdir}."""
     from atlas_jax import run_config
 
     seed_dir = os.path.join(root, f"seed={seed}")
     out = []
     for name, (mode, target) in SFT_ARMS.items():
+        if name not in names:
+            continue
         c = run_config.apply_overrides(_recipe(mode), {"seed": seed, "data.sft_target": target, **overrides})
         out.append({"name": name, "job": "sft", "workdir": os.path.join(seed_dir, name),
                     "config": run_config.stage(c, "sft", **{"data.data_dir": os.path.join(root, "data")})})
-    for mode in RL_MODES:
-        c = run_config.apply_overrides(_recipe(mode), {"seed": seed, **overrides})
+    for sft_name in RL_FROM:
+        c = run_config.apply_overrides(_recipe(SFT_ARMS[sft_name][0]), {"seed": seed, **overrides})
         alpha = run_config.stage(c, "la_grpo").rl.loss.alpha
         if alpha <= 0:
             raise SystemExit(f"the recipe's rl.loss.alpha is {alpha}: LA-GRPO needs alpha > 0 to differ from GRPO")
-        for rl_name, a in (("grpo", 0.0), ("la_grpo", alpha)):
-            out.append({"name": f"{mode}+{rl_name}", "job": "la_grpo", "workdir": os.path.join(seed_dir, f"{mode}+{rl_name}"),
+        for rl_name, a in zip(RL_KINDS, (0.0, alpha)):
+            name = f"{sft_name}+{rl_name}"
+            if name not in names:
+                continue
+            out.append({"name": name, "job": "la_grpo", "workdir": os.path.join(seed_dir, name),
                         "config": run_config.stage(c, "la_grpo", **{"data.data_dir": os.path.join(root, "data"),
-                                                                     "checkpoint.init_from": os.path.join(seed_dir, mode),
+                                                                     "checkpoint.init_from": os.path.join(seed_dir, sft_name),
                                                                      "rl.loss.alpha": a})})
     return out
 
@@ -134,7 +157,7 @@ def _matrix(per_seed: dict, seeds: list[int], uids: list[str], key: str) -> np.n
 def report(root: str, seeds: list[int], conditions: tuple[str, ...]) -> dict:
     from atlas_jax.jobs import results
 
-    names = list(SFT_ARMS) + [f"{m}+{r}" for m in RL_MODES for r in ("grpo", "la_grpo")]
+    names = list(ARMS)
     data, functional = _load(root, seeds, names, conditions)
     out = {"seeds": seeds, "conditions": {}, "comparisons": {}, "arms": {}}
     for cond in conditions:
@@ -157,8 +180,8 @@ def report(root: str, seeds: list[int], conditions: tuple[str, ...]) -> dict:
                     row[f"{key}_samples"] = len(vals)
             rows[name] = row
         out["conditions"][cond] = rows
-        pairs = [("vocab", "answer_only"), ("module", "answer_only"), ("module", "vocab")]
-        pairs += [(f"{m}+la_grpo", f"{m}+grpo") for m in RL_MODES] + [(f"{m}+{r}", m) for m in RL_MODES for r in ("grpo", "la_grpo")]
+        pairs = [("vocab", "answer_only"), ("module", "answer_only"), ("module", "vocab"), ("mixed", "module")]
+        pairs += [(f"{m}+la_grpo", f"{m}+grpo") for m in RL_FROM] + [(f"{m}+{r}", m) for m in RL_FROM for r in RL_KINDS]
         comps = {}
         for a, b in pairs:
             common = [s for s in seeds if s in data[cond][a] and s in data[cond][b]]
@@ -219,6 +242,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a dotted config override applied to every arm (values parsed as in --config.KEY=VALUE)")
+    parser.add_argument("--arms", default=",".join(DEFAULT_ARMS),
+                        help=f"comma-separated arms to run, among {','.join(ARMS)} (an RL arm brings its SFT arm)")
     parser.add_argument("--report", action="store_true", help="only write the report of what is on disk")
     args = parser.parse_args(argv)
     import jax
@@ -236,7 +261,7 @@ def main(argv=None) -> None:
     conditions = tuple(_recipe("module").eval.conditions)
     if not args.report:
         for seed in seeds:
-            for arm in arms(seed, args.root, overrides):
+            for arm in arms(seed, args.root, overrides, selected(args.arms.split(","))):
                 run_arm(arm)
     res = report(args.root, seeds, conditions)
     with open(os.path.join(args.root, "compare.json"), "w") as f:
