@@ -83,7 +83,7 @@ def base() -> mlc.ConfigDict:
     c.data.max_patches = 64
     c.data.max_images = 1
     c.data.sft_target = "trajectory"  # 'trajectory' | 'answer_only' | 'mixed' (per record, data/pipeline.py)
-    c.data.answer_only_share = 0.5  # sft_target='mixed': the records trained on their answer-only response
+    c.data.answer_only_share = pipeline.PipelineConfig.answer_only_share  # sft_target='mixed': the records trained on their answer-only response
     c.data.skip_bad_records = False
     c.data.pad_to_multiple = 64
     c.data.worker_count = 0

@@ -49,10 +49,13 @@ LAYOUT_KEYS = ("window_index", "rope_hw", "full_segments", "window_segments", "u
 
 
 def answer_only_target(sample: Sample, share: float) -> bool:
-    """Whether data.sft_target='mixed' trains this record on its answer-only response: a uniform
+    """Whether SFT trains this record on its answer-only response, for `share` of the records
+    (data.sft_target: 'trajectory' 0, 'answer_only' 1, 'mixed' data.answer_only_share): a uniform
     draw in [0, 1) from a hash of its uid (its question and response when it has none) below
     `share`. A function of the record alone, so hosts, worker processes, epochs and resumed runs
     agree without shared state."""
+    if share <= 0.0 or share >= 1.0:
+        return share >= 1.0
     key = sample.uid or f"{sample.question}\x00{sample.response}"
     draw = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") / 2**64
     return draw < share
@@ -69,8 +72,8 @@ class ExampleBuilder:
     """Builds one example per record; picklable (it may run in Grain worker processes).
 
     fmt: 'sft' (prompt + target trajectory) or 'rl' (prompt only, with answer metadata).
-    target: 'trajectory' (with functional tokens), 'answer_only' (the baseline response) or
-      'mixed' (per record, `answer_only_share` of them answer-only: `answer_only_target`).
+    answer_only_share: the share of SFT records trained on their answer-only response (the
+      baseline) instead of their trajectory: 0 none, 1 all, between: per record (`answer_only_target`).
     """
 
     def __init__(
@@ -81,7 +84,6 @@ class ExampleBuilder:
         *,
         source_name: str,
         fmt: str,
-        target: str,
         max_length: int,
         max_patches: int,
         max_images: int,
@@ -89,10 +91,10 @@ class ExampleBuilder:
         functional_ids: Sequence[int],
         functional_strings: Sequence[str],
         answer_mismatch: str = "error",
-        answer_only_share: float = 0.5,
+        answer_only_share: float = 0.0,
     ):
         self.tok, self.model_cfg, self.image_cfg = tok, model_cfg, image_cfg
-        self.source_name, self.fmt, self.target = source_name, fmt, target
+        self.source_name, self.fmt = source_name, fmt
         self.max_length, self.max_patches, self.max_images, self.min_images = max_length, max_patches, max_images, min_images
         self.functional_ids, self.functional_strings = tuple(functional_ids), tuple(functional_strings)
         self.answer_mismatch = answer_mismatch
@@ -158,12 +160,10 @@ class ExampleBuilder:
         counts = [improc.num_image_tokens(g, merge) for g in grids]
 
         if self.fmt == "sft":
-            answer_only = self.target == "answer_only" or (
-                self.target == "mixed" and answer_only_target(sample, self.answer_only_share))
-            field = "response_answer_only" if answer_only else "response"
+            field = "response_answer_only" if answer_only_target(sample, self.answer_only_share) else "response"
             response = getattr(sample, field)
             if not response.strip():
-                raise bad(field, f"empty: sft_target={self.target!r} trains on this field")
+                raise bad(field, "empty: SFT trains on this field here (data.sft_target)")
         else:
             field, response = "question", None
         chat = tokenizer_lib.encode_chat(

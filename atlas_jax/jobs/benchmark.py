@@ -109,7 +109,7 @@ class PromptBatcher:
     def __init__(self, policy: builders.Policy, image_cfg, shapes: list[tuple[int, int]], max_images: int, pad_to_multiple: int):
         tokens = policy.tokens
         self.builder = batching.ExampleBuilder(
-            policy.tok, policy.model_cfg, image_cfg, source_name="prompt", fmt="rl", target="trajectory",
+            policy.tok, policy.model_cfg, image_cfg, source_name="prompt", fmt="rl",
             max_length=max(t for _, t in shapes), max_patches=max(p for p, _ in shapes), max_images=max_images, min_images=0,
             functional_ids=tokens.functional_ids, functional_strings=tokens.functional_strings,
         )
