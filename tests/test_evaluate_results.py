@@ -107,6 +107,40 @@ def test_paired_bootstrap_with_one_seed_is_scipys_paired_percentile_bootstrap():
     assert hi - lo < 0.8 * 2 * unpaired
 
 
+def test_paired_difference_matches_prompts_by_uid_and_is_scipys_paired_bootstrap_per_family():
+    rng = np.random.default_rng(5)
+    tasks = ["zoom"] * 150 + ["side"] * 250
+    sft = [{"uid": f"u{i}", "task": t, "correct": float(rng.random() < 0.5)} for i, t in enumerate(tasks)]
+    flips = rng.random(len(sft))
+    rl = [{**r, "correct": float(r["correct"] if f < 0.85 else 1.0)} for r, f in zip(sft, flips)]  # RL fixes some prompts
+    d = results.paired_difference(list(reversed(rl)), sft)  # another order: rows are matched by uid, not position
+    a, b = (np.array([r["correct"] for r in rows]) for rows in (rl, sft))
+    assert d["difference"] == pytest.approx(np.mean(a - b)) and d["difference"] > 0 and d["num_samples"] == 400
+    for family, idx in (("zoom", slice(0, 150)), ("side", slice(150, None))):
+        ref = stats.bootstrap((a[idx], b[idx]), lambda x, y: np.mean(x - y), paired=True, vectorized=False,
+                              n_resamples=2000, method="percentile", random_state=0).confidence_interval
+        got = d["per_family"][family]
+        assert got["difference"] == pytest.approx(np.mean(a[idx] - b[idx])) and got["num_samples"] == len(a[idx])
+        assert got["interval"] == pytest.approx([ref.low, ref.high], abs=0.015)
+    assert d["interval"][0] > 0  # every change is a fix: the interval excludes zero
+
+    # The table shows it as its own column, overall and per family.
+    train = {"zoom": collections.Counter({"1": 2}), "side": collections.Counter({"yes": 1})}
+    for rows in (sft, rl):
+        for r in rows:
+            r["answer"], r["image_swap_correct"] = "1", 0.0
+    res = {"in_distribution": {"sft": results.summary(sft), "rl": results.summary(rl), "rl_minus_sft": d,
+                               "baselines": results.baselines(train, sft)}}
+    md = results.table(res, {"sft": "SFT", "rl": "GRPO"})
+    lo, hi = d["interval"]
+    assert "GRPO - SFT (paired) [95% CI]" in md and f"| {d['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] |" in md
+    header, rule = md.splitlines()[2:4]
+    assert header.count("|") == rule.count("|")
+
+    with pytest.raises(ValueError, match="different prompts .1 uids only in the first, 0 only in the second"):
+        results.paired_difference(rl, sft[1:])
+
+
 def test_paired_bootstrap_counts_the_spread_between_seeds():
     # Two seeds whose arms differ by +0.2 and -0.2 on every prompt: the mean difference is 0, and
     # resampling the seeds must put both signs inside the interval; a prompt-only bootstrap would not.

@@ -64,15 +64,23 @@ def test_readme_main_command_runs_the_whole_recipe_and_resumes(tmp_path):
         evals.update({("sft", cond): f"sft/eval_sft_{cond}.json", ("rl", cond): f"la_grpo/eval_rl_{cond}.json"})
     train = _training_answers(results["in_distribution"]["baselines"]["per_family"]["zoom_color"]["training_samples"])
     for cond, res in results.items():
-        assert set(res) == {"sft", "rl", "baselines"}
+        assert set(res) == {"sft", "rl", "rl_minus_sft", "baselines"}
+        scored = {}
         for key in ("sft", "rl"):
             with open(os.path.join(workdir, evals[key, cond])) as f:
                 ev = json.load(f)
+            scored[key] = {s["uid"]: s["correct"] for s in ev["samples"]}
             assert ev["split"] == cond and len(ev["samples"]) == len(CELL_SCENE_TASKS)
             _assert_summary(res[key], ev["samples"])
             for family, rows in _by_family(ev["samples"]).items():
                 _assert_summary(res[key]["per_family"][family], rows)
             assert f"| overall | {res[key]['accuracy']:.3f} [" in written
+        # RL - SFT paired on the same prompts.
+        assert scored["rl"].keys() == scored["sft"].keys()
+        want = np.mean([scored["rl"][u] - scored["sft"][u] for u in scored["sft"]])
+        assert res["rl_minus_sft"]["difference"] == pytest.approx(want)
+        lo, hi = res["rl_minus_sft"]["interval"]
+        assert lo <= want <= hi
         # Baselines recomputed here from the training answers and the evaluated answers.
         samples = ev["samples"]
         base = res["baselines"]

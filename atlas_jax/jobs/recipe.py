@@ -10,7 +10,8 @@ Then both final checkpoints are evaluated on every condition of `eval.conditions
 (`eval.num_per_task` prompts per family each; the trainers' own final evaluation serves for
 `eval.split`), each with the image-swap control, and compared with the majority and uniform
 baselines of the training answers (`results.py`). WORKDIR/results.json holds
-{condition: {"sft": ..., "rl": ..., "baselines": ...}}, WORKDIR/results.md the same as tables
+{condition: {"sft": ..., "rl": ..., "rl_minus_sft": ..., "baselines": ...}} (rl_minus_sft: paired
+on the same prompts, with its bootstrap interval), WORKDIR/results.md the same as tables
 (printed too); curves go to WORKDIR/plots/, heat maps to <stage>/heatmaps/index.html.
 """
 
@@ -64,6 +65,7 @@ def main(c: mlc.ConfigDict, workdir: str) -> dict:
     train = results_lib.training_answers(builders.load_split(sft_c, sft_dir, "train"), families)
     results = {
         cond: {**{key: results_lib.summary(rows) for key, rows in per_key.items()},
+               "rl_minus_sft": results_lib.paired_difference(per_key["rl"], per_key["sft"]),
                "baselines": results_lib.baselines(train, per_key["sft"])}
         for cond, per_key in evaluated.items()
     }

@@ -1,7 +1,9 @@
 """The recipe's results: per evaluation condition and checkpoint, accuracy with a Wilson 95%
 interval and the image-swap control, next to the trivial baselines; as results.json and a table.
 
-    results = {"in_distribution": {"sft": summary(samples), "rl": ..., "baselines": baselines(train, samples)},
+    results = {"in_distribution": {"sft": summary(samples), "rl": ...,
+                                   "rl_minus_sft": paired_difference(rl_samples, samples),
+                                   "baselines": baselines(train, samples)},
                "shifted": {...}, "hard": {...}}
 
 `samples` are an evaluation's scored rows (`evaluate.evaluate`'s eval_<tag>.json): task, answer,
@@ -113,17 +115,42 @@ def summary(samples: Sequence[dict]) -> dict:
     return {**part(list(samples)), "per_family": {t: part(rows) for t, rows in sorted(by_task.items())}}
 
 
+def paired_difference(a_rows: Sequence[dict], b_rows: Sequence[dict], *, seed: int = 0) -> dict:
+    """a - b in accuracy on the same prompts (rows matched by uid), overall and per family, each with
+    its paired bootstrap 95% interval (`paired_bootstrap` over the prompts): whether one checkpoint
+    beats another beyond the noise of which prompts were drawn, which two separate intervals overstate."""
+    a, b = ({r["uid"]: r for r in rows} for rows in (a_rows, b_rows))
+    if a.keys() != b.keys():
+        raise ValueError(f"paired_difference: the two evaluations scored different prompts "
+                         f"({len(a.keys() - b.keys())} uids only in the first, {len(b.keys() - a.keys())} only in the second)")
+
+    def part(uids):
+        scores = [[float(a[u]["correct"]) for u in uids]], [[float(b[u]["correct"]) for u in uids]]
+        difference, interval = paired_bootstrap(*scores, seed=seed)
+        return {"difference": difference, "interval": interval, "num_samples": len(uids)}
+
+    by_task = collections.defaultdict(list)
+    for uid, row in sorted(a.items()):
+        by_task[row["task"]].append(uid)
+    return {**part(sorted(a)), "per_family": {t: part(uids) for t, uids in sorted(by_task.items())}}
+
+
 def table(results: dict, checkpoints: dict[str, str]) -> str:
     """Markdown, one section per condition: a row per family (and overall), for each checkpoint
     (`checkpoints`: key in results -> column name) accuracy [95% interval] and the image-swap
-    accuracy, then the majority and uniform baselines; and where the modules' attention was measured,
-    the localisation table (`_localisation_table`)."""
+    accuracy, the paired difference of the last checkpoint minus the first where results hold it
+    (key '<last>_minus_<first>', `paired_difference`), then the majority and uniform baselines; and
+    where the modules' attention was measured, the localisation table (`_localisation_table`)."""
     out = []
     for condition, res in results.items():
         label = " (extrapolation: reported apart from the headline)" if condition == "hard" else ""
         head = [f"{name} accuracy [95% CI] | {name} image swap" for name in checkpoints.values()]
+        (first, first_name), (last, last_name) = list(checkpoints.items())[0], list(checkpoints.items())[-1]
+        paired = res.get(f"{last}_minus_{first}") if last != first else None
+        if paired:
+            head.append(f"{last_name} - {first_name} (paired) [95% CI]")
         out += [f"## {condition}{label}", "", "| family | " + " | ".join(head) + " | majority | uniform | n |",
-                "|---" * (2 * len(checkpoints) + 4) + "|"]
+                "|---" * (2 * len(checkpoints) + bool(paired) + 4) + "|"]
         base = res["baselines"]
         families = sorted(base["per_family"])
         for family in ["overall", *families]:
@@ -132,6 +159,9 @@ def table(results: dict, checkpoints: dict[str, str]) -> str:
                 s = res[key] if family == "overall" else res[key]["per_family"][family]
                 lo, hi = s["interval"]
                 cells.append(f"{s['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | {s.get('image_swap', float('nan')):.3f}")
+            if paired:
+                d = paired if family == "overall" else paired["per_family"][family]
+                cells.append(f"{d['difference']:+.3f} [{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}]")
             b = base if family == "overall" else base["per_family"][family]
             n = next(iter(res[k] for k in checkpoints))
             n = n["num_samples"] if family == "overall" else n["per_family"][family]["num_samples"]
