@@ -6,6 +6,7 @@ import json
 import os
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -19,11 +20,20 @@ def read_metrics(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+SMOOTH_FROM = 20  # points: a longer series is drawn faint, with its trailing mean over a tenth of it on top
+
+
 def curves(path: str, title: str, series: dict[str, tuple[list[float], list[float]]], xlabel: str = "step") -> None:
-    """One line per series name -> (x, y); saved to `path`."""
+    """One line per series name -> (x, y); saved to `path`. A series of SMOOTH_FROM points or more
+    (e.g. a reward per rollout batch, noisy from batch to batch) also gets its trailing mean
+    (`trailing_mean`, a window of a tenth of its length), so a trend shows through the noise."""
     fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=110)
     for name, (x, y) in series.items():
-        if x:
+        if len(x) >= SMOOTH_FROM:
+            window = len(x) // 10
+            (raw,) = ax.plot(x, y, alpha=0.3, linewidth=0.8)
+            ax.plot(x, trailing_mean(y, window), color=raw.get_color(), label=f"{name} (mean of {window})")
+        elif x:
             ax.plot(x, y, marker="o" if len(x) < 15 else None, markersize=3, label=name)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
@@ -34,6 +44,14 @@ def curves(path: str, title: str, series: dict[str, tuple[list[float], list[floa
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def trailing_mean(y: list[float], window: int) -> list[float]:
+    """Each point's mean with the window - 1 before it (fewer at the start)."""
+    sums = np.cumsum(np.asarray(y, np.float64))
+    lagged = np.concatenate([np.zeros(window), sums[:-window]]) if window < len(sums) else np.zeros(len(sums))
+    counts = np.minimum(np.arange(1, len(sums) + 1), window)
+    return ((sums - lagged[: len(sums)]) / counts).tolist()
 
 
 def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
