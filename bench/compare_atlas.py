@@ -9,7 +9,8 @@ several training seeds, every checkpoint scored on the same prompts.
     python bench/compare_atlas.py --root=/tmp/select --arms=mixed+grpo,mixed+la_grpo   # RL that must pick the operation
 
 Every arm is the main job's config (`configs/atlas_synthetic.py`: its SFT and LA-GRPO stages,
-1000 SFT steps, 20 rollout batches) with only what the arm names changed:
+1000 SFT steps; 120 rollout batches of 8 prompts x 8 sampled at temperature 0.5) with only what the
+arm names changed:
 
     answer_only  SFT on "\\boxed{answer}" (data.sft_target=answer_only), visual-op modules built but unused
     vocab        ATLAS SFT, functional tokens as plain vocabulary rows (the paper exactly)

@@ -28,6 +28,7 @@ def _config(**over):
     c.train.steps = 3
     c.rl.prompts_per_step = 4
     c.rl.group_size = 2
+    c.rl.filter_groups = "none"  # the plain update; the dynamic-sampling tests turn it on
     c.rl.sample.max_new_tokens = 12
     c.rl.sample.temperature = 1.5  # a random tiny model: hot sampling so some completions hold functional tokens
     c.optim.lr = 1e-3

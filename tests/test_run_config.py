@@ -103,12 +103,13 @@ def test_recipe_stages_are_the_recipe_config_plus_their_own_section():
     assert "stages" not in sft and "stages" not in rl
     assert (sft.job, sft.train.steps, sft.optim.lr, sft.eval.every, sft.data.perception_every) == ("sft", 1000, 3e-3, 0, 3)
     assert rl.data.perception_every == 0 and tuple(sft.data.tasks) == tuple(rl.data.tasks) == synthetic.CELL_SCENE_TASKS
-    assert (rl.job, rl.train.steps, rl.optim.lr, rl.optim.warmup_steps, rl.eval.every) == ("la_grpo", 20, 5e-5, 2, 0)
+    assert (rl.job, rl.train.steps, rl.optim.lr, rl.optim.warmup_steps, rl.eval.every) == ("la_grpo", 120, 2e-4, 5, 0)
+    assert (rl.rl.sample.temperature, rl.rl.group_size, rl.rl.filter_groups) == (0.5, 8, "reward")
     assert rl.checkpoint.init_from == "/runs/sft" and rl.rl.loss.alpha == 0.1
     # Everything else is shared, and equals the standalone LA-GRPO config's budget.
     standalone = _load("la_grpo_synthetic.py", "la_grpo")
     for key in ("train.steps", "optim.lr", "optim.warmup_steps", "rl.prompts_per_step", "rl.group_size",
-                "rl.sample.max_new_tokens", "rl.loss.alpha", "data.max_length"):
+                "rl.sample.max_new_tokens", "rl.sample.temperature", "rl.filter_groups", "rl.loss.alpha", "data.max_length"):
         section, name = key.rsplit(".", 1)
         assert rl[section][name] == standalone[section][name], key
     # A bad value in a stage is caught before anything runs, naming the stage's field.
