@@ -28,8 +28,10 @@ def curves(path: str, title: str, series: dict[str, tuple[list[float], list[floa
     (e.g. a reward per rollout batch, noisy from batch to batch) also gets its trailing mean
     (`trailing_mean`, a window of a tenth of its length), so a trend shows through the noise."""
     fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=110)
+    smoothed = False
     for name, (x, y) in series.items():
         if len(x) >= SMOOTH_FROM:
+            smoothed = True
             window = len(x) // 10
             (raw,) = ax.plot(x, y, alpha=0.3, linewidth=0.8)
             ax.plot(x, trailing_mean(y, window), color=raw.get_color(), label=f"{name} (mean of {window})")
@@ -38,7 +40,7 @@ def curves(path: str, title: str, series: dict[str, tuple[list[float], list[floa
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.grid(alpha=0.3)
-    if len(series) > 1:
+    if len(series) > 1 or smoothed:  # a smoothed line's label says its window
         ax.legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
