@@ -193,11 +193,13 @@ def test_a_program_xla_refuses_for_lack_of_hbm_is_a_row_not_a_traceback():
     row = compile_check._out_of_memory_row(program, compile_check.CHIPS["v5e"], error, 12.0)
     assert not row["fits"] and row["out_of_memory"]
     assert row["total_bytes"] == row["memory"]["temp"] == int(45.89 * 2**30)
-    msg = compile_check.advice(row, small(config("la_grpo_synthetic", "la_grpo,vocab")))
+    c = small(config("la_grpo_synthetic", "la_grpo,vocab"))
+    msg = compile_check.advice(row, c)
     assert msg.startswith("update_step does not fit: 45.89 GiB its temporaries alone (XLA refused to compile it) > 16.00 GiB HBM")
     assert "rl.prompts_per_step" in msg
-    # The update step's own knob: micro-batches (the synthetic config's 8 x 4 rollouts in one pass).
-    assert "a smaller rl.micro_batch (rollouts per forward/backward pass, now 32;" in msg
+    # The update step's own knob: micro-batches (the synthetic config's rollouts, 8 x 8, in one pass).
+    assert c.rl.micro_batch == 0 and c.rl.prompts_per_step * c.rl.group_size == 64
+    assert "a smaller rl.micro_batch (rollouts per forward/backward pass, now 64;" in msg
     assert "rl.anchor_share=False" in msg
     sampler_msg = compile_check.advice(dict(row, name="sampler"), small(config("la_grpo_synthetic", "la_grpo,vocab")))
     assert "rl.micro_batch" not in sampler_msg and "rl.prompts_per_step" in sampler_msg
