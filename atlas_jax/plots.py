@@ -50,10 +50,10 @@ def curves(path: str, title: str, series: dict[str, tuple[list[float], list[floa
 
 def trailing_mean(y: list[float], window: int) -> list[float]:
     """Each point's mean with the window - 1 before it (fewer at the start)."""
-    sums = np.cumsum(np.asarray(y, np.float64))
-    lagged = np.concatenate([np.zeros(window), sums[:-window]]) if window < len(sums) else np.zeros(len(sums))
-    counts = np.minimum(np.arange(1, len(sums) + 1), window)
-    return ((sums - lagged[: len(sums)]) / counts).tolist()
+    sums = np.concatenate([[0.0], np.cumsum(np.asarray(y, np.float64))])  # sums[i]: the first i points
+    end = np.arange(1, len(sums))
+    start = np.maximum(end - window, 0)
+    return ((sums[end] - sums[start]) / (end - start)).tolist()
 
 
 def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
