@@ -66,13 +66,13 @@ def build_data(c: mlc.ConfigDict, workdir: str) -> None:
 
 def load_split(c: mlc.ConfigDict, workdir: str, split: str):
     """Random-access records of one split. Synthetic, `data.num_per_task` = 0: generated on the fly,
-    `train` without end, an evaluation condition `eval.num_per_task` per task; > 0: the stored set."""
+    `train` without end, an evaluation condition `run_config.eval_num_per_task` per task; > 0: the stored set."""
     d = data_dir(c, workdir)
     if c.data.source == "perception":
         return perception.PerceptionSource(split, seed=c.seed, image_size=c.data.image_size)
     if c.data.source == "synthetic":
         if not c.data.num_per_task:
-            size = None if split == "train" else c.eval.num_per_task
+            size = None if split == "train" else run_config.eval_num_per_task(c, split)
             return SyntheticSource(split, size, seed=c.seed, tasks=c.data.tasks or None, image_size=c.data.image_size,
                                    perception_every=c.data.perception_every if split == "train" else 0)
         return tfds_builder.load_split(d, split, synthetic_config(c))

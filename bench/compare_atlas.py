@@ -23,7 +23,8 @@ arm names changed:
 
 The training seed (`seed`: new parameters, data order, rollouts) varies; the evaluation prompts
 do not: every checkpoint is scored on the conditions' prompts of seed EVAL_SEED (greedy,
-`eval.num_per_task` per family, image-swap control), so arms are compared prompt by prompt.
+`run_config.eval_num_per_task` per family, image-swap control), so arms are compared prompt by
+prompt.
 Intervals are a two-level paired bootstrap (seeds, then prompts, resampled together for the arms
 compared), 95%. Also reported: functional tokens per completion, the anchor term's share of the
 gradient norm (LA-GRPO's metric `anchor/grad_share`, mean over rollout batches), and where the

@@ -135,8 +135,8 @@ def _recipe_config(**over):
 
 
 def test_evaluation_scores_where_the_first_functional_tokens_module_looked(tmp_path, monkeypatch):
-    c = _recipe_config(**{"eval.num_per_task": 4, "eval.batch_size": 8, "eval.max_new_tokens": 12, "eval.heatmaps": 8,
-                          "mesh": (2, 2, 2)})
+    c = _recipe_config(**{"eval.num_per_task": 4, "eval.num_per_task_by_condition.in_distribution": 4, "eval.batch_size": 8,
+                          "eval.max_new_tokens": 12, "eval.heatmaps": 8, "mesh": (2, 2, 2)})
     mesh = builders.make_mesh(c)
     policy = builders.load_policy(c, str(tmp_path), mesh)  # the perception-pretrained start, modules added
     # An output head that only knows <|Manip|> (logit h.w) and token 0 (logit 0): greedy decoding then

@@ -29,6 +29,7 @@ SMALL = {
     "rl.sample.max_new_tokens": 12,
     "stages.la_grpo.eval.every": 1,
     "eval.num_per_task": 1,
+    "eval.num_per_task_by_condition.in_distribution": 2,  # the config's larger headline split, shrunk
     "eval.batch_size": 8,
     "eval.max_new_tokens": 24,
     "eval.heatmaps": 1,
@@ -59,6 +60,7 @@ def test_readme_main_command_runs_the_whole_recipe_and_resumes(tmp_path):
         written = f.read()
     assert list(results) == ["in_distribution", "shifted", "hard"]
     assert "## hard (extrapolation: reported apart from the headline)" in written and "## shifted" in out
+    assert written.startswith("# Results (in_distribution 2, shifted 1, hard 1 prompts per family)")
     evals = {("sft", "in_distribution"): "sft/eval_sft_step4.json", ("rl", "in_distribution"): "la_grpo/eval_rl_step2.json"}
     for cond in ("shifted", "hard"):
         evals.update({("sft", cond): f"sft/eval_sft_{cond}.json", ("rl", cond): f"la_grpo/eval_rl_{cond}.json"})
@@ -70,7 +72,7 @@ def test_readme_main_command_runs_the_whole_recipe_and_resumes(tmp_path):
             with open(os.path.join(workdir, evals[key, cond])) as f:
                 ev = json.load(f)
             scored[key] = {s["uid"]: s["correct"] for s in ev["samples"]}
-            assert ev["split"] == cond and len(ev["samples"]) == len(CELL_SCENE_TASKS)
+            assert ev["split"] == cond and len(ev["samples"]) == len(CELL_SCENE_TASKS) * (2 if cond == "in_distribution" else 1)
             _assert_summary(res[key], ev["samples"])
             for family, rows in _by_family(ev["samples"]).items():
                 _assert_summary(res[key]["per_family"][family], rows)

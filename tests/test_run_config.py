@@ -7,6 +7,7 @@ import importlib.util
 import os
 import re
 
+import ml_collections
 import pytest
 
 from atlas_jax import run_config, sampling
@@ -88,6 +89,20 @@ def test_a_bad_field_is_rejected_once_by_name(field, value, message):
         run_config.validate(c, 8)
 
 
+def test_a_condition_can_have_its_own_evaluation_size():
+    c = run_config.base()
+    assert [run_config.eval_num_per_task(c, s) for s in ("in_distribution", "hard")] == [16, 16]
+    c.eval.num_per_task_by_condition = ml_collections.ConfigDict({"in_distribution": 64})
+    run_config.validate(c, 8)
+    assert [run_config.eval_num_per_task(c, s) for s in ("in_distribution", "hard")] == [64, 16]
+    c.eval.num_per_task_by_condition.shifted = 0
+    with pytest.raises(ConfigError, match=r"config\.eval\.num_per_task_by_condition\.shifted=0: expected an integer >= 1"):
+        run_config.validate(c, 8)
+    c.eval.num_per_task_by_condition = ml_collections.ConfigDict({"in_distrbution": 64})
+    with pytest.raises(ConfigError, match=r"config\.eval\.num_per_task_by_condition=\['in_distrbution'\]: expected keys among"):
+        run_config.validate(c, 8)
+
+
 def test_overlong_buffer_is_bounded_by_the_sampled_length_when_the_reward_is_on():
     c = run_config.apply_overrides(run_config.base(), {"rl.sample.max_new_tokens": 12, "rl.overlong_buffer": 16})
     run_config.validate(c, 8)  # the overlong reward is off: the buffer is not used
@@ -103,7 +118,7 @@ def test_recipe_stages_are_the_recipe_config_plus_their_own_section():
     assert "stages" not in sft and "stages" not in rl
     assert (sft.job, sft.train.steps, sft.optim.lr, sft.eval.every, sft.data.perception_every) == ("sft", 1000, 3e-3, 0, 3)
     assert rl.data.perception_every == 0 and tuple(sft.data.tasks) == tuple(rl.data.tasks) == synthetic.CELL_SCENE_TASKS
-    assert (rl.job, rl.train.steps, rl.optim.lr, rl.optim.warmup_steps, rl.eval.every) == ("la_grpo", 120, 2e-4, 5, 0)
+    assert (rl.job, rl.train.steps, rl.optim.lr, rl.optim.warmup_steps, rl.eval.every) == ("la_grpo", 120, 5e-4, 5, 0)
     assert (rl.rl.sample.temperature, rl.rl.group_size, rl.rl.filter_groups) == (0.5, 8, "reward")
     assert rl.checkpoint.init_from == "/runs/sft" and rl.rl.loss.alpha == 0.1
     # Everything else is shared, and equals the standalone LA-GRPO config's budget.

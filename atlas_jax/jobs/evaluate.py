@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from atlas_jax import builders, checkpoint, heatmaps, multihost, sampling
+from atlas_jax import builders, checkpoint, heatmaps, multihost, run_config, sampling
 from atlas_jax.data import device_batch, pipeline, records
 from atlas_jax.rl import rewards
 
@@ -33,7 +33,7 @@ HEATMAP_SCALE = 3  # heat-map panels show the image 3x larger (a 112-px image: 3
 
 
 def evaluate(policy: builders.Policy, c: mlc.ConfigDict, workdir: str, mesh, *, tag: str, split: str | None = None) -> dict:
-    """Greedy-decodes `c.eval.num_per_task` prompts per task of `split` with `policy`; returns (the same on
+    """Greedy-decodes `run_config.eval_num_per_task` prompts per task of `split` with `policy`; returns (the same on
     every host) accuracy overall / per task, the image-swap control (`c.eval.image_swap`: the same
     prompts, each with the image of the next prompt in its batch, the last taking the first's) and
     functional-token usage, which process 0 also writes, with every scored sample, to
@@ -53,7 +53,7 @@ def evaluate(policy: builders.Policy, c: mlc.ConfigDict, workdir: str, mesh, *, 
     split = split or c.eval.split
     model_cfg, tokens = policy.model_cfg, policy.tokens
     src = builders.load_split(c, workdir, split)
-    picked, uids = _per_task(src, c.eval.num_per_task, c.eval.batch_size)
+    picked, uids = _per_task(src, run_config.eval_num_per_task(c, split), c.eval.batch_size)
     names = tokens.functional_names
     maps = _HeatMaps(c, model_cfg, tokens, workdir, tag)
     # One sampler for both passes (the swap pass ignores the attention): compiled once. The modules'

@@ -7,8 +7,8 @@ command skips finished work, evaluations included). Each stage's config is the r
 `stages.<job>` settings applied (`run_config.stage`), e.g. the RL stage's `stages.la_grpo.optim.lr`.
 
 Then both final checkpoints are evaluated on every condition of `eval.conditions`
-(`eval.num_per_task` prompts per family each; the trainers' own final evaluation serves for
-`eval.split`), each with the image-swap control, and compared with the majority and uniform
+(`run_config.eval_num_per_task` prompts per family each; the trainers' own final evaluation
+serves for `eval.split`), each with the image-swap control, and compared with the majority and uniform
 baselines of the training answers (`results.py`). WORKDIR/results.json holds
 {condition: {"sft": ..., "rl": ..., "rl_minus_sft": ..., "baselines": ...}} (rl_minus_sft: paired
 on the same prompts, with its bootstrap interval), WORKDIR/results.md the same as tables
@@ -71,13 +71,14 @@ def main(c: mlc.ConfigDict, workdir: str) -> dict:
     }
     columns = {"sft": "SFT", "rl": "LA-GRPO" if alpha > 0 else "GRPO"}
     table = results_lib.table(results, columns)
+    sizes = ", ".join(f"{cond} {run_config.eval_num_per_task(c, cond)}" for cond in c.eval.conditions) + " prompts per family"
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
         with open(os.path.join(workdir, "results.md"), "w") as f:
-            f.write(f"# Results ({c.eval.num_per_task} prompts per family and condition)\n\n{table}\n")
+            f.write(f"# Results ({sizes})\n\n{table}\n")
         _plot(workdir, sft_dir, rl_dir)
-        print(f"\nResults ({c.eval.num_per_task} prompts per family and condition):\n\n{table}")
+        print(f"\nResults ({sizes}):\n\n{table}")
         print(f"results: {os.path.join(workdir, 'results.json')}  plots: {os.path.join(workdir, 'plots')}  "
               f"heat maps: {os.path.join(rl_dir, 'heatmaps', 'index.html')}")
     return results
