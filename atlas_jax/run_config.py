@@ -140,6 +140,9 @@ def base() -> mlc.ConfigDict:
     # {condition: N}: a split's own prompts per task in place of num_per_task (e.g. a larger headline split)
     c.eval.num_per_task_by_condition = mlc.ConfigDict()
     c.eval.image_swap = True  # also score each prompt with another sample's image (same batch, rotated by one)
+    # > 0: the image-swap control scores only the first this many of each task's prompts (it has to show the
+    # fall toward the prior, not resolve small differences); 0 = every evaluated prompt
+    c.eval.image_swap_num_per_task = 0
     c.eval.batch_size = 16
     c.eval.max_new_tokens = 96
     c.eval.heatmaps = 4  # samples whose visual-op attention is saved as PNG heat maps
@@ -273,6 +276,8 @@ def validate(c: mlc.ConfigDict, num_devices: int, *, paths: bool = True) -> None
     _need(e.every >= 0 and e.num_per_task >= 0 and e.heatmaps >= 0, "eval.every", e.every,
           ">= 0 (and eval.num_per_task, eval.heatmaps >= 0)")
     _need(e.max_new_tokens >= 1, "eval.max_new_tokens", e.max_new_tokens, ">= 1")
+    _need(isinstance(e.image_swap_num_per_task, int) and e.image_swap_num_per_task >= 0, "eval.image_swap_num_per_task",
+          e.image_swap_num_per_task, "an integer >= 0 (0 = every evaluated prompt)")
     for split, n in e.num_per_task_by_condition.items():
         _need(isinstance(n, int) and n >= 1, f"eval.num_per_task_by_condition.{split}", n, "an integer >= 1")
     if c.data.source == "synthetic":

@@ -9,7 +9,8 @@ several training seeds, every checkpoint scored on the same prompts.
     python bench/compare_atlas.py --root=/tmp/select --arms=mixed+grpo,mixed+la_grpo   # RL that must pick the operation
 
 Every arm is the main job's config (`configs/atlas_synthetic.py`: its SFT and LA-GRPO stages,
-1000 SFT steps; 120 rollout batches of 8 prompts x 8 sampled at temperature 0.5) with only what the
+1000 SFT steps; 120 rollout batches of 8 prompts x 8 sampled at temperature 0.5; `ARM_DEFAULTS`:
+the anchor's gradient share measured, the image-swap control on every prompt) with only what the
 arm names changed:
 
     answer_only  SFT on "\\boxed{answer}" (data.sft_target=answer_only), visual-op modules built but unused
@@ -52,6 +53,9 @@ RL_KINDS = ("grpo", "la_grpo")
 ARMS = tuple(SFT_ARMS) + tuple(f"{m}+{r}" for m in RL_FROM for r in RL_KINDS)
 DEFAULT_ARMS = tuple(a for a in ARMS if not a.startswith("mixed"))
 # Per-sample fields of an evaluation (eval_<tag>.json) averaged per arm when present.
+# Where the arms differ from the main job: they report the anchor term's share of the gradient, and
+# the image-swap control on every scored prompt (paired across arms like the accuracy).
+ARM_DEFAULTS = {"rl.anchor_share": True, "eval.image_swap_num_per_task": 0}
 SAMPLE_MEANS = ("op_target_share", "op_target_hit", "op_target_chance")
 
 
@@ -80,11 +84,11 @@ def arms(seed: int, root: str, overrides: dict, names: tuple[str, ...] = DEFAULT
     for name, (mode, target) in SFT_ARMS.items():
         if name not in names:
             continue
-        c = run_config.apply_overrides(_recipe(mode), {"seed": seed, "data.sft_target": target, **overrides})
+        c = run_config.apply_overrides(_recipe(mode), {"seed": seed, "data.sft_target": target, **ARM_DEFAULTS, **overrides})
         out.append({"name": name, "job": "sft", "workdir": os.path.join(seed_dir, name),
                     "config": run_config.stage(c, "sft", **{"data.data_dir": os.path.join(root, "data")})})
     for sft_name in RL_FROM:
-        c = run_config.apply_overrides(_recipe(SFT_ARMS[sft_name][0]), {"seed": seed, **overrides})
+        c = run_config.apply_overrides(_recipe(SFT_ARMS[sft_name][0]), {"seed": seed, **ARM_DEFAULTS, **overrides})
         alpha = run_config.stage(c, "la_grpo").rl.loss.alpha
         if alpha <= 0:
             raise SystemExit(f"the recipe's rl.loss.alpha is {alpha}: LA-GRPO needs alpha > 0 to differ from GRPO")

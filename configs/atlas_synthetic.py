@@ -29,11 +29,17 @@ def get_config(arg: str = "module"):
     c.data.tasks = synthetic.CELL_SCENE_TASKS
     c.train.log_every = 25
     c.rl.loss.alpha = 0.1
+    # The anchor term's share of the gradient is a diagnostic (bench/compare_atlas.py reports it): its
+    # second backward pass took a third of each update here (bench/RESULTS.md, "The main job's run time").
+    c.rl.anchor_share = False
     c.eval.num_per_task = 128  # per family and condition: a 95% interval of about +-0.09 at p = 0.5 per family
     # The headline split: RL - SFT paired over 2048 prompts has an interval of about +-0.02; over 512
     # (+-0.035) it was as wide as RL's gain, and those prompts favoured RL by chance (bench/RESULTS.md,
     # "RL on 2048 prompts"). The other conditions stay at 128: 2 x 2048 decodes take ~70 s per checkpoint.
     c.eval.num_per_task_by_condition = ml_collections.ConfigDict({"in_distribution": 512})
+    # The image-swap control has to show the fall toward the prior (~0.25 here), not resolve small
+    # differences: 128 prompts per family, which saves 2 x 1536 decodes of the headline split.
+    c.eval.image_swap_num_per_task = 128
     c.eval.batch_size = 128  # wider batches decode more prompts per second on CPU (2048 with swap: 70 s at 128, 93 s at 512)
     # What differs between the stages (each stage's config = this one + its section here).
     c.stages = ml_collections.ConfigDict()

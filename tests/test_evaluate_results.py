@@ -44,6 +44,11 @@ def test_summary_per_family_and_image_swap():
     s = results.summary(rows)
     assert s["accuracy"] == pytest.approx(2 / 3) and s["image_swap"] == pytest.approx(1 / 3) and s["num_samples"] == 3
     assert s["per_family"]["a"]["accuracy"] == 0.5 and s["per_family"]["b"]["image_swap"] == 1.0
+    # The control on a subset: its accuracy over the rows it scored, their number beside it.
+    del rows[1]["image_swap_correct"]
+    s = results.summary(rows)
+    assert s["image_swap"] == 0.5 and s["image_swap_samples"] == 2 and s["num_samples"] == 3
+    assert s["per_family"]["a"]["image_swap"] == 0.0 and s["per_family"]["a"]["image_swap_samples"] == 1
     assert s["interval"] == pytest.approx(results.wilson_interval(2, 3))
 
 
@@ -87,7 +92,8 @@ def test_the_recipe_config_names_a_bad_evaluation_setting():
     assert c.eval.num_per_task >= 128 and tuple(c.eval.conditions) == ("in_distribution", "shifted", "hard")
     for field, value, message in (("split", "validation", "config.eval.split='validation': expected one of"),
                                   ("conditions", ("shifted", "test"), "config.eval.conditions"),
-                                  ("num_per_task", 0, "config.eval.num_per_task=0: expected >= 1")):
+                                  ("num_per_task", 0, "config.eval.num_per_task=0: expected >= 1"),
+                                  ("image_swap_num_per_task", -1, "config.eval.image_swap_num_per_task=-1: expected an integer >= 0")):
         bad = c.copy_and_resolve_references()
         bad.eval[field] = value
         with pytest.raises(ConfigError, match=re.escape(message)):

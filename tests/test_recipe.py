@@ -30,6 +30,7 @@ SMALL = {
     "stages.la_grpo.eval.every": 1,
     "eval.num_per_task": 1,
     "eval.num_per_task_by_condition.in_distribution": 2,  # the config's larger headline split, shrunk
+    "eval.image_swap_num_per_task": 1,  # the control on a subset: 1 of the 2 in-distribution prompts per family
     "eval.batch_size": 8,
     "eval.max_new_tokens": 24,
     "eval.heatmaps": 1,
@@ -60,7 +61,7 @@ def test_readme_main_command_runs_the_whole_recipe_and_resumes(tmp_path):
         written = f.read()
     assert list(results) == ["in_distribution", "shifted", "hard"]
     assert "## hard (extrapolation: reported apart from the headline)" in written and "## shifted" in out
-    assert written.startswith("# Results (in_distribution 2, shifted 1, hard 1 prompts per family)")
+    assert written.startswith("# Results (in_distribution 2, shifted 1, hard 1 prompts per family; image swap on the first 1 of each)")
     evals = {("sft", "in_distribution"): "sft/eval_sft_step4.json", ("rl", "in_distribution"): "la_grpo/eval_rl_step2.json"}
     for cond in ("shifted", "hard"):
         evals.update({("sft", cond): f"sft/eval_sft_{cond}.json", ("rl", cond): f"la_grpo/eval_rl_{cond}.json"})
@@ -73,6 +74,9 @@ def test_readme_main_command_runs_the_whole_recipe_and_resumes(tmp_path):
                 ev = json.load(f)
             scored[key] = {s["uid"]: s["correct"] for s in ev["samples"]}
             assert ev["split"] == cond and len(ev["samples"]) == len(CELL_SCENE_TASKS) * (2 if cond == "in_distribution" else 1)
+            # The image-swap control scored each family's first prompt only.
+            first = {f: rows[0]["uid"] for f, rows in _by_family(ev["samples"]).items()}
+            assert {s["uid"] for s in ev["samples"] if "image_swap_correct" in s} == set(first.values())
             _assert_summary(res[key], ev["samples"])
             for family, rows in _by_family(ev["samples"]).items():
                 _assert_summary(res[key]["per_family"][family], rows)
@@ -133,10 +137,12 @@ def _by_family(samples):
 
 
 def _assert_summary(summary, samples):
-    """Accuracy, image swap and the Wilson interval (scipy's) of `samples`, as the summary has them."""
+    """Accuracy, image swap (over the samples it scored) and the Wilson interval (scipy's) of
+    `samples`, as the summary has them."""
     k, n = sum(s["correct"] for s in samples), len(samples)
     assert summary["accuracy"] == pytest.approx(k / n) and summary["num_samples"] == n
-    assert summary["image_swap"] == pytest.approx(np.mean([s["image_swap_correct"] for s in samples]))
+    swapped = [s["image_swap_correct"] for s in samples if "image_swap_correct" in s]
+    assert summary["image_swap"] == pytest.approx(np.mean(swapped)) and summary["image_swap_samples"] == len(swapped)
     ci = stats.binomtest(int(round(k)), n).proportion_ci(confidence_level=0.95, method="wilson")
     assert summary["interval"] == pytest.approx([ci.low, ci.high], abs=1e-4)
 

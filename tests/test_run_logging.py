@@ -1,9 +1,12 @@
 """A run's optional logging: Weights & Biases (offline mode) gets the scalars metrics.jsonl gets,
-and `train.profile_steps` leaves a `jax.profiler` trace of those steps in WORKDIR/profile."""
+and `train.profile_steps` leaves a `jax.profiler` trace of those steps in WORKDIR/profile; the
+command line starts on huge pages (`main.HUGE_PAGES_TUNABLE`) unless the user chose the allocator."""
 
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -45,3 +48,20 @@ def test_three_step_run_logs_to_wandb_offline_and_traces_its_profiled_steps(tmp_
     traces = glob.glob(os.path.join(workdir, "profile", "plugins", "profile", "*", "*.xplane.pb"))
     assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
 
+
+
+_REPORT_ALLOCATOR = ("import os, sys; from atlas_jax import main; main._restart_with_huge_pages(); "
+                     "print(repr(os.environ.get('GLIBC_TUNABLES')), os.getpid(), sys.flags.utf8_mode)")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc tunables are a Linux thing")
+@pytest.mark.parametrize("preset, expected", [(None, "'glibc.malloc.hugetlb=1'"), ("", "''"), ("glibc.malloc.arena_max=2", "'glibc.malloc.arena_max=2'")])
+def test_the_command_line_restarts_itself_once_on_huge_pages_unless_the_user_set_the_allocator(preset, expected):
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    if preset is not None:
+        env["GLIBC_TUNABLES"] = preset
+    # -X utf8: the interpreter's own options survive the restart; the process id is the same one.
+    proc = subprocess.Popen([sys.executable, "-X", "utf8", "-c", _REPORT_ALLOCATOR], env=env, stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    assert out.split() == [expected, str(proc.pid), "1"]

@@ -35,7 +35,8 @@ HEATMAP_SCALE = 3  # heat-map panels show the image 3x larger (a 112-px image: 3
 def evaluate(policy: builders.Policy, c: mlc.ConfigDict, workdir: str, mesh, *, tag: str, split: str | None = None) -> dict:
     """Greedy-decodes `run_config.eval_num_per_task` prompts per task of `split` with `policy`; returns (the same on
     every host) accuracy overall / per task, the image-swap control (`c.eval.image_swap`: the same
-    prompts, each with the image of the next prompt in its batch, the last taking the first's) and
+    prompts, or the first `c.eval.image_swap_num_per_task` of each task, each with the image of the
+    next prompt in its batch, the last taking the first's; `image_swap_samples` of them) and
     functional-token usage, which process 0 also writes, with every scored sample, to
     WORKDIR/eval_<tag>.json.
 
@@ -66,21 +67,28 @@ def evaluate(policy: builders.Policy, c: mlc.ConfigDict, workdir: str, mesh, *, 
     targets = _targets(src, picked) if model_cfg.visual_ops.enabled else {}
     samples = _decode(policy, c, _Subset(src, picked), f"{split} (eval subset)", scfg, mesh, maps, targets)
     if c.eval.image_swap:
-        swapped = _decode(policy, c, _ImageSwapped(src, picked, c.eval.batch_size), f"{split} (image swap)", scfg, mesh)
-        for row, other in zip(samples, swapped, strict=True):
-            row["image_swap_correct"] = other["correct"]
+        # The first image_swap_num_per_task prompts of each task are the first ones of the picked prompts too.
+        swap_picked = _per_task(src, c.eval.image_swap_num_per_task, c.eval.batch_size)[0] if c.eval.image_swap_num_per_task else picked
+        swapped = _decode(policy, c, _ImageSwapped(src, swap_picked, c.eval.batch_size), f"{split} (image swap)", scfg, mesh)
+        swap_correct = {row["uid"]: row["correct"] for row in swapped}
+        for row in samples:
+            if row["uid"] in swap_correct:
+                row["image_swap_correct"] = swap_correct[row["uid"]]
 
-    correct, swap, count, usage = collections.Counter(), collections.Counter(), collections.Counter(), collections.Counter()
+    correct, swap, count, swap_count, usage = (collections.Counter() for _ in range(5))
     for row in samples:
         correct[row["task"]] += row["correct"]
-        swap[row["task"]] += row.get("image_swap_correct", 0.0)
         count[row["task"]] += 1
+        if "image_swap_correct" in row:
+            swap[row["task"]] += row["image_swap_correct"]
+            swap_count[row["task"]] += 1
         usage.update(row["functional"])
     n = max(len(samples), 1)
     results = {
         "accuracy": sum(correct.values()) / n,
         **{f"accuracy/{t}": correct[t] / count[t] for t in sorted(count)},
-        **({"image_swap": sum(swap.values()) / n, **{f"image_swap/{t}": swap[t] / count[t] for t in sorted(count)}}
+        **({"image_swap": sum(swap.values()) / max(sum(swap_count.values()), 1), "image_swap_samples": sum(swap_count.values()),
+            **{f"image_swap/{t}": swap[t] / swap_count[t] for t in sorted(swap_count)}}
            if c.eval.image_swap else {}),
         "functional_per_completion": sum(usage.values()) / n,
         "completions_with_functional": sum(sum(row["functional"].values()) > 0 for row in samples) / n,

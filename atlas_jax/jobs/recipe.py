@@ -72,6 +72,9 @@ def main(c: mlc.ConfigDict, workdir: str) -> dict:
     columns = {"sft": "SFT", "rl": "LA-GRPO" if alpha > 0 else "GRPO"}
     table = results_lib.table(results, columns)
     sizes = ", ".join(f"{cond} {run_config.eval_num_per_task(c, cond)}" for cond in c.eval.conditions) + " prompts per family"
+    swap_n = c.eval.image_swap_num_per_task
+    if c.eval.image_swap and swap_n and any(swap_n < run_config.eval_num_per_task(c, cond) for cond in c.eval.conditions):
+        sizes += f"; image swap on the first {swap_n} of each"
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)

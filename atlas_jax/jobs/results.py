@@ -100,8 +100,9 @@ def summary(samples: Sequence[dict]) -> dict:
         n = len(rows)
         correct = sum(r["correct"] for r in rows)
         out = {"accuracy": correct / n, "interval": wilson_interval(correct, n), "num_samples": n}
-        if all("image_swap_correct" in r for r in rows):
-            out["image_swap"] = _mean(r["image_swap_correct"] for r in rows)
+        swapped = [r["image_swap_correct"] for r in rows if "image_swap_correct" in r]  # all, or the control's subset
+        if swapped:
+            out["image_swap"], out["image_swap_samples"] = _mean(swapped), len(swapped)
         measured = [r for r in rows if "op_target_share" in r]
         if measured:
             fields = ("op_target_share", "op_target_chance", "op_target_hit")
