@@ -28,8 +28,9 @@ USAGE_ERROR = 2  # exit status of a run stopped by bad input (a config field, a 
 PREEMPTED = 143
 # glibc (2.35+) backs large malloc'd blocks with transparent huge pages under this tunable, read only
 # at process start. XLA:CPU allocates a step's buffers afresh every step, and on 4 KiB pages each step
-# faults its working set in again: the main job's SFT stage runs ~14% faster with it (bench/RESULTS.md,
-# "Huge pages for the command line"). Elsewhere (TPU / GPU hosts, other libcs) it changes nothing.
+# faults its working set in again: the main job's SFT step and LA-GRPO update take ~13% less time with
+# it (bench/RESULTS.md, "The main job's run time"). On TPU / GPU hosts it concerns host memory only;
+# other C libraries ignore it.
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 
 JOB_MODULES = {"sft": "atlas_jax.jobs.sft", "la_grpo": "atlas_jax.jobs.la_grpo", "eval": "atlas_jax.jobs.evaluate", "pipeline": "atlas_jax.jobs.recipe",
