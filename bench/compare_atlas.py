@@ -52,10 +52,10 @@ RL_FROM = ("vocab", "module", "mixed")  # the SFT arms RL starts from
 RL_KINDS = ("grpo", "la_grpo")
 ARMS = tuple(SFT_ARMS) + tuple(f"{m}+{r}" for m in RL_FROM for r in RL_KINDS)
 DEFAULT_ARMS = tuple(a for a in ARMS if not a.startswith("mixed"))
-# Per-sample fields of an evaluation (eval_<tag>.json) averaged per arm when present.
 # Where the arms differ from the main job: they report the anchor term's share of the gradient, and
 # the image-swap control on every scored prompt (paired across arms like the accuracy).
 ARM_DEFAULTS = {"rl.anchor_share": True, "eval.image_swap_num_per_task": 0}
+# Per-sample fields of an evaluation (eval_<tag>.json) averaged per arm when present.
 SAMPLE_MEANS = ("op_target_share", "op_target_hit", "op_target_chance")
 
 
