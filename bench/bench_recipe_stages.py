@@ -16,7 +16,7 @@ step is the time between the dispatches that follow two such waits, over the ste
 Rollout rounds and updates are timed to completion. Printed: each variant's medians over rounds
 and its per-round ratio to the baseline of the same round (median, min-max).
 
-    python bench/bench_recipe_stages.py --sft-checkpoint=/tmp/atlas/sft                  # ~15 min
+    python bench/bench_recipe_stages.py --sft-checkpoint=/tmp/atlas/sft                  # ~20 min
     python bench/bench_recipe_stages.py --sft-checkpoint=/tmp/atlas/sft --rounds 3 --variants baseline,main_job
 
 Run it alone on the machine; report `uptime` with the figures.
@@ -25,7 +25,6 @@ Run it alone on the machine; report `uptime` with the figures.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -34,20 +33,14 @@ import sys
 import tempfile
 import time
 
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "atlas_synthetic.py")
+from compare_atlas import _recipe  # the main job's config (configs/atlas_synthetic.py), as its arms load it
+
 VARIANTS = {
     "baseline": ("", True),
     "huge_pages": ("glibc.malloc.hugetlb=1", True),
     "no_anchor_share": ("", False),
     "main_job": ("glibc.malloc.hugetlb=1", False),
 }  # name -> (GLIBC_TUNABLES, rl.anchor_share)
-
-
-def _config():
-    spec = importlib.util.spec_from_file_location("atlas_synthetic", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def _timed(make, calls: list, block: bool):
@@ -83,7 +76,7 @@ def worker(args) -> dict:
     from atlas_jax.train import la_grpo, sft
 
     anchor_share = VARIANTS[args.worker][1]
-    base = _config()
+    base = _recipe("module")
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = {"data.data_dir": os.path.join(tmp, "data"), "eval.num_per_task": 0, "checkpoint.every": 10**9}
